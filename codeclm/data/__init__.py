@@ -1,0 +1,1 @@
+"""Data: sources -> ArrayRecord byte shards -> Grain batches."""

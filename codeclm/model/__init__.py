@@ -1,0 +1,1 @@
+"""The Flax Llama-2 and its sharding rules."""

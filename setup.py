@@ -1,0 +1,44 @@
+"""codeclm: Llama models that write images and videos as JPEG and H.264 bytes."""
+
+import setuptools
+
+# torch is pinned to the CPU build that ships with the project's machines; an
+# unpinned torch pulls a multi-GB CUDA build. It is only a test reference.
+TORCH = "torch==2.13.0"
+
+setuptools.setup(
+    name="codeclm",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["codeclm", "codeclm.*"]),
+    install_requires=[
+        "absl-py",
+        "array-record",
+        "clu",
+        "flax",
+        "grain",
+        "jax",
+        "ml-collections",
+        "numpy",
+        "optax",
+        "orbax-checkpoint",
+        "pillow>=11.0",  # restart_marker_blocks, streamtype
+        "tensorboard",
+        "tensorflow-cpu",  # clu.metric_writers and TFDS need TensorFlow
+        "tensorflow-datasets",
+        "tokenizers",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": [
+            "hypothesis",
+            "pytest",
+            "pytest-xdist",
+            "scikit-image",  # real photographs for tests and benchmarks
+            "scipy",
+        ],
+        "video": ["av"],
+        "hf": [TORCH, "transformers"],
+    },
+)
