@@ -1,0 +1,452 @@
+"""The Flax (linen) Llama-2 decoder, its size table and derived numbers.
+
+Owns the architecture (token embedding, pre-norm blocks of causal
+self-attention with rotary embeddings and optional grouped KV heads, SwiGLU
+MLP, RMSNorm, no biases, untied output head), the KV cache used for sampling,
+and the parameter / FLOP counts. It knows only JAX and Flax; the mesh rules
+that place the logical axes live in `sharding.py`.
+
+Einsum axis letters (every einsum below uses these and only these):
+
+  B batch          T query length     S key/value length (= T without a cache)
+  D model width    H query heads      K key/value heads   F head dim
+  M MLP hidden     V vocabulary       L layers
+
+Logical axis names, on parameters and main activations alike; `sharding.py`
+maps them onto the (data, fsdp, tensor) mesh:
+
+  "batch", "length", "embed" (D), "heads" (H), "kv_heads" (K),
+  "head_dim" (F), "mlp" (M), "vocab" (V), "layers" (L, the scan axis).
+
+Parameters (plain nested dicts once unboxed; scan_layers stacks the layer
+weights on a leading L axis under "layers", otherwise "layers_0", ...):
+
+  embedding [V, D]            head [D, V]             final_norm/scale [D]
+  layers/attn_norm/scale [D]  layers/mlp_norm/scale [D]
+  layers/attn/{q_proj [D, H, F], k_proj [D, K, F], v_proj [D, K, F],
+               o_proj [H, F, D]}  (+ q_norm/scale, k_norm/scale [F] if qk_norm)
+  layers/mlp/{gate_proj [D, M], up_proj [D, M], down_proj [M, D]}
+
+Precision: parameters are stored in `param_dtype` (fp32) and cast to `dtype`
+(bf16) for the matmuls; RMSNorm, rotary embeddings and the attention softmax
+run in fp32 and the logits come out in fp32, so the loss is taken in fp32.
+
+Rematerialisation (`remat_policy`), per decoder layer:
+
+  "none"              no remat: keep every activation (fastest, most memory)
+  "full"              save nothing but the layer input; recompute the layer
+  "nothing_saveable"  the same as "full" (JAX's name)
+  "dots"              save matmul outputs without batch dims (JAX policy)
+  "qkv_proj"          save only the named q/k/v projections
+  "all_proj"          save q/k/v, the attention output and the MLP gate/up
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+# One size table. Vocabulary size comes from the tokenizer, not from here.
+# "1b" uses 16 heads of 128 (Llama-2's head dim, the fast path of the flash
+# kernels) and an MLP of 4 * width, so it has 1.07B parameters (+ embeddings).
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(num_layers=2, emb_dim=32, num_heads=4, num_kv_heads=2,
+                 mlp_dim=64),
+    "demo": dict(num_layers=4, emb_dim=128, num_heads=4, num_kv_heads=4,
+                 mlp_dim=352),
+    "100m": dict(num_layers=12, emb_dim=768, num_heads=12, num_kv_heads=12,
+                 mlp_dim=2048),
+    "1b": dict(num_layers=16, emb_dim=2048, num_heads=16, num_kv_heads=16,
+               mlp_dim=8192),
+    "7b": dict(num_layers=32, emb_dim=4096, num_heads=32, num_kv_heads=32,
+               mlp_dim=11008),
+}
+
+# Activations a remat policy can name (see checkpoint_name below).
+_PROJ_NAMES = ("query_proj", "key_proj", "value_proj")
+_ALL_NAMES = _PROJ_NAMES + ("attention_out", "mlp_gate", "mlp_up")
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names(*_PROJ_NAMES),
+    "all_proj": jax.checkpoint_policies.save_only_these_names(*_ALL_NAMES),
+}
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+# Logical names of a KVCache's k and v arrays [L, B, S, K, F].
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+KV = tuple[jax.Array, jax.Array]  # One layer's cached k, v [B, S, K, F].
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture and numerics of one model; `head_dim` is resolved on init."""
+  vocab_size: int
+  num_layers: int
+  emb_dim: int
+  num_heads: int
+  num_kv_heads: int
+  mlp_dim: int
+  head_dim: int | None = None        # None: emb_dim // num_heads
+  norm_eps: float = 1e-5
+  rope_theta: float = 1e4
+  max_len: int = 4096                # longest sequence (positions) accepted
+  dtype: str = "bfloat16"            # compute
+  param_dtype: str = "float32"       # storage
+  scan_layers: bool = True
+  remat_policy: str = "full"
+  attention_impl: str | None = "xla"  # jax.nn.dot_product_attention's choice
+  qk_norm: bool = False
+
+  def __post_init__(self):
+    if self.head_dim is None:
+      if self.emb_dim % self.num_heads:
+        raise ValueError(
+            f"emb_dim={self.emb_dim} is not divisible by num_heads="
+            f"{self.num_heads}; set head_dim explicitly or change the sizes.")
+      object.__setattr__(self, "head_dim", self.emb_dim // self.num_heads)
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
+          f"{self.num_kv_heads} (grouped-query attention).")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"Unknown remat_policy={self.remat_policy!r}; use one "
+                       f"of {sorted(REMAT_POLICIES)}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"Unknown attention_impl={self.attention_impl!r}; use "
+                       "None, 'xla' or 'cudnn' (GPU only).")
+    for field in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, field))
+      except TypeError as e:
+        raise ValueError(f"{field}={getattr(self, field)!r} is not a dtype "
+                         "name; use e.g. 'bfloat16' or 'float32'.") from e
+
+  @classmethod
+  def from_size(cls, size: str, **overrides) -> LlamaConfig:
+    """A config from SIZES[size]; needs vocab_size= (the tokenizer's)."""
+    if size not in SIZES:
+      raise ValueError(f"Unknown model size {size!r}; use one of "
+                       f"{sorted(SIZES)}.")
+    if "vocab_size" not in overrides:
+      raise ValueError("LlamaConfig.from_size needs vocab_size=... (the "
+                       "tokenizer's vocab_size).")
+    return cls(**{**SIZES[size], **overrides})
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, [L, B, S, K, F] (stacked like the scan)."""
+  k: jax.Array
+  v: jax.Array
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_len: int,
+               dtype=jnp.bfloat16) -> KVCache:
+  """An empty cache for `batch_size` rows of up to `max_len` positions."""
+  if max_len > config.max_len:
+    raise ValueError(f"Cache max_len={max_len} exceeds the model's max_len="
+                     f"{config.max_len}; lower it or raise config.max_len.")
+  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads,
+           config.head_dim)
+  zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype),
+                                             CACHE_AXES)
+  return KVCache(k=zeros(), v=zeros())
+
+
+def param_count(config: LlamaConfig) -> int:
+  """Number of parameters, from shapes only (jax.eval_shape; no allocation)."""
+  model = Llama(config)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 1), jnp.int32))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      nn.meta.unbox(shapes)))
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+  """Training (forward + backward) FLOPs per token, PaLM appendix B style.
+
+  6 * N + 12 * L * seq_len * H * F, where N counts the matmul weights: every
+  layer's q, k, v, o and MLP projections plus the output head; not the input
+  embedding (a lookup in the model's math; the one-hot matmul that implements
+  it is an implementation cost, like remat) nor the norm scales. The attention
+  term counts QK^T and AV over the full (not causally halved) window; remat
+  recomputation is not counted (these are "model FLOPs", as used for MFU).
+  """
+  c = config
+  attn = c.emb_dim * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+  attn += c.num_heads * c.head_dim * c.emb_dim
+  mlp = 3 * c.emb_dim * c.mlp_dim
+  n = c.num_layers * (attn + mlp) + c.emb_dim * c.vocab_size
+  return float(6 * n + 12 * c.num_layers * seq_len * c.num_heads * c.head_dim)
+
+
+def _param(module: nn.Module, name: str, init, shape, names):
+  """A parameter carrying its logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, names), shape,
+                      jnp.dtype(module.config.param_dtype))
+
+
+def _fan_in(in_axis, out_axis):
+  """Unit-variance outputs for unit-variance inputs (as MaxText)."""
+  return nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm over the last axis, computed in fp32."""
+  config: LlamaConfig
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],),
+                   (self.axis_name,))
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+                          + self.config.norm_eps)
+    return (x * scale.astype(jnp.float32)).astype(self.config.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the Hugging Face "rotate_half" layout, in fp32.
+
+  x: [B, T, N, F] (N: any head count); positions: int [B, T]. The first and
+  second halves of F are the real and imaginary parts, so HF Llama weights
+  need no permutation.
+  """
+  f = x.shape[-1]
+  inv_freq = (1.0 / theta ** (np.arange(0, f, 2, dtype=np.float64) / f))
+  angles = positions[..., None].astype(jnp.float32) * inv_freq.astype(
+      np.float32)                                  # [B, T, F/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Causal self-attention with grouped KV heads and an optional KV cache."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None, cache_kv: KV | None
+               ) -> tuple[jax.Array, KV | None]:
+    c = self.config
+    d, h, k, f = c.emb_dim, c.num_heads, c.num_kv_heads, c.head_dim
+    dt = jnp.dtype(c.dtype)
+    wq = _param(self, "q_proj", _fan_in(0, (1, 2)), (d, h, f),
+                ("embed", "heads", "head_dim"))
+    wk = _param(self, "k_proj", _fan_in(0, (1, 2)), (d, k, f),
+                ("embed", "kv_heads", "head_dim"))
+    wv = _param(self, "v_proj", _fan_in(0, (1, 2)), (d, k, f),
+                ("embed", "kv_heads", "head_dim"))
+    wo = _param(self, "o_proj", _fan_in((0, 1), 2), (h, f, d),
+                ("heads", "head_dim", "embed"))
+
+    q = jnp.einsum("BTD,DHF->BTHF", x, wq.astype(dt))
+    keys = jnp.einsum("BTD,DKF->BTKF", x, wk.astype(dt))
+    values = jnp.einsum("BTD,DKF->BTKF", x, wv.astype(dt))
+    q = checkpoint_name(q, "query_proj")
+    keys = checkpoint_name(keys, "key_proj")
+    values = checkpoint_name(values, "value_proj")
+    if c.qk_norm:  # Normalise q and k per head before RoPE (OLMo-2 / Qwen3).
+      q = RMSNorm(c, axis_name="head_dim", name="q_norm")(q)
+      keys = RMSNorm(c, axis_name="head_dim", name="k_norm")(keys)
+    q = apply_rope(q, positions, c.rope_theta)
+    keys = apply_rope(keys, positions, c.rope_theta)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+    kv_names = ("batch", "length", "kv_heads", "head_dim")
+    keys = nn.with_logical_constraint(keys, kv_names)
+    values = nn.with_logical_constraint(values, kv_names)
+
+    new_kv, mask, is_causal, impl = None, None, True, c.attention_impl
+    if cache_kv is not None:
+      # Write this call's K/V at each row's positions, then attend to every
+      # cached index <= the query's position (prefill and decode alike).
+      write = jax.vmap(lambda cache, new, pos: cache.at[pos].set(new))
+      cache_k, cache_v = cache_kv
+      cache_k = nn.with_logical_constraint(
+          write(cache_k, keys.astype(cache_k.dtype), positions), kv_names)
+      cache_v = nn.with_logical_constraint(
+          write(cache_v, values.astype(cache_v.dtype), positions), kv_names)
+      new_kv = (cache_k, cache_v)
+      keys, values = cache_k.astype(dt), cache_v.astype(dt)
+      mask = (jnp.arange(cache_k.shape[1])[None, None, :]
+              <= positions[:, :, None])[:, None]           # [B, 1, T, S]
+      is_causal = False
+      if q.shape[1] == 1:
+        impl = "xla"  # One query per row: nothing for a flash kernel to tile.
+    elif segment_ids is not None:
+      # Packed rows: attend within the same segment (and causally). Padding
+      # (id 0) attends to padding, so no row is fully masked; the loss mask
+      # drops it.
+      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+    out = jax.nn.dot_product_attention(
+        q, keys, values, mask=mask, is_causal=is_causal,
+        implementation=impl)                               # [B, T, H, F]
+    out = checkpoint_name(out, "attention_out")
+    out = jnp.einsum("BTHF,HFD->BTD", out, wo.astype(dt))
+    return nn.with_logical_constraint(out, ("batch", "length", "embed")), new_kv
+
+
+class Mlp(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    dt = jnp.dtype(c.dtype)
+    w_gate = _param(self, "gate_proj", _fan_in(0, 1), (c.emb_dim, c.mlp_dim),
+                    ("embed", "mlp"))
+    w_up = _param(self, "up_proj", _fan_in(0, 1), (c.emb_dim, c.mlp_dim),
+                  ("embed", "mlp"))
+    w_down = _param(self, "down_proj", _fan_in(0, 1), (c.mlp_dim, c.emb_dim),
+                    ("mlp", "embed"))
+    gate = checkpoint_name(jnp.einsum("BTD,DM->BTM", x, w_gate.astype(dt)),
+                           "mlp_gate")
+    up = checkpoint_name(jnp.einsum("BTD,DM->BTM", x, w_up.astype(dt)),
+                         "mlp_up")
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up,
+                                        ("batch", "length", "mlp"))
+    out = jnp.einsum("BTM,MD->BTD", hidden, w_down.astype(dt))
+    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm residual block; returns (x, new (k, v) or None) for nn.scan."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None, cache_kv: KV | None
+               ) -> tuple[jax.Array, KV | None]:
+    c = self.config
+    attn, new_kv = Attention(c, name="attn")(
+        RMSNorm(c, name="attn_norm")(x), positions, segment_ids, cache_kv)
+    x = x + attn
+    x = x + Mlp(c, name="mlp")(RMSNorm(c, name="mlp_norm")(x))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_kv
+
+
+def _check_positions(positions, limit: int, what: str) -> None:
+  """Rejects positions >= limit when they are concrete (not under jit)."""
+  if isinstance(positions, jax.core.Tracer):
+    return  # Traced: values unknown; see Llama.__call__'s docstring.
+  top = int(np.max(np.asarray(positions))) if np.size(positions) else -1
+  if top >= limit:
+    raise ValueError(f"positions reach {top} but {what} is {limit}; shorten "
+                     "the sequence or raise the limit.")
+
+
+class Llama(nn.Module):
+  """Llama-2 over token ids.
+
+  __call__(tokens, positions=None, segment_ids=None, cache=None):
+    tokens, positions, segment_ids: int32 [B, T]; positions default arange(T).
+    segment_ids None: plain causal attention (is_causal, no dense mask, so the
+      cuDNN flash kernel applies). Given: attend only within the same segment,
+      causally (0 = padding); a dense [B, 1, T, T] mask is built.
+    cache None: returns fp32 logits [B, T, V].
+    cache (a KVCache): writes this call's K/V at `positions` (per row) and
+      attends to every cached index <= the query's position; returns
+      (logits, new_cache). Serves prefill (positions = arange) and decode
+      (T = 1, each row at its own position). Right-pad prompts: a pad's K/V is
+      overwritten by the real token at that position before anyone sees it.
+      Attention against the cache uses a dense [B, 1, T, S] mask; one-token
+      decode steps always use the XLA kernel.
+
+  Token ids must lie in [0, vocab_size): the embedding is a one-hot matmul,
+  so an out-of-range id reads a zero vector rather than failing.
+
+  Lengths are checked at trace time (T <= max_len, T <= cache length). Position
+  values are checked only when concrete; under jit a position >= the cache
+  length is dropped by the scatter (JAX's out-of-bounds rule), so the sampler
+  must stop at the cache length.
+  """
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None,
+               cache: KVCache | None = None):
+    c = self.config
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got {tokens.shape}.")
+    b, t = tokens.shape
+    if t > c.max_len:
+      raise ValueError(f"Sequence length {t} exceeds max_len={c.max_len}; "
+                       "raise LlamaConfig.max_len or shorten the inputs.")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if positions.shape != tokens.shape:
+      raise ValueError(f"positions shape {positions.shape} must equal tokens "
+                       f"shape {tokens.shape}.")
+    _check_positions(positions, c.max_len, "max_len")
+    cache_kv = None
+    if cache is not None:
+      if segment_ids is not None:
+        raise ValueError("segment_ids cannot be combined with a KV cache; "
+                         "right-pad prompts and pass segment_ids=None.")
+      if t > cache.k.shape[2]:
+        raise ValueError(f"{t} tokens do not fit a cache of length "
+                         f"{cache.k.shape[2]}; make a longer cache.")
+      _check_positions(positions, cache.k.shape[2], "the cache length")
+      cache_kv = (cache.k, cache.v)
+
+    embedding = _param(self, "embedding", nn.initializers.normal(1.0),
+                       (c.vocab_size, c.emb_dim), ("vocab", "embed"))
+    # A one-hot matmul rather than a gather: GSPMD partitions it cleanly under
+    # any sharding of the table (a gather is replicated first), and with
+    # codec vocabularies (~300-1000) it costs less than the output head.
+    # HIGHEST: an exact lookup even for fp32 on TPU/GPU (no bf16/TF32 passes).
+    one_hot = jax.nn.one_hot(tokens, c.vocab_size, dtype=c.dtype)
+    x = jnp.einsum("BTV,VD->BTD", one_hot, embedding.astype(c.dtype),
+                   precision=jax.lax.Precision.HIGHEST)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    layer = DecoderLayer
+    policy = REMAT_POLICIES[c.remat_policy]
+    if c.remat_policy != "none":
+      layer = nn.remat(layer, policy=policy, prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      stack = nn.scan(
+          layer, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, new_kv = stack(c, name="layers")(x, positions, segment_ids, cache_kv)
+    else:
+      kvs = []
+      for i in range(c.num_layers):
+        layer_kv = None if cache_kv is None else (cache_kv[0][i],
+                                                  cache_kv[1][i])
+        x, kv = layer(c, name=f"layers_{i}")(x, positions, segment_ids,
+                                              layer_kv)
+        kvs.append(kv)
+      new_kv = None if cache_kv is None else jax.tree.map(
+          lambda *a: jnp.stack(a), *kvs)
+
+    x = RMSNorm(c, name="final_norm")(x)
+    head = _param(self, "head", _fan_in(0, 1), (c.emb_dim, c.vocab_size),
+                  ("embed", "vocab"))
+    logits = jnp.einsum("BTD,DV->BTV", x, head.astype(c.dtype),
+                        preferred_element_type=jnp.float32)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    if cache is None:
+      return logits
+    new_k, new_v = (nn.with_logical_constraint(a, CACHE_AXES) for a in new_kv)
+    return logits, KVCache(k=new_k, v=new_v)

@@ -1,0 +1,157 @@
+"""The device mesh, the logical-axis rules and the shardings they give.
+
+The model names its axes logically (see llama.py's docstring); this module
+maps those names onto a mesh with axes (data, fsdp, tensor):
+
+  data    pure data parallelism: params replicated, batch split.
+  fsdp    data parallelism with params, grads and optimizer state split
+          (ZeRO-3); XLA all-gathers each layer's weights before use.
+  tensor  Megatron-style tensor parallelism over heads, MLP and vocabulary.
+
+The mesh uses Auto axis types (GSPMD propagation from the constraints the
+model places), not JAX's Explicit default: Flax linen's logical constraints are
+written for that mode.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Logical axis -> mesh axes (first matching, still unused mesh axis wins).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("length", None),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = [int(s) for s in shape]
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"Mesh shape {tuple(shape)} must have {len(MESH_AXES)} "
+                     f"entries, one per axis {MESH_AXES}.")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"Mesh shape {tuple(shape)}: use positive sizes and at "
+                     "most one -1.")
+  n = len(devices)
+  if -1 in shape:
+    rest = math.prod(s for s in shape if s != -1)
+    if n % rest:
+      raise ValueError(f"Mesh shape {tuple(shape)}: {n} devices are not "
+                       f"divisible by {rest}; change mesh.shape.")
+    shape[shape.index(-1)] = n // rest
+  if math.prod(shape) != n:
+    raise ValueError(
+        f"Mesh shape {tuple(shape)} over {MESH_AXES} needs {math.prod(shape)} "
+        f"devices but there are {n}; make the product equal the device count "
+        "or put -1 in one entry (e.g. mesh.shape=(-1, 1, 1)).")
+  return jax.make_mesh(tuple(shape), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh
+         ) -> PartitionSpec:
+  """Drops mesh axes from dims they do not divide evenly.
+
+  jit requires parameter shardings to split evenly; a 322-entry vocabulary on
+  tensor=4, say, stays whole on that axis rather than failing to compile.
+  check_large_params_sharded catches a large parameter left unsplit this way.
+  """
+  fitted = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape)
+                                                          - len(spec))):
+    axes = [] if entry is None else (
+        [entry] if isinstance(entry, str) else list(entry))
+    while axes and dim % math.prod(mesh.shape[a] for a in axes):
+      axes.pop()
+    fitted.append(None if not axes else axes[0] if len(axes) == 1
+                  else tuple(axes))
+  return PartitionSpec(*fitted)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh,
+                      rules=DEFAULT_RULES) -> Any:
+  """NamedShardings for a boxed abstract tree (jax.eval_shape of model.init).
+
+  Works on any tree whose leaves are nn.LogicallyPartitioned boxes (sharded
+  by their names and `rules`) or plain shaped leaves (replicated), e.g. a
+  whole train state with its optimizer moments. The result has the unboxed
+  tree's structure, ready for jit's out_shardings.
+  """
+  def one(leaf):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      spec = nn.logical_to_mesh_axes(leaf.names, rules)
+      return NamedSharding(mesh, _fit(spec, leaf.value.shape, mesh))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(one, abstract_tree,
+                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def check_large_params_sharded(shardings_or_params: Any, mesh: Mesh,
+                               min_size: int = 1 << 20,
+                               shapes: Any = None) -> None:
+  """Start-up check that no large parameter is replicated on every device.
+
+  On a mesh with fsdp or tensor > 1, every parameter with >= min_size elements
+  must be split over at least one mesh axis of size > 1. Leaves may be arrays
+  or ShapeDtypeStructs that carry a NamedSharding, or NamedShardings with
+  `shapes` a matching tree of shaped leaves (e.g. the abstract params). Bare
+  NamedShardings without `shapes` carry no sizes: then every parameter counts
+  as large (fine for the default rules, where every weight has an "embed"
+  axis on fsdp; pass `shapes` to exempt small ones such as norm scales).
+  """
+  if mesh.shape["fsdp"] == 1 and mesh.shape["tensor"] == 1:
+    return  # Pure data parallelism replicates parameters by design.
+  is_leaf = lambda x: isinstance(x, NamedSharding)
+  flat, _ = jax.tree_util.tree_flatten_with_path(shardings_or_params,
+                                                 is_leaf=is_leaf)
+  if shapes is not None:
+    shapes = nn.meta.unbox(shapes)
+    if jax.tree.structure(shapes) != jax.tree.structure(
+        shardings_or_params, is_leaf=is_leaf):
+      raise ValueError("shapes and shardings are different trees; pass the "
+                       "abstract params the shardings were made from.")
+    shape_leaves = jax.tree.leaves(shapes)
+  offenders = []
+  for i, (path, leaf) in enumerate(flat):
+    if isinstance(leaf, NamedSharding):
+      sharding = leaf
+      shape = None if shapes is None else shape_leaves[i].shape
+    else:
+      sharding, shape = getattr(leaf, "sharding", None), leaf.shape
+      if not isinstance(sharding, NamedSharding):
+        raise ValueError(f"{jax.tree_util.keystr(path)} has no NamedSharding "
+                         f"(got {sharding!r}); pass shardings and shapes.")
+    if shape is not None and int(np.prod(shape)) < min_size:
+      continue
+    split = [a for entry in sharding.spec if entry is not None
+             for a in ((entry,) if isinstance(entry, str) else entry)
+             if sharding.mesh.shape[a] > 1]
+    if not split:
+      offenders.append(jax.tree_util.keystr(path) + (
+          "" if shape is None else f" {tuple(shape)}"))
+  if offenders:
+    sized = shapes is not None or not any(
+        isinstance(x, NamedSharding) for _, x in flat)
+    what = f"with >= {min_size} elements " if sized else ""
+    raise ValueError(
+        f"{len(offenders)} parameters {what}are replicated on mesh "
+        f"{dict(mesh.shape)}: {', '.join(offenders[:10])}. Check mesh.rules "
+        "maps their logical axes onto fsdp or tensor (given bare shardings, "
+        "pass shapes= to exempt small parameters).")

@@ -1,0 +1,142 @@
+"""Mesh, logical rules and sharded init / forward on 8 simulated CPU devices."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from codeclm.model import llama
+from codeclm.model import sharding
+
+CONFIG = llama.LlamaConfig.from_size(
+    "tiny", vocab_size=256, max_len=32, dtype="float32", remat_policy="none")
+TOKENS = np.random.default_rng(0).integers(0, 256, (8, 8)).astype(np.int32)
+
+# Logical names -> the specs DEFAULT_RULES must give (before size-1 axes).
+EXPECTED = {
+    "embedding": P("tensor", "fsdp"),
+    "head": P("fsdp", "tensor"),
+    "final_norm/scale": P("fsdp"),
+    "layers/attn_norm/scale": P(None, "fsdp"),
+    "layers/attn/q_proj": P(None, "fsdp", "tensor", None),
+    "layers/attn/k_proj": P(None, "fsdp", "tensor", None),
+    "layers/attn/o_proj": P(None, "tensor", None, "fsdp"),
+    "layers/mlp/gate_proj": P(None, "fsdp", "tensor"),
+    "layers/mlp/down_proj": P(None, "tensor", "fsdp"),
+}
+
+
+def abstract_params():
+  return jax.eval_shape(llama.Llama(CONFIG).init, jax.random.key(0),
+                        jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+def get(tree, path):
+  for key in path.split("/"):
+    tree = tree[key]
+  return tree
+
+
+@functools.lru_cache(maxsize=None)
+def reference():
+  """Random params (numpy) and their single-device logits, no mesh."""
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda s: (0.2 * rng.normal(size=s.shape)).astype(s.dtype),
+      nn.meta.unbox(abstract_params()))
+  logits = jax.jit(llama.Llama(CONFIG).apply)({"params": params}, TOKENS)
+  return params, np.asarray(logits)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2),
+                                   (1, -1, 1)])
+def test_sharded_init_and_forward(shape):
+  mesh = sharding.make_mesh(shape)
+  assert mesh.axis_names == sharding.MESH_AXES
+  assert mesh.devices.size == 8
+  model = llama.Llama(CONFIG)
+  rules = sharding.DEFAULT_RULES
+  boxed = abstract_params()
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  for path, spec in EXPECTED.items():
+    assert get(shardings, path).spec == spec, path
+  data = jax.sharding.NamedSharding(
+      mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
+  ref_params, ref_logits = reference()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    # An rbg key: the same init, several times faster to compile on CPU.
+    params = jax.jit(
+        lambda r: nn.meta.unbox(model.init(r, TOKENS[:1])["params"]),
+        out_shardings=shardings)(jax.random.key(0, impl="rbg"))
+    logits = jax.jit(model.apply, in_shardings=({"params": shardings}, data))(
+        {"params": jax.device_put(ref_params, shardings)},
+        jax.device_put(TOKENS, data))
+  q = params["layers"]["attn"]["q_proj"]
+  fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+  assert q.sharding.spec == EXPECTED["layers/attn/q_proj"]
+  assert q.addressable_shards[0].data.shape == (2, 32 // fsdp, 4 // tensor, 8)
+  assert 0.5 < np.std(np.asarray(params["embedding"])) < 1.5  # Initialised.
+  sharding.check_large_params_sharded(params, mesh, min_size=1000)
+  sharding.check_large_params_sharded(shardings, mesh, min_size=1000,
+                                      shapes=boxed)
+  if mesh.shape["fsdp"] > 1:  # Every default-rule weight has "embed" on fsdp.
+    sharding.check_large_params_sharded(shardings, mesh)
+  np.testing.assert_allclose(logits, ref_logits, atol=2e-5, rtol=2e-5)
+
+
+def test_check_raises_when_rules_map_nothing():
+  mesh = sharding.make_mesh((1, 4, 2))
+  boxed = abstract_params()
+  replicated = sharding.logical_shardings(boxed, mesh, rules=())
+  with pytest.raises(ValueError, match=r"replicated.*q_proj"):
+    sharding.check_large_params_sharded(replicated, mesh, min_size=1000,
+                                        shapes=boxed)
+  with pytest.raises(ValueError, match=r"replicated.*embedding.*shapes="):
+    sharding.check_large_params_sharded(replicated, mesh)  # Sizes unknown.
+  # Small params are exempt; pure data parallelism replicates by design.
+  sharding.check_large_params_sharded(replicated, mesh, min_size=10**6,
+                                      shapes=boxed)
+  data_only = sharding.make_mesh((8, 1, 1))
+  sharding.check_large_params_sharded(
+      sharding.logical_shardings(boxed, data_only, rules=()), data_only,
+      shapes=boxed)
+
+
+def test_indivisible_dims_stay_whole():
+  """A 300-entry vocabulary cannot split 8 ways: that axis is dropped."""
+  mesh = sharding.make_mesh((1, 1, 8))
+  config = llama.LlamaConfig.from_size("tiny", vocab_size=300, num_heads=8,
+                                       num_kv_heads=8)
+  boxed = jax.eval_shape(llama.Llama(config).init, jax.random.key(0),
+                         jnp.zeros((1, 8), jnp.int32))["params"]
+  shardings = sharding.logical_shardings(boxed, mesh, sharding.DEFAULT_RULES)
+  assert shardings["embedding"].spec == P(None, "fsdp")
+  assert shardings["layers"]["attn"]["q_proj"].spec == P(
+      None, "fsdp", "tensor", None)
+
+
+def test_cache_is_sharded_by_logical_names():
+  mesh = sharding.make_mesh((4, 1, 2))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    cache = jax.jit(lambda: llama.init_cache(CONFIG, 4, 16))()
+  want = jax.sharding.NamedSharding(mesh, P(None, ("data", "fsdp"), None,
+                                            "tensor"))
+  assert cache.k.sharding.is_equivalent_to(want, 5)
+  assert cache.k.addressable_shards[0].data.shape == (2, 1, 16, 1, 8)
+
+
+def test_make_mesh_errors_name_the_fix():
+  with pytest.raises(ValueError, match="needs 6 devices but there are 8"):
+    sharding.make_mesh((2, 3, 1))
+  with pytest.raises(ValueError, match="not divisible"):
+    sharding.make_mesh((3, -1, 1))
+  with pytest.raises(ValueError, match="3 entries"):
+    sharding.make_mesh((8, 1))
+  with pytest.raises(ValueError, match="at most one -1"):
+    sharding.make_mesh((-1, -1, 1))
+  assert dict(sharding.make_mesh((-1, 2, 2)).shape) == dict(
+      data=2, fsdp=2, tensor=2)
