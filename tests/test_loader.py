@@ -1,0 +1,327 @@
+"""Loader: batches decode to the stored bytes; sharding, packing, state."""
+
+import collections
+import json
+import os
+
+from absl import flags
+from array_record.python import array_record_module
+import numpy as np
+import pytest
+
+from codeclm.data import loader
+from codeclm.data import prepare
+from codeclm.data import sources
+from codeclm.tokenizer import ByteBPE
+from tests.test_sources import make_config
+
+NUM, EVAL = 30, 5
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  """Synthetic 32x32 pictures as shards, plus their BPE."""
+  out = str(tmp_path_factory.mktemp("data"))
+  config = make_config(num_examples=NUM, eval_examples=EVAL,
+                       examples_per_shard=8)
+  manifest = prepare.run(config, out, process_index=0, process_count=1,
+                         progress=False)
+  tokenizer = ByteBPE.load(os.path.join(out, "tokenizer.json"))
+  records = {}
+  for split in ("train", "eval"):
+    records[split] = []
+    for path in prepare.shard_paths(out, manifest, split):
+      reader = array_record_module.ArrayRecordReader(path)
+      records[split] += reader.read_all()
+      reader.close()
+  assert len(records["train"]) == NUM - EVAL
+  return out, tokenizer, records
+
+
+def config_for(**data):
+  config = make_config(num_examples=NUM, eval_examples=EVAL,
+                       examples_per_shard=8, **data)
+  config.seq_len = 256
+  config.batch_size = 4
+  return config
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def windows(batches):
+  """Rows of consecutive batches, in order."""
+  for b in batches:
+    for r in range(b["inputs"].shape[0]):
+      yield {k: v[r] for k, v in b.items()}
+
+
+def segments(row):
+  """The token runs of a row, one per segment id, rebuilt from inputs+targets.
+
+  A run's tokens are its inputs, plus the final target when the loss mask
+  says that target is still in the run (the window's last token).
+  """
+  runs = []
+  for s in np.unique(row["segment_ids"]):
+    if s == 0:
+      continue
+    idx = np.flatnonzero(row["segment_ids"] == s)
+    assert np.array_equal(idx, np.arange(idx[0], idx[-1] + 1))  # Contiguous.
+    tokens = list(row["inputs"][idx])
+    if row["loss_mask"][idx[-1]]:
+      tokens.append(row["targets"][idx[-1]])
+    runs.append(tokens)
+  return runs
+
+
+def examples(stream, tokenizer):
+  """Cut a concatenated token stream at BOS...EOS into decoded byte strings."""
+  stream = np.asarray(stream)
+  bos = np.flatnonzero(stream == tokenizer.bos_id)
+  eos = np.flatnonzero(stream == tokenizer.eos_id)
+  out = []
+  for b in bos:
+    after = eos[eos > b]
+    if not len(after):
+      break
+    out.append(tokenizer.decode(stream[b + 1:after[0]].tolist()))
+  return out
+
+
+def check_shapes(batch, batch_size, seq_len):
+  assert sorted(batch) == sorted(loader.BATCH_KEYS)
+  for k, v in batch.items():
+    assert v.shape == (batch_size, seq_len), k
+    assert v.dtype == (np.float32 if k == "loss_mask" else np.int32), k
+
+
+# -- concat --------------------------------------------------------------------
+
+
+def test_concat_batches_decode_to_the_records_each_epoch(prepared):
+  data_dir, tokenizer, records = prepared
+  config = config_for()
+  it = iter(loader.train_dataset(config, data_dir, tokenizer, process_index=0,
+                                 process_count=1))
+  batches = take(it, 40)
+  stream = []
+  for b in batches:
+    check_shapes(b, 4, 256)
+    assert (b["segment_ids"] == 1).all() and (b["loss_mask"] == 1).all()
+    assert (b["positions"] == np.arange(256)).all()
+    np.testing.assert_array_equal(b["targets"][:, :-1], b["inputs"][:, 1:])
+  for row in windows(batches):
+    stream += list(row["inputs"]) + [row["targets"][-1]]  # Window = L + 1.
+  decoded = examples(stream, tokenizer)
+  n = len(records["train"])
+  assert len(decoded) >= 2 * n + 1, "take more batches"
+  first, second = decoded[:n], decoded[n:2 * n]
+  assert sorted(first) == sorted(records["train"])  # Each once per epoch.
+  assert sorted(second) == sorted(records["train"])
+  assert first != second  # Reshuffled each epoch.
+  assert first != records["train"]  # Shuffled at all.
+
+
+def test_concat_is_seeded(prepared):
+  data_dir, tokenizer, _ = prepared
+  def first_batches(seed):
+    config = config_for()
+    config.seed = seed
+    return take(iter(loader.train_dataset(config, data_dir, tokenizer,
+                                          process_index=0, process_count=1)),
+                3)
+  a, b, c = first_batches(0), first_batches(0), first_batches(1)
+  assert all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, b))
+  assert not all(np.array_equal(x["inputs"], y["inputs"])
+                 for x, y in zip(a, c))
+
+
+# -- pack ----------------------------------------------------------------------
+
+
+def test_pack_keeps_whole_examples_with_right_segments(prepared):
+  data_dir, tokenizer, records = prepared
+  lengths = [len(tokenizer.encode(r)) + 2 for r in records["train"]]
+  config = config_for(packing="pack")
+  config.seq_len = max(lengths) + 40  # Every example fits a window.
+  it = iter(loader.train_dataset(config, data_dir, tokenizer, process_index=0,
+                                 process_count=1))
+  batches = take(it, 12)
+  counts = collections.Counter()
+  for b in batches:
+    check_shapes(b, 4, config.seq_len)
+  for row in windows(batches):
+    seg, pos, mask = row["segment_ids"], row["positions"], row["loss_mask"]
+    used = np.flatnonzero(seg)
+    assert len(used) and np.array_equal(used, np.arange(len(used)))
+    assert (mask[len(used):] == 0).all()  # Padding at the end, masked.
+    ids = seg[used]
+    assert ids[0] == 1 and set(np.diff(ids)) <= {0, 1}  # 1, 2, 3, ...
+    for s in np.unique(ids):
+      idx = np.flatnonzero(seg == s)
+      assert np.array_equal(pos[idx], np.arange(len(idx)))  # Restart at 0.
+    # Loss only where the next token is in the same segment, and right there.
+    same = np.append((seg[1:] == seg[:-1]) & (seg[:-1] != 0), mask[-1] > 0)
+    np.testing.assert_array_equal(mask > 0, same)
+    inside = np.flatnonzero(mask[:-1])
+    np.testing.assert_array_equal(row["targets"][inside],
+                                  row["inputs"][inside + 1])
+    for run in segments(row):
+      assert run[0] == tokenizer.bos_id and run[-1] == tokenizer.eos_id
+      counts[tokenizer.decode(run[1:-1])] += 1  # Never split: decodes whole.
+  assert set(counts) == set(records["train"])  # Nothing else, all present.
+  assert max(counts.values()) <= 1 + min(counts.values())
+
+
+@pytest.mark.parametrize("drop_long", [False, True])
+def test_pack_splits_or_drops_long_examples(prepared, drop_long):
+  data_dir, tokenizer, records = prepared
+  lengths = sorted(len(tokenizer.encode(r)) + 2 for r in records["train"])
+  config = config_for(packing="pack", drop_long=drop_long)
+  config.seq_len = lengths[len(lengths) // 2]  # About half do not fit.
+  window = config.seq_len + 1
+  long = {r for r in records["train"] if len(tokenizer.encode(r)) + 2 > window}
+  assert long and len(long) < len(records["train"])
+  it = iter(loader.train_dataset(config, data_dir, tokenizer, process_index=0,
+                                 process_count=1))
+  pieces = [run for row in windows(take(it, 30)) for run in segments(row)]
+  whole = [tokenizer.decode(p[1:-1]) for p in pieces
+           if p[0] == tokenizer.bos_id and p[-1] == tokenizer.eos_id]
+  assert set(whole) == set(records["train"]) - long  # Short ones whole.
+  if drop_long:
+    assert len(whole) == len(pieces)  # No pieces of long ones.
+    return
+  # Long ones arrive as window-sized pieces overlapping by one token (so no
+  # target is lost); pieces of one example may land in different rows.
+  expected = set()
+  for r in long:
+    tokens = [tokenizer.bos_id, *tokenizer.encode(r), tokenizer.eos_id]
+    expected |= {tuple(tokens[i:i + window])
+                 for i in range(0, len(tokens) - 1, window - 1)}
+  got = {tuple(p) for p in pieces
+         if not (p[0] == tokenizer.bos_id and p[-1] == tokenizer.eos_id)}
+  assert got == expected
+
+
+# -- processes, state ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("packing", ["concat", "pack"])
+def test_two_processes_cover_every_example_once(prepared, packing):
+  data_dir, tokenizer, records = prepared
+  config = config_for(packing=packing)
+  config.seq_len = 1024  # Pack: every example fits, segments are examples.
+  seen = []
+  n = len(records["train"])
+  for p in range(2):
+    share = len(range(p, n, 2))
+    it = iter(loader.train_dataset(config, data_dir, tokenizer,
+                                   process_index=p, process_count=2))
+    got, stream = [], []
+    while len(got) < share:
+      batch = next(it)
+      check_shapes(batch, 2, 1024)  # Batch 4 over 2 processes.
+      for row in windows([batch]):
+        if packing == "concat":
+          stream += list(row["inputs"]) + [row["targets"][-1]]
+        else:
+          got += [tokenizer.decode(r[1:-1]) for r in segments(row)]
+      if packing == "concat":
+        got = examples(stream, tokenizer)
+    epoch = got[:share]
+    assert len(set(epoch)) == share  # No repeats within this share's epoch.
+    seen += epoch
+  assert sorted(seen) == sorted(records["train"])
+
+
+@pytest.mark.parametrize("packing,workers", [("concat", 0), ("pack", 0),
+                                             ("concat", 1)])
+def test_restored_iterator_yields_the_same_batches(prepared, packing, workers):
+  data_dir, tokenizer, _ = prepared
+  if workers and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags (main does).
+  config = config_for(packing=packing, loader_workers=workers)
+  ds = loader.train_dataset(config, data_dir, tokenizer, process_index=0,
+                            process_count=1)
+  it = iter(ds)
+  take(it, 5)
+  state = json.loads(json.dumps(it.get_state()))  # Checkpointable as JSON.
+  expected = take(it, 7)
+  fresh = iter(loader.train_dataset(config, data_dir, tokenizer,
+                                    process_index=0, process_count=1))
+  fresh.set_state(state)
+  for a, b in zip(expected, take(fresh, 7)):
+    for k in loader.BATCH_KEYS:
+      np.testing.assert_array_equal(a[k], b[k])
+  for i in (it, fresh):
+    if hasattr(i, "close"):
+      i.close()
+
+
+# -- eval ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packing", ["concat", "pack"])
+def test_eval_is_finite_ordered_padded_and_split(prepared, packing):
+  data_dir, tokenizer, records = prepared
+  config = config_for(packing=packing)
+  if packing == "pack":
+    config.seq_len = 1024  # Whole examples, one per segment.
+  single = list(loader.eval_batches(config, data_dir, tokenizer,
+                                    process_index=0, process_count=1))
+  assert single, "no eval batches"
+  again = list(loader.eval_batches(config, data_dir, tokenizer,
+                                   process_index=0, process_count=1))
+  for b, c in zip(single, again, strict=True):
+    check_shapes(b, 4, config.seq_len)
+    for k in loader.BATCH_KEYS:
+      np.testing.assert_array_equal(b[k], c[k])  # Deterministic.
+  runs = [run for row in windows(single) for run in segments(row)]
+  if packing == "concat":
+    decoded = examples([t for run in runs for t in run], tokenizer)
+    assert decoded == records["eval"]  # In order, once, nothing else.
+  else:
+    decoded = [tokenizer.decode(run[1:-1]) for run in runs]
+    assert sorted(decoded) == sorted(records["eval"])
+  rows = [row for row in windows(single)]
+  if packing == "concat":  # Windows and padding exactly as the sizes imply.
+    total = sum(len(tokenizer.encode(r)) + 2 for r in records["eval"])
+    full, rest = divmod(total, config.seq_len + 1)
+    real = full + (rest > 0)
+    assert len(single) == -(-real // 4)
+    for row in rows[:full]:
+      assert row["loss_mask"].sum() == config.seq_len
+    if rest:
+      assert rows[full]["loss_mask"].sum() == rest - 1  # Padded window.
+      assert rows[full]["segment_ids"].sum() == min(rest, config.seq_len)
+    padding = rows[real:]
+  else:
+    empty = [i for i, row in enumerate(rows) if not row["segment_ids"].any()]
+    assert all(i >= len(rows) - 4 for i in empty)  # Only in the last batch.
+    assert len(empty) < 4
+    padding = [rows[i] for i in empty]
+  for row in padding:  # Whole padding rows carry no loss.
+    assert not row["loss_mask"].any() and not row["segment_ids"].any()
+  # Two processes: same number of batches; together the single-process ones.
+  halves = [list(loader.eval_batches(config, data_dir, tokenizer,
+                                     process_index=p, process_count=2))
+            for p in range(2)]
+  assert len(halves[0]) == len(halves[1]) == len(single)
+  for whole, a, b in zip(single, *halves):
+    for k in loader.BATCH_KEYS:
+      np.testing.assert_array_equal(whole[k], np.concatenate([a[k], b[k]]))
+
+
+def test_clear_errors(prepared, tmp_path):
+  data_dir, tokenizer, _ = prepared
+  with pytest.raises(sources.DataError, match="run --mode=prepare first"):
+    loader.train_dataset(config_for(), str(tmp_path), tokenizer,
+                         process_index=0, process_count=1)
+  with pytest.raises(sources.DataError, match="batch_size"):
+    loader.train_dataset(config_for(), data_dir, tokenizer, process_index=0,
+                         process_count=3)
+  with pytest.raises(sources.DataError, match="packing"):
+    loader.train_dataset(config_for(packing="zip"), data_dir, tokenizer,
+                         process_index=0, process_count=1)
