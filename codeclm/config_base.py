@@ -1,0 +1,135 @@
+"""The fields every codeclm config has, with the paper's defaults.
+
+configs/jpeg_lm.py and configs/avc_lm.py start from `lm_config(size)` and set
+the codec, data and sequence fields of their modality. Every knob the code
+reads is defined here, so a typo in a command-line override fails loudly.
+"""
+
+import ml_collections
+
+from codeclm.model import llama
+
+# Per size: model dims come from llama.SIZES; these are the training shapes.
+# Batch is global (all hosts); tokens per step = batch_size * seq_len.
+TRAIN_SHAPES = {
+    "demo": dict(batch_size=8, steps=100, warmup_steps=10, lr=3e-3),
+    "100m": dict(batch_size=64, steps=20_000, warmup_steps=500, lr=6e-4),
+    "1b": dict(batch_size=128, steps=50_000, warmup_steps=1_000, lr=3e-4),
+    "7b": dict(batch_size=256, steps=100_000, warmup_steps=2_000, lr=3e-4),
+}
+
+
+def lm_config(size: str) -> ml_collections.ConfigDict:
+  """All fields but the modality's; `size` picks the model and its shapes."""
+  if size not in TRAIN_SHAPES:
+    raise ValueError(f"Unknown size {size!r}; use one of {sorted(TRAIN_SHAPES)}.")
+  shapes = TRAIN_SHAPES[size]
+  c = ml_collections.ConfigDict()
+  c.size = size
+  c.seed = 0
+  c.seq_len = 12_288
+  c.batch_size = shapes["batch_size"]
+
+  # Set by the modality config.
+  c.codec = ml_collections.ConfigDict()
+  c.data = ml_collections.ConfigDict(dict(
+      source="synthetic",         # synthetic | folder:PATH | tfds:NAME[:SPLIT]
+      dir="",                     # prepared shards; "" = <workdir>/data
+      tfds_data_dir=None,
+      num_examples=None,          # cap on source examples (synthetic: how many)
+      eval_examples=1_000,        # held out, deterministic
+      labels_from_folders=False,
+      examples_per_shard=1_024,
+      prepare_workers=0,          # 0 = all local cores
+      tokenizer="",               # existing tokenizer.json; "" = train one
+      vocab_size=320,             # BPE entries counting the 256 bytes
+      tokenizer_examples=10_000,  # paper: BPE from 10K examples
+      packing="concat",           # paper: concatenate and cut; or "pack"
+      drop_long=False,
+      loader_workers=0,
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      **llama.SIZES[size],
+      norm_eps=1e-5,
+      rope_theta=1e4,
+      dtype="bfloat16",
+      param_dtype="float32",
+      scan_layers=True,
+      remat_policy="full",
+      attention_impl="xla",       # "cudnn" for the flash kernel on GPU
+      qk_norm=False,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=shapes["steps"],
+      warmup_steps=shapes["warmup_steps"],
+      lr=shapes["lr"],            # peak; paper 3e-4
+      end_lr_ratio=0.1,           # cosine decays to lr * end_lr_ratio
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      grad_clip=1.0,
+      grad_accum=1,               # micro-batches per step
+      z_loss=0.0,                 # PaLM z-loss weight; 0 = off (Llama-2)
+      log_every=50,
+      eval_every=1_000,
+      eval_batches=16,            # 0 = the whole eval split
+      ckpt_every=1_000,
+      keep_last=3,
+      keep_every=0,               # also keep every K steps; 0 = off
+      async_checkpoints=True,
+      compilation_cache=True,     # JAX's persistent cache in <workdir>/jax_cache
+      profile=False,              # a profiler trace of a few steps in workdir
+      fault_kill_at_step=0,       # tests only: SIGKILL ourselves at this step
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      shape=(-1, 1, 1),           # (data, fsdp, tensor); -1 = the rest
+      # Logical axis -> mesh axes. Parameters shard over fsdp (ZeRO-3) and
+      # tensor; the batch over data and fsdp.
+      rules=(
+          ("batch", ("data", "fsdp")),
+          ("embed", "fsdp"),
+          ("heads", "tensor"),
+          ("kv_heads", "tensor"),
+          ("mlp", "tensor"),
+          ("vocab", "tensor"),
+          ("length", None),
+          ("head_dim", None),
+          ("layers", None),
+      ),
+  ))
+
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialize=False,           # jax.distributed.initialize() at start
+      coordinator_address="",     # "" = auto-detect (TPU, SLURM, ...)
+      num_processes=0,            # 0 = auto-detect
+      process_id=-1,              # -1 = auto-detect
+      timeout_s=300,
+  ))
+
+  # Sampling (codeclm/sample.py): --mode=sample and TensorBoard samples.
+  c.sample = ml_collections.ConfigDict(dict(
+      step=0,                     # checkpoint step; 0 = the latest
+      mesh_shape=(),              # () = the training mesh.shape
+      out_dir="",                 # "" = <workdir>/samples/step_<step>
+      num_samples=4,              # unconditional samples (from [BOS])
+      images="",                  # comma-separated image files to complete
+      ratios=(0.25, 0.5, 0.75),   # prompt = this fraction of the MCU rows
+      completions=2,              # per image and ratio
+      temperature=1.0,            # 0 = greedy
+      top_k=40,                   # paper: 40 or 80; 0 = off
+      top_p=0.9,                  # paper: 0.9 or 1.0
+      max_new_tokens=0,           # 0 = up to the model's max_len (seq_len)
+      seed=0,
+      batch_size=8,               # rows per sampler call
+      cache_dtype="bfloat16",
+      min_bucket=64,              # shortest prompt / cache length compiled
+      tb_every=50 if size == "demo" else 0,  # TensorBoard samples; 0 = off
+      tb_samples=4,               # unconditional samples in the TB grid
+      tb_images=2,                # held-out images completed in the TB grid
+      tb_ratio=0.5,
+  ))
+  return c

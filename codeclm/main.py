@@ -1,0 +1,54 @@
+r"""codeclm's entry point: parses flags and dispatches; nothing else.
+
+  python -m codeclm.main --config=configs/jpeg_lm.py:demo --workdir=/tmp/demo
+  python -m codeclm.main --config=configs/jpeg_lm.py:demo --workdir=/tmp/demo \
+      --mode=prepare
+  python -m codeclm.main --config=configs/jpeg_lm.py:1b --workdir=DIR \
+      --config.train.steps=1000 --config.mesh.shape='(1,-1,1)'
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A config file, e.g. configs/jpeg_lm.py:demo.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Checkpoints, metrics and run files go here.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["prepare", "train", "sample"],
+    "prepare: encode the source into byte shards and train the BPE; "
+    "train: train (preparing built-in synthetic data if absent); "
+    "sample: images from the workdir's checkpoint (see config.sample).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  # Imported here so --help is fast and flags parse before JAX starts.
+  from codeclm import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(config.distributed)
+
+  if _MODE.value == "prepare":
+    from codeclm import train  # pylint: disable=g-import-not-at-top
+    from codeclm.data import prepare  # pylint: disable=g-import-not-at-top
+    manifest = prepare.run(config, train.data_dir_of(config, workdir))
+    logging.info("Prepared: %s", {k: manifest[k] for k in ("counts",)
+                                  if k in manifest})
+  elif _MODE.value == "train":
+    from codeclm import train  # pylint: disable=g-import-not-at-top
+    train.train(config, workdir)
+  elif _MODE.value == "sample":
+    from codeclm import sample  # pylint: disable=g-import-not-at-top
+    sample.run(config.sample, workdir)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  app.run(main)

@@ -1,0 +1,389 @@
+"""The trainer: one loop for every config, read top to bottom.
+
+Sections: devices and mesh, data, model and optimizer, shapes by eval_shape,
+sharded init by jit, donated train step, resume, loop (metrics, eval,
+checkpoints, preemption, non-finite checks).
+"""
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from codeclm import checkpoint
+from codeclm import mfu
+from codeclm.data import loader
+from codeclm.data import prepare
+from codeclm.model import llama
+from codeclm.model import sharding
+from codeclm.tokenizer import ByteBPE
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def model_config(config, vocab_size: int) -> llama.LlamaConfig:
+  fields = {k: v for k, v in config.model.items() if k != "vocab_size"}
+  return llama.LlamaConfig(vocab_size=vocab_size, max_len=config.seq_len,
+                           **fields)
+
+
+def make_optimizer(tc) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (b2 0.95), global-norm clipping, linear warmup + cosine decay."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
+      decay_steps=max(tc.steps, tc.warmup_steps + 1),
+      end_value=tc.lr * tc.end_lr_ratio)
+  # No weight decay on norms (1-d parameters), as in Llama.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip),
+      optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                  weight_decay=tc.weight_decay, mask=decay_mask),
+  )
+  return tx, schedule
+
+
+def token_byte_lengths(tokenizer: ByteBPE) -> np.ndarray:
+  """Codec bytes per token id (0 for specials): turns nats into bits/byte."""
+  return np.array([len(tokenizer.decode([i])) for i in range(
+      tokenizer.vocab_size)], np.float32)
+
+
+def loss_terms(model, params, batch, use_segments: bool, z_loss: float,
+               token_bytes: jax.Array):
+  """Summed (not averaged) loss terms of one batch, so micro-batches add up."""
+  logits = model.apply(
+      {"params": params}, batch["inputs"], batch["positions"],
+      batch["segment_ids"] if use_segments else None)
+  logits = logits.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(
+      logits, batch["targets"][..., None], axis=-1)[..., 0]
+  mask = batch["loss_mask"].astype(jnp.float32)
+  nll = jnp.sum((logz - target_logit) * mask)
+  objective = nll + z_loss * jnp.sum(jnp.square(logz) * mask)
+  return objective, dict(nll=nll, tokens=jnp.sum(mask),
+                         bytes=jnp.sum(token_bytes[batch["targets"]] * mask))
+
+
+def summarize(sums) -> dict:
+  return dict(loss=sums["nll"] / sums["tokens"],
+              bits_per_byte=sums["nll"] / math.log(2) / sums["bytes"])
+
+
+def train_step(state: TrainState, batch, *, model, tx, schedule, config,
+               token_bytes):
+  """One optimizer step over `grad_accum` micro-batches (scanned)."""
+  tc = config.train
+  use_segments = config.data.packing == "pack"
+  grad_fn = jax.grad(
+      functools.partial(loss_terms, model, use_segments=use_segments,
+                        z_loss=tc.z_loss, token_bytes=token_bytes),
+      has_aux=True)
+
+  def micro_step(carry, micro_batch):
+    grads, sums = carry
+    g, aux = grad_fn(state.params, micro_batch)
+    return (jax.tree.map(jnp.add, grads, g),
+            jax.tree.map(jnp.add, sums, aux)), None
+
+  micro = jax.tree.map(
+      lambda x: x.reshape(tc.grad_accum, -1, *x.shape[1:]), batch)
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  sums0 = dict(nll=0.0, tokens=0.0, bytes=0.0)
+  (grads, sums), _ = jax.lax.scan(micro_step, (zeros, sums0), micro)
+  grads = jax.tree.map(lambda g: g / sums["tokens"], grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(summarize(sums), grad_norm=optax.global_norm(grads),
+                 learning_rate=schedule(state.step))
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(params, batch, *, model, config, token_bytes):
+  _, sums = loss_terms(model, params, batch,
+                       config.data.packing == "pack", 0.0, token_bytes)
+  return sums
+
+
+def global_batch(local: dict, data_sharding) -> dict:
+  """This process's rows -> one global jax.Array per field."""
+  return {k: jax.make_array_from_process_local_data(data_sharding, local[k])
+          for k in BATCH_KEYS}
+
+
+def check_config(config, mesh) -> None:
+  """Shapes the mesh cannot hold fail here, with what to change."""
+  tc = config.train
+  data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % (data_ways * tc.grad_accum):
+    raise ValueError(
+        f"config.batch_size={config.batch_size} must divide by data*fsdp "
+        f"mesh size ({data_ways}) times train.grad_accum ({tc.grad_accum}); "
+        "change --config.batch_size or --config.mesh.shape.")
+  if config.batch_size % jax.process_count():
+    raise ValueError(
+        f"config.batch_size={config.batch_size} must divide by the number of "
+        f"processes ({jax.process_count()}).")
+  m = config.model
+  if m.num_heads % mesh.shape["tensor"] or m.num_kv_heads % mesh.shape["tensor"]:
+    raise ValueError(
+        f"Heads ({m.num_heads}, kv {m.num_kv_heads}) must divide by the "
+        f"tensor mesh axis ({mesh.shape['tensor']}); change "
+        "--config.mesh.shape.")
+
+
+def ensure_data(config, data_dir: str) -> None:
+  """Prepares synthetic data on first use; other sources must be prepared."""
+  if os.path.exists(os.path.join(data_dir, "manifest.json")):
+    return
+  if config.data.source != "synthetic":
+    raise FileNotFoundError(
+        f"No prepared data in {data_dir} for source {config.data.source!r}. "
+        "Run --mode=prepare with the same config (or set --config.data.dir).")
+  logging.info("No data in %s: preparing the synthetic set.", data_dir)
+  prepare.run(config, data_dir)
+
+
+def data_dir_of(config, workdir: str) -> str:
+  return config.data.dir or os.path.join(workdir, "data")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything compiled for one config on one mesh (train, benchmarks)."""
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model: llama.Llama
+  abstract_state: TrainState
+  state_shardings: TrainState
+  data_sharding: jax.sharding.NamedSharding
+  init_fn: Any        # rng -> sharded TrainState
+  step_fn: Any        # (state, global batch) -> (state, metrics); donates state
+  eval_fn: Any        # (params, global batch) -> loss sums
+  flops_per_token: float
+
+  def context(self):
+    """The mesh and logical rules that tracing the model needs."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+
+def build(config, vocab_size: int, token_bytes: np.ndarray,
+          devices=None) -> Setup:
+  """Mesh, shapes by eval_shape, shardings, and the jitted functions."""
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  check_config(config, mesh)
+  model = llama.Llama(model_config(config, vocab_size))
+  tx, schedule = make_optimizer(config.train)
+  token_bytes = jnp.asarray(token_bytes)
+
+  def init_state(rng):
+    tokens = jnp.zeros((1, config.seq_len), jnp.int32)
+    params = model.init(rng, tokens)["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init_state, jax.random.key(0))
+    state_shardings = sharding.logical_shardings(boxed, mesh, rules)
+    data_sharding = jax.sharding.NamedSharding(
+        mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
+    batch_shardings = {k: data_sharding for k in BATCH_KEYS}
+    init_fn = jax.jit(lambda r: nn.meta.unbox(init_state(r)),
+                      out_shardings=state_shardings)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                          config=config, token_bytes=token_bytes),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,))
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model=model, config=config,
+                          token_bytes=token_bytes),
+        in_shardings=(state_shardings.params, batch_shardings))
+  abstract_state = nn.meta.unbox(boxed)
+  sharding.check_large_params_sharded(state_shardings.params, mesh,
+                                      shapes=abstract_state.params)
+  return Setup(mesh, rules, model, abstract_state, state_shardings,
+               data_sharding, init_fn, step_fn, eval_fn,
+               llama.flops_per_token(model.config, config.seq_len))
+
+
+def report(config, setup: Setup) -> None:
+  """The start-up facts a user checks before waiting for a compile."""
+  n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+  state_bytes = sum(x.size * x.dtype.itemsize
+                    for x in jax.tree.leaves(setup.abstract_state))
+  logging.info(
+      "Mesh %s over %d devices (%s), %d processes. Model %.2fM params, "
+      "%.3g FLOPs/token. Batch %d x %d = %d tokens/step (%d rows per "
+      "process, %d per device). Params+optimizer ~%.2f GiB per device.",
+      dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind,
+      jax.process_count(), n_params / 1e6, setup.flops_per_token,
+      config.batch_size, config.seq_len, config.batch_size * config.seq_len,
+      config.batch_size // jax.process_count(),
+      max(1, config.batch_size // setup.mesh.size),
+      state_bytes / setup.mesh.size / 2**30)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          devices=None) -> dict:
+  """Trains to config.train.steps (resuming if possible); returns last metrics.
+
+  `devices` defaults to all devices (tests pass a subset).
+  """
+  tc = config.train
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+
+  if tc.compilation_cache:  # Restarts and resumes skip the compile.
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(workdir, "jax_cache"))
+
+  # -- Data. -------------------------------------------------------------------
+  data_dir = data_dir_of(config, workdir)
+  ensure_data(config, data_dir)
+  tokenizer = ByteBPE.load(os.path.join(data_dir, "tokenizer.json"))
+  checkpoint.write_run_files(workdir, config, data_dir)
+  train_iter = iter(loader.train_dataset(config, data_dir, tokenizer))
+
+  # -- Mesh, model, shapes, shardings and jitted functions. --------------------
+  setup = build(config, tokenizer.vocab_size, token_byte_lengths(tokenizer),
+                devices)
+  report(config, setup)
+  mesh, data_sharding = setup.mesh, setup.data_sharding
+  tokens_per_step = config.batch_size * config.seq_len
+  rng = jax.random.key(config.seed)
+
+  # -- Initialise or resume. ---------------------------------------------------
+  ckpt = checkpoint.Checkpointer(workdir, tc)
+  start = ckpt.latest_step()
+  with setup.context():
+    if start is None:
+      state, start = setup.init_fn(rng), 0
+    else:
+      logging.info("Resuming from step %d.", start)
+      state = ckpt.restore(start, checkpoint.abstract_with_shardings(
+          setup.abstract_state, setup.state_shardings), train_iter)
+
+  # -- Loop. -------------------------------------------------------------------
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in config.to_dict().items()
+                          if isinstance(v, (int, float, str, bool))})
+  hooks = [periodic_actions.ReportProgress(num_train_steps=tc.steps,
+                                           writer=writer)]
+  if tc.profile and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
+                                          first_profile=start + 10))
+  preempted = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(1))
+  peak = mfu.peak_flops()
+  last, pending, t0, t_step = {}, None, time.perf_counter(), start
+
+  def check_finite(step, metrics):
+    if not np.isfinite(metrics["loss"]) or not np.isfinite(
+        metrics["grad_norm"]):
+      raise NonFiniteLossError(
+          f"Non-finite loss {metrics['loss']} / grad norm "
+          f"{metrics['grad_norm']} at step {step}; stopping. The last good "
+          f"checkpoint is step {ckpt.latest_step()}. Lower train.lr, raise "
+          "train.warmup_steps or enable train.z_loss.")
+
+  try:
+    for step in range(start + 1, tc.steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = global_batch(next(train_iter), data_sharding)
+        with setup.context():
+          state, metrics = setup.step_fn(state, batch)
+      if step == start + 1:
+        logging.info("First step compiled and ran in %.1fs.",
+                     time.perf_counter() - t0)
+      # Check the previous step while this one runs (no pipeline stall).
+      if pending is not None:
+        check_finite(*pending)
+      pending = (step, metrics)
+      for hook in hooks:
+        hook(step)
+
+      if step % tc.log_every == 0 or step == tc.steps:
+        last = jax.device_get(metrics)
+        check_finite(step, last)
+        dt = time.perf_counter() - t0
+        tokens_per_s = tokens_per_step * (step - t_step) / dt
+        last.update(tokens_per_s=tokens_per_s,
+                    step_time=dt / (step - t_step))
+        util = mfu.mfu(setup.flops_per_token, tokens_per_s, mesh.size, peak)
+        if util is not None:
+          last["mfu"] = util
+        writer.write_scalars(step, {k: float(v) for k, v in last.items()})
+        t0, t_step = time.perf_counter(), step
+
+      if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+        with setup.context():
+          scores = evaluate(config, data_dir, tokenizer, setup.eval_fn,
+                            state.params, data_sharding)
+        writer.write_scalars(step, {f"eval_{k}": v for k, v in scores.items()})
+        t0 = time.perf_counter()
+
+      stop = bool(preempted) or ckpt.reached_preemption(step)
+      if step % tc.ckpt_every == 0 or step == tc.steps or stop:
+        check_finite(step, jax.device_get(metrics))
+        ckpt.save(step, state, train_iter, force=True)
+      if stop:
+        logging.warning("Preempted at step %d: saved, exiting.", step)
+        break
+      if tc.fault_kill_at_step and step == tc.fault_kill_at_step:
+        ckpt.wait()
+        os.kill(os.getpid(), signal.SIGKILL)  # Tests: a hard crash.
+    if pending is not None:
+      check_finite(*pending)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    ckpt.close()  # Never exit before async saves finish.
+    writer.flush()
+  return last
+
+
+def evaluate(config, data_dir, tokenizer, eval_fn, params,
+             data_sharding) -> dict:
+  """Loss and bits per codec byte on the held-out split."""
+  totals = dict(nll=0.0, tokens=0.0, bytes=0.0)
+  for i, batch in enumerate(loader.eval_batches(config, data_dir, tokenizer)):
+    if config.train.eval_batches and i >= config.train.eval_batches:
+      break
+    sums = jax.device_get(eval_fn(params, global_batch(batch, data_sharding)))
+    totals = {k: totals[k] + float(sums[k]) for k in totals}
+  if not totals["tokens"]:
+    return {}
+  return {k: float(v) for k, v in summarize(totals).items()}

@@ -1,0 +1,44 @@
+r"""Jpeg-LM: a Llama-2 over canonical JPEG bytes (Han et al., 2024).
+
+The paper's setup (no arg): 7B, 256x256 images, Pillow JPEG at quality 25,
+4:2:0, tables stripped, a restart marker after every MCU; a 320-entry byte BPE;
+windows of 12,288 tokens; peak LR 3e-4.
+
+  # CPU demo: prepares the built-in synthetic images, trains, checkpoints.
+  python -m codeclm.main --config=configs/jpeg_lm.py:demo --workdir=/tmp/jpeg_demo
+
+  # ImageNet, 1B, on a pod slice (data prepared once with --mode=prepare).
+  python -m codeclm.main --config=configs/jpeg_lm.py:1b --workdir=gs://b/jpeg1b \
+      --config.data.source=tfds:imagenet2012 --config.mesh.shape='(1,-1,1)'
+
+Args: "demo", "100m", "1b", "7b" (default "7b").
+"""
+
+from codeclm import config_base
+
+
+def get_config(arg: str = ""):
+  size = arg or "7b"
+  c = config_base.lm_config(size)
+  c.codec = dict(name="jpeg", width=256, height=256, quality=25,
+                 subsampling="4:2:0")
+  c.data.vocab_size = 320
+  c.seq_len = 12_288
+  c.data.source = "tfds:imagenet2012"  # needs the manual download; see README
+
+  if size == "demo":
+    # 64x64 images (16 MCUs, ~450 tokens) so a 2-core CPU trains in minutes.
+    c.codec.width = c.codec.height = 64
+    c.data.source = "synthetic"
+    c.seq_len = 512
+    c.data.num_examples = 2_048
+    c.data.eval_examples = 64
+    c.data.examples_per_shard = 512
+    c.data.tokenizer_examples = 1_000
+    c.model.dtype = "float32"     # CPUs have no fast bf16
+    c.model.remat_policy = "none"
+    c.train.log_every = 10
+    c.train.eval_every = 50
+    c.train.eval_batches = 4
+    c.train.ckpt_every = 50
+  return c

@@ -1,0 +1,57 @@
+"""Every shipped config builds, and its model matches the size it names."""
+
+import importlib.util
+import os
+
+import pytest
+
+from codeclm import config_base
+from codeclm import train
+from codeclm.model import llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 322  # 320 BPE entries + BOS + EOS.
+
+
+def load_config(name: str, arg: str):
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("arg", ["", "demo", "100m", "1b", "7b"])
+def test_jpeg_configs_build(arg):
+  c = load_config("jpeg_lm", arg)
+  m = train.model_config(c, VOCAB)
+  assert m.max_len == c.seq_len
+  assert c.codec.name == "jpeg" and c.data.vocab_size == 320
+  assert c.batch_size % c.train.grad_accum == 0
+  assert c.train.warmup_steps < c.train.steps
+  tx, schedule = train.make_optimizer(c.train)
+  assert float(schedule(c.train.warmup_steps)) == pytest.approx(c.train.lr)
+  assert tx is not None
+
+
+def test_default_is_the_paper_setup():
+  c = load_config("jpeg_lm", "")
+  assert (c.codec.width, c.codec.height, c.codec.quality,
+          c.codec.subsampling) == (256, 256, 25, "4:2:0")
+  assert c.seq_len == 12_288 and c.train.lr == 3e-4
+  assert dict(c.model)["num_layers"] == 32 and c.model.emb_dim == 4096
+  assert c.model.mlp_dim == 11008 and c.model.norm_eps == 1e-5
+  assert c.model.rope_theta == 1e4 and not c.model.qk_norm
+  assert c.train.z_loss == 0.0 and c.data.packing == "concat"
+
+
+@pytest.mark.parametrize("size, low, high", [
+    ("demo", 0.5e6, 3e6), ("100m", 80e6, 130e6), ("1b", 0.9e9, 1.3e9)])
+def test_sizes_have_their_parameter_counts(size, low, high):
+  c = load_config("jpeg_lm", size)
+  assert low < llama.param_count(train.model_config(c, VOCAB)) < high
+
+
+def test_unknown_size_is_a_clear_error():
+  with pytest.raises(ValueError, match="Unknown size"):
+    config_base.lm_config("3b")
