@@ -33,6 +33,9 @@ setuptools.setup(
     extras_require={
         "dev": [
             "hypothesis",
+            "ipykernel",  # tests/test_notebook.py runs notebooks/ headless
+            "nbclient",
+            "nbformat",
             "pytest",
             "pytest-xdist",
             "scikit-image",  # real photographs for tests and benchmarks

@@ -1,0 +1,409 @@
+"""The KV-cache sampler against full recomputation; its masks; the command."""
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from codeclm import checkpoint
+from codeclm import codecs
+from codeclm import config_base
+from codeclm import sample
+from codeclm.model import llama
+from codeclm.model import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 300
+EOS, PAD = 299, 0
+GREEDY = sample.Settings(temperature=0.0, max_new_tokens=64)
+PROMPTS = [[1, 5, 9], [7] * 17, [3], list(range(2, 42))]  # lengths 3, 17, 1, 40
+
+
+@functools.lru_cache(maxsize=None)
+def model_and_params():
+  config = llama.LlamaConfig.from_size(
+      "tiny", vocab_size=VOCAB, max_len=256, dtype="float32",
+      remat_policy="none")
+  model = llama.Llama(config)
+  # Random weights from numpy: compiling model.init costs seconds on CPU.
+  shapes = nn.meta.unbox(jax.eval_shape(
+      model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda x: jnp.asarray(rng.normal(size=x.shape) / np.sqrt(
+          x.shape[0] if x.ndim > 1 else 1) + (x.ndim == 1), jnp.float32),
+      shapes)
+  return model, params
+
+
+@functools.lru_cache(maxsize=None)
+def sampler(eos=EOS):
+  return sample.Sampler(model_and_params()[0], eos_id=eos, pad_id=PAD,
+                        cache_dtype="float32")
+
+
+def run(prompts=PROMPTS, settings=GREEDY, eos=EOS, **kwargs):
+  _, params = model_and_params()
+  return sampler(eos)(params, prompts, settings, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def full_forward():
+  model, params = model_and_params()
+  return jax.jit(lambda t: model.apply({"params": params}, t))
+
+
+def recompute_greedy(prompts, new_tokens: int, eos: int = EOS):
+  """Greedy decoding by a full (cache-free) forward pass at every step."""
+  width, forward = 128, full_forward()  # One width: one compilation.
+  seqs = [list(p) for p in prompts]
+  done = [False] * len(prompts)
+  for _ in range(new_tokens):
+    batch = np.full((len(seqs), width), PAD, np.int32)
+    for i, s in enumerate(seqs):
+      batch[i, :len(s)] = s
+    logits = np.asarray(forward(jnp.asarray(batch)))
+    for i, s in enumerate(seqs):
+      if not done[i]:
+        s.append(int(np.argmax(logits[i, len(s) - 1])))
+        done[i] = s[-1] == eos
+  return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+# -- masks ---------------------------------------------------------------------
+
+
+def test_top_k_mask_on_known_logits():
+  logits = jnp.array([[1.0, 3.0, 2.0, 0.0, 2.5], [0.0, 0.0, 1.0, 0.0, -1.0]])
+  np.testing.assert_array_equal(
+      sample.top_k_mask(logits, 2),
+      [[0, 1, 0, 0, 1], [1, 0, 1, 0, 0]])  # A tie goes to the lower id.
+  np.testing.assert_array_equal(sample.top_k_mask(logits, 1),
+                                [[0, 1, 0, 0, 0], [0, 0, 1, 0, 0]])
+  assert sample.top_k_mask(logits, 0).all()
+  assert sample.top_k_mask(logits, 9).all()
+
+
+def test_top_p_mask_on_known_logits():
+  logits = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]]))
+  expect = {0.4: [0, 1, 0, 0], 0.7: [0, 1, 0, 1], 0.85: [1, 1, 0, 1],
+            0.99: [1, 1, 1, 1], 1.0: [1, 1, 1, 1]}
+  for p, keep in expect.items():
+    np.testing.assert_array_equal(sample.top_p_mask(logits, p)[0], keep,
+                                  err_msg=f"p={p}")
+
+
+def test_masks_match_hugging_face_warpers():
+  torch = pytest.importorskip("torch")
+  from transformers import generation  # pylint: disable=g-import-not-at-top
+  logits = np.random.default_rng(0).normal(size=(6, 50)).astype(np.float32)
+  for k in (1, 5, 40):
+    ref = generation.TopKLogitsWarper(k)(None, torch.tensor(logits))
+    np.testing.assert_array_equal(sample.top_k_mask(jnp.asarray(logits), k),
+                                  np.isfinite(ref.numpy()))
+  for p in (0.1, 0.5, 0.9):
+    ref = generation.TopPLogitsWarper(p)(None, torch.tensor(logits))
+    np.testing.assert_array_equal(sample.top_p_mask(jnp.asarray(logits), p),
+                                  np.isfinite(ref.numpy()))
+
+
+def test_settings_and_prompts_are_checked():
+  with pytest.raises(ValueError, match="top_p"):
+    sample.Settings(top_p=0.0)
+  with pytest.raises(ValueError, match="temperature"):
+    sample.Settings(temperature=-1.0)
+  with pytest.raises(ValueError, match="empty"):
+    run([[1], []])
+  with pytest.raises(ValueError, match="outside"):
+    run([[1, VOCAB]])
+  with pytest.raises(ValueError, match="max_len"):
+    run([[1] * 200], sample.Settings(max_new_tokens=100))
+
+
+# -- decoding ------------------------------------------------------------------
+
+
+def test_greedy_with_cache_equals_full_recomputation():
+  got = run()
+  want = recompute_greedy(PROMPTS, GREEDY.max_new_tokens)
+  for i, (g, w) in enumerate(zip(got, want)):
+    assert not g.ended and len(g.tokens) == 64, i
+    np.testing.assert_array_equal(g.tokens, w, err_msg=f"row {i}")
+  assert len({tuple(g.tokens) for g in got}) == len(got)  # Rows differ.
+
+
+def test_each_row_stops_at_its_eos():
+  free = run()
+  # EOS := a token row 0 first draws at step 10 (a real stop mid-batch).
+  eos = int(free[0].tokens[10])
+  assert eos not in free[0].tokens[:10]
+  got = run(eos=eos)
+  assert got[0].ended and len(got[0].tokens) == 10
+  for g, f in zip(got, free):
+    stop = np.flatnonzero(f.tokens == eos)
+    want = f.tokens[:stop[0]] if len(stop) else f.tokens
+    assert g.ended == bool(len(stop))
+    np.testing.assert_array_equal(g.tokens, want)
+  np.testing.assert_array_equal(
+      [g.tokens for g in got[:1]],
+      [recompute_greedy(PROMPTS[:1], 11, eos)[0][:-1]])
+
+
+def test_top_k_one_equals_greedy():
+  greedy = run()
+  for seed in (0, 1):
+    got = run(settings=sample.Settings(temperature=1.5, top_k=1,
+                                       max_new_tokens=64), seed=seed)
+    for g, w in zip(got, greedy):
+      np.testing.assert_array_equal(g.tokens, w.tokens)
+
+
+def test_seeded_and_independent_of_the_batch():
+  settings = sample.Settings(temperature=1.0, top_k=40, top_p=0.9,
+                             max_new_tokens=32)
+  a = run(settings=settings, seed=7)
+  b = run(settings=settings, seed=7)
+  c = run(settings=settings, seed=8)
+  # Row 3 in another batch, given its global id, draws what it drew before.
+  other = run([PROMPTS[1], PROMPTS[3], [4], [5, 6]], settings=settings, seed=7,
+              sample_ids=[10, 3, 11, 12])
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x.tokens, y.tokens)
+  assert any(not np.array_equal(x.tokens, y.tokens) for x, y in zip(a, c))
+  np.testing.assert_array_equal(other[1].tokens, a[3].tokens)
+  # The same prompt with another id draws other tokens.
+  assert not np.array_equal(other[0].tokens, a[1].tokens)
+
+
+def test_one_compilation_per_bucket():
+  _, params = model_and_params()
+  s = sampler()
+  assert s.shapes(3, 59, 60) == (4, 64, 128)
+  s(params, PROMPTS, GREEDY)  # Bucket (4, 64, 128): compiled by now.
+  before = s.num_compilations
+  for prompts, settings, seed in [
+      ([[4, 5]] * 3, sample.Settings(temperature=0.7, top_k=5,
+                                     max_new_tokens=70), 1),
+      ([list(range(1, 60)), [2], [3, 4]],
+       sample.Settings(top_p=0.5, max_new_tokens=60), 2),
+  ]:
+    s(params, prompts, settings, seed=seed)
+  # Another EOS and a re-created Sampler reuse the compiled loop too.
+  sample.Sampler(s.model, eos_id=7, pad_id=PAD, cache_dtype="float32")(
+      params, PROMPTS, GREEDY)
+  assert s.num_compilations == before
+  s(params, [[1] * 100], GREEDY)  # A longer prompt: the next bucket.
+  assert s.num_compilations == before + 1
+
+
+def test_constraint_even_ids_only():
+  even = np.arange(VOCAB) % 2 == 0  # Two identical states: shapes as below.
+  constraint = sample.Constraint.create(np.stack([even, even]),
+                                        np.zeros((2, VOCAB)))
+  settings = sample.Settings(temperature=1.0, max_new_tokens=48)
+  free = run(settings=settings, seed=3)
+  assert any((f.tokens % 2).any() for f in free)  # Odd ids do occur ...
+  for g in run(settings=settings, seed=3, constraint=constraint):
+    assert len(g.tokens) == 48 and not (g.tokens % 2).any()  # ... not here.
+
+
+def test_constraint_alternates_two_sets():
+  low = np.arange(VOCAB) < 100
+  allowed = np.stack([low, ~low])                  # state 0: low, 1: high
+  next_state = np.stack([np.ones(VOCAB), np.zeros(VOCAB)])
+  for start in (0, 1):
+    constraint = sample.Constraint.create(allowed, next_state, start)
+    for g in run(settings=sample.Settings(max_new_tokens=40), seed=5,
+                 constraint=constraint):
+      is_low = g.tokens < 100
+      np.testing.assert_array_equal(is_low[start::2], True)
+      np.testing.assert_array_equal(is_low[1 - start::2], False)
+  with pytest.raises(ValueError, match="allow no token"):
+    sample.Constraint.create(np.zeros((1, VOCAB)), np.zeros((1, VOCAB)))
+
+
+def test_sharded_over_a_mesh_matches_one_device():
+  model, params = model_and_params()
+  mesh = sharding.make_mesh((4, 1, 2))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    boxed = jax.eval_shape(model.init, jax.random.key(0),
+                           jnp.zeros((1, 8), jnp.int32))["params"]
+  shardings = sharding.logical_shardings(boxed, mesh)
+  sharded = jax.device_put(params, shardings)
+  s = sample.Sampler(model, eos_id=EOS, pad_id=PAD, mesh=mesh,
+                     cache_dtype="float32")
+  assert s.batch_multiple == 4
+  got = s(sharded, PROMPTS[:3], GREEDY)
+  for g, w in zip(got, run(PROMPTS[:3])):
+    np.testing.assert_array_equal(g.tokens, w.tokens)
+
+
+def test_bf16_cache_is_the_default_and_tracks_fp32():
+  model, params = model_and_params()
+  s = sample.Sampler(model, eos_id=EOS, pad_id=PAD)
+  assert s.cache_dtype == jnp.bfloat16
+  got = s(params, PROMPTS, GREEDY)
+  want = run()
+  agree = [np.mean(g.tokens[:16] == w.tokens[:16]) for g, w in zip(got, want)]
+  assert np.mean(agree) > 0.5, agree
+
+
+# -- a real workdir: the image command, TensorBoard grids, the CLI -------------
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_workdir() -> str:
+  """A real training workdir (tiny data, the trainer run for one step).
+
+  Shared by every test of the session that needs one (test_notebook.py too).
+  """
+  from codeclm import train  # pylint: disable=g-import-not-at-top
+  from tests import tiny_config  # pylint: disable=g-import-not-at-top
+  path = tempfile.mkdtemp(prefix="codeclm_sample_")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  c = tiny_config.get_config()
+  c.seq_len = 256
+  c.train.update(steps=1, ckpt_every=1, eval_every=0, async_checkpoints=False,
+                 compilation_cache=False)
+  train.train(c, path)
+  return path
+
+
+def photo_files(directory) -> list[str]:
+  """Two real photographs as PNG files."""
+  from skimage import data  # pylint: disable=g-import-not-at-top
+  paths = []
+  for name in ("astronaut", "coffee"):
+    paths.append(os.path.join(directory, f"{name}.png"))
+    Image.fromarray(getattr(data, name)()).save(paths[-1])
+  return paths
+
+
+def sample_config(**overrides) -> ml_collections.ConfigDict:
+  c = config_base.lm_config("demo").sample
+  # One device; min_bucket = seq_len: every call below is one bucket (one
+  # compilation, shared by the Samplers of the tests that follow).
+  c.update({**dict(num_samples=4, images="", ratios=(0.5,), completions=2,
+                   seed=0, max_new_tokens=48, mesh_shape=(1, 1, 1),
+                   min_bucket=256), **overrides})
+  return c
+
+
+@pytest.fixture(scope="module")
+def workdir():
+  return tiny_workdir()
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")
+def test_restore_params_matches_the_saved_state(workdir):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  loaded = sample.load(workdir, step=1, mesh_shape=(2, 2, 2))
+  assert loaded.step == 1
+  saved = ocp.PyTreeCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", "1", "state"))
+  flat = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
+  assert len(flat) == len(jax.tree.leaves(saved["params"]))
+  for path, leaf in flat:
+    want = functools.reduce(lambda t, k: t[k.key], path, saved["params"])
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want),
+                                  err_msg=jax.tree_util.keystr(path))
+  # restore_params given the workdir itself takes its latest step.
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=x.sharding), loaded.params)
+  latest = checkpoint.restore_params(workdir, abstract)
+  jax.tree.map(np.testing.assert_array_equal, latest, loaded.params)
+  head = loaded.params["head"]  # Laid out by the training rules.
+  assert head.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  with pytest.raises(FileNotFoundError, match=r"committed steps \[1\]"):
+    sample.load(workdir, step=99)
+
+
+def test_sample_command_writes_images_and_reports(workdir, tmp_path):
+  images = photo_files(tmp_path)
+  out = tmp_path / "out"
+  summary = sample.run(sample_config(images=",".join(images),
+                                     out_dir=str(out)), workdir)
+  loaded_codec = codecs.from_settings(json.load(open(
+      os.path.join(workdir, "manifest.json")))["codec"])
+  names = [f"sample_{i:04d}" for i in range(4)] + [
+      f"{n}_r50_{j}" for n in ("astronaut", "coffee") for j in (0, 1)]
+  assert sorted(summary["samples"]) == sorted(names)
+  for name in names:
+    info = json.load(open(out / f"{name}.json"))
+    assert info["report"]["expected"] == loaded_codec.num_mcus
+    assert info["report"] == summary["samples"][name]
+    with Image.open(out / f"{name}.jpg") as im:  # A standalone JPEG file.
+      assert im.format == "JPEG" and im.size == (32, 32)
+    png = np.asarray(Image.open(out / f"{name}.png"))
+    assert png.shape == (32, 32, 3)
+  # A completion keeps its prompt: the top MCU row is the original's.
+  full = loaded_codec.encode(images[0])
+  prompt_pixels = loaded_codec.decode(loaded_codec.prompt(full, 0.5))[0]
+  for j in (0, 1):
+    info = json.load(open(out / f"astronaut_r50_{j}.json"))
+    assert info["report"]["clean"] >= 2 and info["ratio"] == 0.5
+    png = np.asarray(Image.open(out / f"astronaut_r50_{j}.png"))
+    np.testing.assert_array_equal(png[:8], prompt_pixels[:8])
+  grid = np.asarray(Image.open(out / "astronaut_grid.png"))
+  assert grid.shape == (32, 4 * 32 + 3 * 2, 3)  # prompt | 2 samples | original
+  np.testing.assert_array_equal(
+      grid[:, -32:], np.asarray(Image.open(out / "astronaut_original.png")))
+  assert (out / "samples.png").exists()
+
+
+def test_tensorboard_sampler(workdir):
+  loaded = sample.load(workdir, mesh_shape=(1, 1, 1))
+  config = ml_collections.ConfigDict(json.load(open(
+      os.path.join(workdir, "config.json"))))
+  config.sample = sample_config(tb_every=5, tb_samples=3, tb_images=2,
+                                max_new_tokens=40)
+  tb = sample.TensorBoardSampler(
+      config, loaded.model, loaded.mesh, loaded.rules, loaded.tokenizer,
+      loaded.codec, os.path.join(workdir, "data"))
+  assert tb.due(10) and not tb.due(7)
+  images = tb(loaded.params)
+  assert images["samples/unconditional"].shape == (1, 32, 3 * 34 - 2, 3)
+  assert images["samples/completions"].shape == (1, 2 * 34 - 2, 4 * 34 - 2, 3)
+  assert images["samples/completions"].dtype == np.uint8
+  compiled = tb.sampler.num_compilations
+  again = tb(loaded.params)  # Fixed seed and prompts: the same grids, ...
+  np.testing.assert_array_equal(again["samples/completions"],
+                                images["samples/completions"])
+  assert tb.sampler.num_compilations == compiled  # ... and no new compile.
+
+
+def test_command_lines(workdir, tmp_path):
+  """`python -m codeclm.sample` and `codeclm.main --mode=sample`, at once."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  cmds = {
+      "cli": [sys.executable, "-m", "codeclm.sample", f"--workdir={workdir}",
+              "--sample.num_samples=1", "--sample.max_new_tokens=16",
+              "--sample.mesh_shape=(1,1,1)",
+              f"--sample.out_dir={tmp_path / 'cli'}"],
+      "main": [sys.executable, "-m", "codeclm.main",
+               f"--config={ROOT}/tests/tiny_config.py", f"--workdir={workdir}",
+               "--mode=sample", "--config.sample.num_samples=1",
+               "--config.sample.max_new_tokens=16",
+               "--config.sample.mesh_shape=(1,1,1)",
+               f"--config.sample.out_dir={tmp_path / 'main'}"],
+  }
+  procs = {k: subprocess.Popen(v, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+           for k, v in cmds.items()}
+  for name, proc in procs.items():
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    info = json.load(open(tmp_path / name / "sample_0000.json"))
+    assert info["new_tokens"] <= 16 and info["step"] == 1
