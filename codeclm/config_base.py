@@ -133,3 +133,10 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       tb_ratio=0.5,
   ))
   return c
+
+
+def model_config(config, vocab_size: int) -> llama.LlamaConfig:
+  """The model a config describes; the vocabulary comes from the tokenizer."""
+  fields = {k: v for k, v in config.model.items() if k != "vocab_size"}
+  return llama.LlamaConfig(vocab_size=vocab_size, max_len=config.seq_len,
+                           **fields)

@@ -55,6 +55,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from codeclm import config_base
 from codeclm.model import llama
 from codeclm.model import sharding
 
@@ -367,14 +368,6 @@ def _tuples(x):
   return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def model_config(config, vocab_size: int) -> llama.LlamaConfig:
-  """As train.model_config, without importing the trainer (and TensorFlow,
-  which its metric writers pull in): sampling runs in light environments."""
-  fields = {k: v for k, v in config.model.items() if k != "vocab_size"}
-  return llama.LlamaConfig(vocab_size=vocab_size, max_len=config.seq_len,
-                           **fields)
-
-
 @dataclasses.dataclass
 class Loaded:
   """A trained model ready to sample, with what decodes its output."""
@@ -424,7 +417,7 @@ def load(workdir: str, step: int | None = None,
   # A shape without -1 may use fewer devices than there are (e.g. (1, 1, 1)).
   devices = None if -1 in shape else jax.devices()[:math.prod(shape)]
   mesh = sharding.make_mesh(shape, devices)
-  model = llama.Llama(model_config(config, tokenizer.vocab_size))
+  model = llama.Llama(config_base.model_config(config, tokenizer.vocab_size))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(model.init, jax.random.key(0),
                            jnp.zeros((1, 1), jnp.int32))

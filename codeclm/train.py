@@ -26,7 +26,10 @@ import numpy as np
 import optax
 
 from codeclm import checkpoint
+from codeclm import codecs
+from codeclm import config_base
 from codeclm import mfu
+from codeclm import sample
 from codeclm.data import loader
 from codeclm.data import prepare
 from codeclm.model import llama
@@ -45,12 +48,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-def model_config(config, vocab_size: int) -> llama.LlamaConfig:
-  fields = {k: v for k, v in config.model.items() if k != "vocab_size"}
-  return llama.LlamaConfig(vocab_size=vocab_size, max_len=config.seq_len,
-                           **fields)
 
 
 def make_optimizer(tc) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -203,7 +200,7 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   check_config(config, mesh)
-  model = llama.Llama(model_config(config, vocab_size))
+  model = llama.Llama(config_base.model_config(config, vocab_size))
   tx, schedule = make_optimizer(config.train)
   token_bytes = jnp.asarray(token_bytes)
 
@@ -309,6 +306,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   preempted = []
   previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(1))
   peak = mfu.peak_flops()
+  tb_samples = None
+  if config.sample.tb_every:  # Every process joins: params are sharded.
+    tb_samples = sample.TensorBoardSampler(
+        config, setup.model, mesh, setup.rules, tokenizer,
+        codecs.from_config(config.codec), data_dir)
   last, pending, t0, t_step = {}, None, time.perf_counter(), start
 
   def check_finite(step, metrics):
@@ -354,6 +356,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           scores = evaluate(config, data_dir, tokenizer, setup.eval_fn,
                             state.params, data_sharding)
         writer.write_scalars(step, {f"eval_{k}": v for k, v in scores.items()})
+        t0 = time.perf_counter()
+
+      if tb_samples is not None and tb_samples.due(step):
+        writer.write_images(step, tb_samples(state.params))
         t0 = time.perf_counter()
 
       stop = bool(preempted) or ckpt.reached_preemption(step)

@@ -24,7 +24,7 @@ def load_config(name: str, arg: str):
 @pytest.mark.parametrize("arg", ["", "demo", "100m", "1b", "7b"])
 def test_jpeg_configs_build(arg):
   c = load_config("jpeg_lm", arg)
-  m = train.model_config(c, VOCAB)
+  m = config_base.model_config(c, VOCAB)
   assert m.max_len == c.seq_len
   assert c.codec.name == "jpeg" and c.data.vocab_size == 320
   assert c.batch_size % c.train.grad_accum == 0
@@ -49,7 +49,7 @@ def test_default_is_the_paper_setup():
     ("demo", 0.5e6, 3e6), ("100m", 80e6, 130e6), ("1b", 0.9e9, 1.3e9)])
 def test_sizes_have_their_parameter_counts(size, low, high):
   c = load_config("jpeg_lm", size)
-  assert low < llama.param_count(train.model_config(c, VOCAB)) < high
+  assert low < llama.param_count(config_base.model_config(c, VOCAB)) < high
 
 
 def test_unknown_size_is_a_clear_error():
