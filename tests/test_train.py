@@ -3,6 +3,7 @@
 import glob
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -17,11 +18,14 @@ from tests import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def read_scalars(workdir: str, tag: str) -> dict[int, float]:
-  """Scalars from the run's real TensorBoard event files."""
+def read_scalars(workdir: str, tag: str, last_run_only: bool = False
+                 ) -> dict[int, float]:
+  """Scalars from the run's real TensorBoard event files (one per process)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   out = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents*"))):
+  paths = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents*")),
+                 key=os.path.getmtime)
+  for path in paths[-1:] if last_run_only else paths:
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
         if value.tag == tag:
@@ -65,7 +69,7 @@ def test_loss_falls(data_dir, tmp_path):
 
 
 def fp32_run(data_dir, workdir, shape, devices=None, **train_overrides):
-  c = tiny(data_dir, steps=3, ckpt_every=100, **train_overrides)
+  c = tiny(data_dir, **{"steps": 3, "ckpt_every": 100, **train_overrides})
   c.model.dtype = "float32"
   c.mesh.shape = shape
   train.train(c, str(workdir), devices=devices)
@@ -97,6 +101,17 @@ def test_grad_accum_matches(data_dir, tmp_path, one_device_losses):
   np.testing.assert_allclose([got[s] for s in (1, 2, 3)],
                              [one_device_losses[s] for s in (1, 2, 3)],
                              rtol=2e-5)
+
+
+def test_checkpoint_restores_on_another_topology(data_dir, tmp_path,
+                                                 one_device_losses):
+  """Written on a (2,2,2) mesh, resumed on one device: same next-step loss."""
+  first = fp32_run(data_dir, tmp_path, (2, 2, 2), steps=2, ckpt_every=2)
+  assert sorted(first) == [1, 2]
+  fp32_run(data_dir, tmp_path, (1, 1, 1), jax.devices()[:1])
+  resumed = read_scalars(str(tmp_path), "loss", last_run_only=True)
+  assert sorted(resumed) == [3]  # It resumed at step 2, not from scratch.
+  np.testing.assert_allclose(resumed[3], one_device_losses[3], rtol=2e-5)
 
 
 def run_main(workdir, data_dir, *flags):
@@ -155,3 +170,26 @@ def test_bad_configs_fail_with_the_fix(data_dir, tmp_path, override, message):
     c.mesh.shape = override["mesh_shape"]
   with pytest.raises(ValueError, match=message):
     train.train(c, str(tmp_path))
+
+
+def test_sigterm_saves_then_exits(data_dir, tmp_path):
+  """Preemption: SIGTERM mid-run -> a checkpoint at the current step, exit 0."""
+  cmd = [sys.executable, "-m", "codeclm.main",
+         f"--config={ROOT}/tests/tiny_config.py", f"--workdir={tmp_path}",
+         f"--config.data.dir={data_dir}", "--config.train.steps=100000",
+         "--config.train.ckpt_every=100000"]
+  proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=ROOT),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  log = []
+  for line in proc.stderr:
+    log.append(line)
+    logged = re.search(r"\] \[(\d+)\] .*loss=", line)
+    if logged and int(logged.group(1)) >= 3 and proc.poll() is None:
+      proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0, "".join(log[-30:])
+  preempted = re.search(r"Preempted at step (\d+)", "".join(log))
+  assert preempted, "".join(log[-30:])
+  step = int(preempted.group(1))
+  assert 3 <= step < 100000
+  assert os.listdir(tmp_path / "checkpoints") == [str(step)]

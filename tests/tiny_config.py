@@ -24,4 +24,5 @@ def get_config(arg: str = ""):
   c.data.prepare_workers = 1
   c.train.update(steps=4, warmup_steps=2, lr=1e-3, log_every=1, eval_every=0,
                  ckpt_every=2, async_checkpoints=True)
+  c.sample.tb_every = 0
   return c
