@@ -8,6 +8,7 @@ reads is defined here, so a typo in a command-line override fails loudly.
 import ml_collections
 
 from codeclm.model import llama
+from codeclm.model import sharding
 
 # Per size: model dims come from llama.SIZES; these are the training shapes.
 # Batch is global (all hosts); tokens per step = batch_size * seq_len.
@@ -87,19 +88,9 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1),           # (data, fsdp, tensor); -1 = the rest
-      # Logical axis -> mesh axes. Parameters shard over fsdp (ZeRO-3) and
-      # tensor; the batch over data and fsdp.
-      rules=(
-          ("batch", ("data", "fsdp")),
-          ("embed", "fsdp"),
-          ("heads", "tensor"),
-          ("kv_heads", "tensor"),
-          ("mlp", "tensor"),
-          ("vocab", "tensor"),
-          ("length", None),
-          ("head_dim", None),
-          ("layers", None),
-      ),
+      # Logical axis -> mesh axes (the table in codeclm/model/sharding.py):
+      # parameters over fsdp (ZeRO-3) and tensor, the batch over data+fsdp.
+      rules=sharding.DEFAULT_RULES,
   ))
 
   c.distributed = ml_collections.ConfigDict(dict(

@@ -111,16 +111,6 @@ class ToExample(grain.transforms.Map):
     )
 
 
-def _process(process_index, process_count) -> tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else (
-        process_index)
-    process_count = jax.process_count() if process_count is None else (
-        process_count)
-  return process_index, process_count
-
-
 def local_batch_size(config, process_count: int) -> int:
   if config.batch_size % process_count:
     raise DataError(
@@ -167,7 +157,8 @@ def train_dataset(config, data_dir: str, tokenizer, *,
   Each process reads every process_count-th record, so together the
   processes see each example exactly once per epoch.
   """
-  process_index, process_count = _process(process_index, process_count)
+  process_index, process_count = prepare.resolve_process(
+      process_index, process_count)
   batch = local_batch_size(config, process_count)
   records = _records(data_dir, "train")
   if len(records) < process_count:
@@ -197,7 +188,8 @@ def eval_batches(config, data_dir: str, tokenizer, *,
   does not depend on the process count. The tail is padded with windows
   whose loss_mask is 0.
   """
-  process_index, process_count = _process(process_index, process_count)
+  process_index, process_count = prepare.resolve_process(
+      process_index, process_count)
   batch = local_batch_size(config, process_count)
   ds = _records(data_dir, "eval").map(Tokenize(tokenizer)).to_iter_dataset(
       READ_OPTIONS)

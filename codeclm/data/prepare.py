@@ -108,7 +108,8 @@ def plan_shards(num_examples: int, eval_examples: int,
   return shards
 
 
-def _process(process_index, process_count) -> tuple[int, int]:
+def resolve_process(process_index, process_count) -> tuple[int, int]:
+  """(index, count) of this process: the arguments, else JAX's (lazily)."""
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else (
@@ -130,7 +131,7 @@ def run(config, out_dir: str, *, process_index: int | None = None,
   is not the last to finish returns a partial summary ({"complete": False,
   ...}) instead of waiting for its peers.
   """
-  process_index, process_count = _process(process_index, process_count)
+  process_index, process_count = resolve_process(process_index, process_count)
   data = config.data
   if data.examples_per_shard <= 0:
     raise DataError(f"config.data.examples_per_shard="
