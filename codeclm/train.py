@@ -312,6 +312,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         config, setup.model, mesh, setup.rules, tokenizer,
         codecs.from_config(config.codec), data_dir)
   last, pending, t0, t_step = {}, None, time.perf_counter(), start
+  paused = 0.0  # Seconds of eval and sampling since t0: not step time.
 
   def check_finite(step, metrics):
     if not np.isfinite(metrics["loss"]) or not np.isfinite(
@@ -341,7 +342,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if step % tc.log_every == 0 or step == tc.steps:
         last = jax.device_get(metrics)
         check_finite(step, last)
-        dt = time.perf_counter() - t0
+        dt = time.perf_counter() - t0 - paused
         tokens_per_s = tokens_per_step * (step - t_step) / dt
         last.update(tokens_per_s=tokens_per_s,
                     step_time=dt / (step - t_step))
@@ -349,18 +350,17 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if util is not None:
           last["mfu"] = util
         writer.write_scalars(step, {k: float(v) for k, v in last.items()})
-        t0, t_step = time.perf_counter(), step
+        t0, t_step, paused = time.perf_counter(), step, 0.0
 
+      t_aside = time.perf_counter()
       if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
         with setup.context():
           scores = evaluate(config, data_dir, tokenizer, setup.eval_fn,
                             state.params, data_sharding)
         writer.write_scalars(step, {f"eval_{k}": v for k, v in scores.items()})
-        t0 = time.perf_counter()
-
       if tb_samples is not None and tb_samples.due(step):
         writer.write_images(step, tb_samples(state.params))
-        t0 = time.perf_counter()
+      paused += time.perf_counter() - t_aside
 
       stop = bool(preempted) or ckpt.reached_preemption(step)
       if step % tc.ckpt_every == 0 or step == tc.steps or stop:
