@@ -142,18 +142,28 @@ def export_params(path: str, params: Any) -> None:
   ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(params))
 
 
+def committed_step_dir(workdir: str, step: int | None = None
+                       ) -> tuple[str, int]:
+  """(directory, step) of a workdir's committed checkpoint: `step` or latest."""
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps = ocp.utils.checkpoint_steps(ckpt_dir) if os.path.isdir(
+      ckpt_dir) else []
+  if step is None and not steps:
+    raise FileNotFoundError(
+        f"No committed checkpoint in {ckpt_dir}; train first "
+        "(--mode=train) or pass a step directory.")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"No checkpoint {ckpt_dir}/{step}; pick one of "
+                            f"the committed steps {sorted(steps)}.")
+  logging.info("Restoring from %s step %d.", ckpt_dir, step)
+  return os.path.join(ckpt_dir, str(step)), step
+
+
 def _resolve_step_dir(path: str) -> str:
   path = os.path.abspath(path)
-  ckpt_dir = os.path.join(path, "checkpoints")
-  if os.path.isdir(ckpt_dir):
-    steps = ocp.utils.checkpoint_steps(ckpt_dir)
-    if not steps:
-      raise FileNotFoundError(
-          f"No committed checkpoint in {ckpt_dir}; train first "
-          "(--mode=train) or pass a step directory.")
-    step = max(steps)
-    logging.info("Restoring parameters from %s step %d.", ckpt_dir, step)
-    return os.path.join(ckpt_dir, str(step))
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return committed_step_dir(path)[0]
   if not os.path.isdir(path):
     raise FileNotFoundError(f"Checkpoint {path} does not exist.")
   return path

@@ -391,7 +391,6 @@ def load(workdir: str, step: int | None = None,
   """
   from codeclm import checkpoint  # pylint: disable=g-import-not-at-top
   from codeclm import codecs  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from codeclm.tokenizer import ByteBPE  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   for name in checkpoint.RUN_FILES:
@@ -424,18 +423,8 @@ def load(workdir: str, step: int | None = None,
   shardings = sharding.logical_shardings(boxed["params"], mesh, rules)
   abstract = checkpoint.abstract_with_shardings(
       nn.meta.unbox(boxed["params"]), shardings)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = ocp.utils.checkpoint_steps(ckpt_dir) if os.path.isdir(
-      ckpt_dir) else []
-  if step is None and not steps:
-    raise FileNotFoundError(f"No committed checkpoint in {ckpt_dir}; train "
-                            "first (--mode=train).")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"No checkpoint {ckpt_dir}/{step}; pick one of "
-                            f"the committed steps {sorted(steps)}.")
-  params = checkpoint.restore_params(os.path.join(ckpt_dir, str(step)),
-                                     abstract)
+  step_dir, step = checkpoint.committed_step_dir(workdir, step)
+  params = checkpoint.restore_params(step_dir, abstract)
   return Loaded(config, model, params, tokenizer, codec, mesh, rules, step)
 
 

@@ -36,9 +36,6 @@ from codeclm.model import llama
 from codeclm.model import sharding
 from codeclm.tokenizer import ByteBPE
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
-
 class NonFiniteLossError(RuntimeError):
   pass
 
@@ -132,7 +129,7 @@ def eval_step(params, batch, *, model, config, token_bytes):
 def global_batch(local: dict, data_sharding) -> dict:
   """This process's rows -> one global jax.Array per field."""
   return {k: jax.make_array_from_process_local_data(data_sharding, local[k])
-          for k in BATCH_KEYS}
+          for k in loader.BATCH_KEYS}
 
 
 def check_config(config, mesh) -> None:
@@ -214,7 +211,7 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
     state_shardings = sharding.logical_shardings(boxed, mesh, rules)
     data_sharding = jax.sharding.NamedSharding(
         mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
-    batch_shardings = {k: data_sharding for k in BATCH_KEYS}
+    batch_shardings = {k: data_sharding for k in loader.BATCH_KEYS}
     init_fn = jax.jit(lambda r: nn.meta.unbox(init_state(r)),
                       out_shardings=state_shardings)
     step_fn = jax.jit(
