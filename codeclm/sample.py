@@ -493,8 +493,13 @@ def draw(sampler: Sampler, params, tokenizer, codec,
 
 
 def _grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> np.ndarray:
-  """Images laid out in rows (all the same size), white gaps between."""
+  """Images laid out in rows (all the same size), white gaps between.
+
+  Wide images (a video's frame strip) go one per row instead, in order.
+  """
   h, w = rows[0][0].shape[:2]
+  if w > 2 * h:
+    rows = [[image] for row in rows for image in row]
   cols = max(len(r) for r in rows)
   out = np.full((len(rows) * (h + gap) - gap, cols * (w + gap) - gap, 3), 255,
                 np.uint8)
@@ -534,34 +539,33 @@ def completion_requests(codec, images, ratios: Sequence[float],
 
 def completion_grid(codec, results: Sequence[Result],
                     original: bytes) -> np.ndarray:
-  """One row per ratio: prompt | completions | original."""
+  """One row per ratio: prompt | completions | original (codec previews)."""
   by_ratio: dict[float, list[Result]] = {}
   for r in results:
     by_ratio.setdefault(r.request.ratio, []).append(r)
-  picture = codec.decode(original)[0]
+  picture = _preview(codec, original)
   rows = []
   for _, group in sorted(by_ratio.items()):
-    prompt = codec.decode(group[0].request.prompt)[0]
-    rows.append([prompt] + [r.pixels for r in group] + [picture])
+    rows.append([_preview(codec, group[0].request.prompt)]
+                + [codec.preview(r.pixels) for r in group] + [picture])
   return _grid(rows)
 
 
+def _preview(codec, data: bytes) -> np.ndarray:
+  return codec.preview(codec.decode(data)[0])
+
+
 def _write(out_dir: str, result: Result, codec, info: dict) -> None:
-  """<name>.jpg (the bytes re-wrapped with the header), .png and .json."""
+  """The codec's files for <name> (e.g. .jpg and .png) and <name>.json."""
   name = os.path.join(out_dir, result.request.name)
-  try:  # The model's own bytes as a file; a repaired one if not a JPEG start.
-    jpg = codec.wrap(result.data)
-  except ValueError:
-    jpg = codec.repair(result.data)[0]
-  with open(name + ".jpg", "wb") as f:
-    f.write(jpg)
-  Image.fromarray(result.pixels).save(name + ".png")
+  files = codec.save(name, result.data)
   with open(name + ".json", "w") as f:
     json.dump(dict(info, name=result.request.name, image=result.request.image,
                    source=result.request.source, ratio=result.request.ratio,
                    prompt_tokens=result.sample.prompt_len,
                    new_tokens=len(result.sample.tokens),
                    ended_with_eos=result.sample.ended, bytes=len(result.data),
+                   files=[os.path.basename(x) for x in files],
                    report=result.report.to_dict()), f, indent=1)
 
 
@@ -593,7 +597,7 @@ def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       for r in results:
         _write(out_dir, r, codec, info)
       cols = math.ceil(math.sqrt(len(results)))
-      pics = [r.pixels for r in results]
+      pics = [codec.preview(r.pixels) for r in results]
       Image.fromarray(_grid([pics[i:i + cols] for i in range(
           0, len(pics), cols)])).save(os.path.join(out_dir, "samples.png"))
     summary.update({r.request.name: r.report.to_dict() for r in results})
@@ -609,8 +613,7 @@ def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       if write:
         for r in mine:
           _write(out_dir, r, codec, info)
-        Image.fromarray(codec.decode(original)[0]).save(
-            os.path.join(out_dir, f"{name}_original.png"))
+        codec.save(os.path.join(out_dir, f"{name}_original"), original)
         Image.fromarray(completion_grid(codec, mine, original)).save(
             os.path.join(out_dir, f"{name}_grid.png"))
       summary.update({r.request.name: r.report.to_dict() for r in mine})
@@ -671,7 +674,8 @@ class TensorBoardSampler:
     out = {}
     if n:
       results = draw_([Request(f"s{i}") for i in range(n)], self.settings)
-      out["samples/unconditional"] = _grid([[r.pixels for r in results]])
+      out["samples/unconditional"] = _grid(
+          [[self.codec.preview(r.pixels) for r in results]])
     if self.originals:
       per = self.cfg.completions
       prompts = [self.codec.prompt(o, self.cfg.tb_ratio)
@@ -679,9 +683,10 @@ class TensorBoardSampler:
       requests = [Request(f"e{i}_{j}", prompt, self.cfg.tb_ratio)
                   for i, prompt in enumerate(prompts) for j in range(per)]
       results = draw_(requests, self.settings, first_id=n)
-      rows = [[self.codec.decode(prompt)[0]]
-              + [r.pixels for r in results[i * per:(i + 1) * per]]
-              + [self.codec.decode(original)[0]]
+      rows = [[_preview(self.codec, prompt)]
+              + [self.codec.preview(r.pixels)
+                 for r in results[i * per:(i + 1) * per]]
+              + [_preview(self.codec, original)]
               for i, (prompt, original) in enumerate(zip(prompts,
                                                          self.originals))]
       out["samples/completions"] = _grid(rows)

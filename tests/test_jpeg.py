@@ -138,6 +138,21 @@ def test_wrap_needs_soi():
     C64.wrap(b"\x00\x01junk")
 
 
+def test_save_writes_a_real_jpeg_and_its_decode(tmp_path):
+  data = C64.encode(photo("coffee", 64, 64))
+  paths = C64.save(str(tmp_path / "a"), data)
+  assert paths == [str(tmp_path / "a.jpg"), str(tmp_path / "a.png")]
+  with open(paths[0], "rb") as f:
+    assert f.read() == C64.wrap(data)
+  np.testing.assert_array_equal(np.asarray(Image.open(paths[1])),
+                                C64.decode(data)[0])
+  # Model garbage still gives a decodable file: the repaired rebuild.
+  paths = C64.save(str(tmp_path / "b"), b"\x00garbage")
+  with open(paths[0], "rb") as f:
+    assert pillow_decode(f.read()).shape == (64, 64, 3)
+  assert C64.preview(C64.decode(data)[0]).shape == (64, 64, 3)
+
+
 def test_geometry_and_settings():
   assert jpeg.JpegCodec().num_mcus == 256
   assert jpeg.JpegCodec(64, 32, subsampling="4:2:2").num_mcus == 16

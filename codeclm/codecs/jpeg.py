@@ -183,6 +183,28 @@ class JpegCodec:
           "decode() or repair() for model output.")
     return _SOI + self.header()[2:-2] + bytes(data[2:])
 
+  # -- files -------------------------------------------------------------------
+
+  def preview(self, pixels: np.ndarray) -> np.ndarray:
+    """The one picture grids and TensorBoard show for decoded `pixels`."""
+    return pixels
+
+  def save(self, stem: str, data: bytes) -> list[str]:
+    """Writes `stem.jpg` (the bytes as a file) and `stem.png` (as decoded).
+
+    The .jpg is `data` with the header re-inserted, or its repaired rebuild
+    when `data` does not start like a JPEG stream. Never raises for model
+    output. Returns the paths written.
+    """
+    try:
+      jpg = self.wrap(data)
+    except CodecError:
+      jpg = self.repair(data)[0]
+    with open(stem + ".jpg", "wb") as f:
+      f.write(jpg)
+    Image.fromarray(self.decode(data)[0]).save(stem + ".png")
+    return [stem + ".jpg", stem + ".png"]
+
   # -- model output ------------------------------------------------------------
 
   def repair(self, data: bytes) -> tuple[bytes, DecodeReport]:
