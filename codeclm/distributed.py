@@ -18,6 +18,12 @@ def initialize(cfg) -> None:
     return
   if jax.distributed.is_initialized():
     return
+  logging.info(
+      "Joining the cluster (coordinator %s, %s processes, this one %s); a "
+      "host that does not arrive within config.distributed.timeout_s=%ss "
+      "makes every process abort with DEADLINE_EXCEEDED.",
+      cfg.coordinator_address or "auto", cfg.num_processes or "auto",
+      "auto" if cfg.process_id < 0 else cfg.process_id, cfg.timeout_s)
   jax.distributed.initialize(
       coordinator_address=cfg.coordinator_address or None,
       num_processes=cfg.num_processes or None,
