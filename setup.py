@@ -42,6 +42,9 @@ setuptools.setup(
             "scipy",
         ],
         "video": ["av"],
-        "hf": [TORCH, "transformers"],
+        # pytorch-fid (which needs torchvision) is FID's reference in tests
+        # and the converter of its Inception weights: codeclm.convert_inception.
+        "hf": [TORCH, "transformers", "torchvision==0.28.0",
+               "pytorch-fid==0.3.0"],
     },
 )
