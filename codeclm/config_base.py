@@ -37,6 +37,7 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       source="synthetic",         # synthetic | folder:PATH | tfds:NAME[:SPLIT]
       dir="",                     # prepared shards; "" = <workdir>/data
       tfds_data_dir=None,
+      tfds_fps=None,              # videos: TFDS frames' rate; None = known table
       num_examples=None,          # cap on source examples (synthetic: how many)
       eval_examples=1_000,        # held out, deterministic
       labels_from_folders=False,
@@ -122,6 +123,28 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       tb_samples=4,               # unconditional samples in the TB grid
       tb_images=2,                # held-out images completed in the TB grid
       tb_ratio=0.5,
+  ))
+
+  # FID evaluation (codeclm/evaluate.py): --mode=eval. Sampler settings
+  # (temperature, top_k, top_p, max_new_tokens, cache_dtype) come from
+  # config.sample.
+  c.eval = ml_collections.ConfigDict(dict(
+      step=0,                     # checkpoint step; 0 = the latest
+      mesh_shape=(),              # () = the training mesh.shape
+      out_dir="",                 # "" = <workdir>/eval/step_<step>
+      source="",                  # "" = data.source (tfds: its validation split)
+      num_examples=5_000,         # reference images (paper: ImageNet 5,000)
+      ratios=(0.25, 0.5, 0.75),   # prompt = this fraction of the MCU rows
+      unconditional=True,         # also num_examples samples from [BOS]
+      seeds=(0, 1, 2),            # FID mean and std over these
+      inception_weights="",       # converted .npz (codeclm/inception.py)
+      batch_size=8,               # sampler rows per call
+      feature_batch=50,           # Inception batch (CPU: 4-8 is faster)
+      fid_method="sqrtm",         # pytorch-fid's; "low_rank": fast below 2048
+      downscale=False,            # half-size images in a black canvas
+      process_index=-1,           # -1 = jax.process_index()
+      process_count=0,            # 0 = jax.process_count()
+      merge=True,                 # merge when every slice is present
   ))
   return c
 

@@ -20,10 +20,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints, metrics and run files go here.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["prepare", "train", "sample"],
+    "mode", "train", ["prepare", "train", "sample", "eval"],
     "prepare: encode the source into byte shards and train the BPE; "
     "train: train (preparing built-in synthetic data if absent); "
-    "sample: images from the workdir's checkpoint (see config.sample).")
+    "sample: images from the workdir's checkpoint (see config.sample); "
+    "eval: this process's slice of the FID evaluation (see config.eval).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,6 +48,9 @@ def main(argv):
   elif _MODE.value == "sample":
     from codeclm import sample  # pylint: disable=g-import-not-at-top
     sample.run(config.sample, workdir)
+  elif _MODE.value == "eval":
+    from codeclm import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.run(config, workdir)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ windows of 12,288 tokens; peak LR 3e-4.
   python -m codeclm.main --config=configs/jpeg_lm.py:1b --workdir=gs://b/jpeg1b \
       --config.data.source=tfds:imagenet2012 --config.mesh.shape='(1,-1,1)'
 
+  # FID (paper protocol: 5,000 ImageNet validation images, ratios
+  # 0.25/0.5/0.75 and unconditional, 3 seeds); see codeclm/evaluate.py.
+  python -m codeclm.main --config=configs/jpeg_lm.py:1b --workdir=gs://b/jpeg1b \
+      --config.data.source=tfds:imagenet2012 --mode=eval \
+      --config.eval.inception_weights=fid_inception.npz
+
 Args: "demo", "100m", "1b", "7b" (default "7b").
 """
 
@@ -41,4 +47,9 @@ def get_config(arg: str = ""):
     c.train.eval_every = 50
     c.train.eval_batches = 4
     c.train.ckpt_every = 50
+    # FID over the 64 held-out synthetic pictures, 2 seeds.
+    c.eval.num_examples = 64
+    c.eval.seeds = (0, 1)
+    c.eval.fid_method = "low_rank"  # exact; a 2048^2 sqrtm is slow on CPU
+    c.eval.feature_batch = 8
   return c

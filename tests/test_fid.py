@@ -306,3 +306,16 @@ def test_feature_extractor_is_independent_of_batch_size(params):
       inception.random_params(seed=1))
   with pytest.raises(ValueError, match="RGB"):
     extractor(images[..., :1])
+
+
+def test_low_rank_fid_equals_the_sqrtm_fid():
+  rng = np.random.default_rng(1)
+  a = rng.normal(size=(40, 32))
+  b = rng.normal(0.3, 1.5, size=(50, 32))
+  # Full rank (N > D): both are exact.
+  assert fid.fid(a, b, "low_rank") == pytest.approx(fid.fid(a, b), rel=1e-9)
+  # Fewer samples than dimensions: sqrtm (with its eps) agrees loosely.
+  a, b = a[:20].repeat(2, axis=1), b[:25].repeat(2, axis=1)
+  assert fid.fid(a, b, "low_rank") == pytest.approx(fid.fid(a, b), rel=1e-3)
+  with pytest.raises(ValueError, match="low_rank"):
+    fid.fid(a, b, "exact")

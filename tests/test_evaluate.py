@@ -1,0 +1,214 @@
+"""The sharded FID job: slices, merge, resume, the reproducibility record.
+
+A real tiny checkpoint (tests/test_sample.py's workdir), random Inception
+weights, 16 synthetic references, 2 ratios + unconditional, 2 seeds.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from codeclm import evaluate
+from codeclm import fid
+from codeclm import inception
+from codeclm.data import sources
+from codeclm.data.sources import DataError
+from tests import test_sample
+from tests import tiny_config
+
+N, SEEDS, RATIOS = 16, (0, 1), (0.25, 0.5)
+
+
+@pytest.fixture(scope="module")
+def workdir():
+  return test_sample.tiny_workdir()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("inception") / "random.npz")
+  inception.save_params(inception.random_params(0), path)
+  return path
+
+
+def eval_config(weights, out_dir, **overrides):
+  c = tiny_config.get_config()
+  # One device; min_bucket = the workdir's seq_len: one compiled bucket.
+  c.sample.update(temperature=1.0, top_k=40, top_p=0.9, max_new_tokens=48,
+                  cache_dtype="float32", min_bucket=256)
+  c.eval.update({**dict(
+      source="synthetic", num_examples=N, ratios=RATIOS, unconditional=True,
+      seeds=SEEDS, inception_weights=weights, batch_size=8, feature_batch=8,
+      mesh_shape=(1, 1, 1), out_dir=str(out_dir), process_index=0,
+      process_count=1, fid_method="low_rank"), **overrides})
+  return c
+
+
+@pytest.fixture(scope="module")
+def two_shards(workdir, weights, tmp_path_factory):
+  """Process 0 then 1 of 2; the second finds both slices and merges."""
+  out = tmp_path_factory.mktemp("two_shards")
+  first = evaluate.run(eval_config(weights, out, process_index=0,
+                                   process_count=2), workdir)
+  merged = evaluate.run(eval_config(weights, out, process_index=1,
+                                    process_count=2), workdir)
+  return out, first, merged
+
+
+def test_two_shards_merge_into_complete_results(two_shards, workdir):
+  out, first, merged = two_shards
+  assert first is None  # Slice 1 was missing then.
+  results = json.load(open(out / "results.json"))
+  assert results == json.loads(json.dumps(merged))
+  assert evaluate.merge(str(out), "low_rank") == results  # Deterministic.
+  assert sorted(results["metrics"]) == ["r25", "r50", "uncond"]
+  for name, m in results["metrics"].items():
+    assert sorted(m["fid"]) == ["0", "1"], name
+    values = list(m["fid"].values())
+    assert all(np.isfinite(v) and v > 0 for v in values), (name, values)
+    assert m["fid_mean"] == pytest.approx(np.mean(values))
+    assert m["fid_std"] == pytest.approx(np.std(values))
+    assert 0 <= m["clean_fraction"] <= 1 and 0 <= m["eos_fraction"] <= 1
+    assert m["num_images"] == N and 0 < m["new_tokens_mean"] <= 48
+  # The 1-step model writes bytes that decode as grey: completions keep
+  # their prompt's clean MCU row (2 of 4), unconditional samples none.
+  assert results["metrics"]["r25"]["clean_fraction"] >= 0.5
+  # Each (seed, ratio) draws its own samples, even where two ratios cut the
+  # same prompt (32x32 has 2 MCU rows: both cut one).
+  sha = slice_arrays(out)["sample_sha256"]
+  assert len({d.tobytes() for d in sha.reshape(-1, 32)}) == sha.size // 32
+
+  record = results["record"]
+  assert record["inception_sha256"] == inception.params_hash(
+      inception.random_params(0))
+  assert record["checkpoint_step"] == results["step"] == 1
+  assert record["processes"] == [2] and record["seeds"] == list(SEEDS)
+  assert record["fid_method"] == "low_rank"
+  # The reference hash, recomputed from the synthetic pictures themselves.
+  digests = b"".join(hashlib.sha256(sources.synthetic_image(i, 32, 32)
+                                    .tobytes()).digest() for i in range(N))
+  assert record["reference"] == dict(
+      source="synthetic", split=f"first {N} items", num_examples=N,
+      images_sha256=hashlib.sha256(digests).hexdigest(),
+      images_sha256_of=record["reference"]["images_sha256_of"])
+  assert record["images"]["downscale"] is False
+  assert "299" in record["images"]["fid_input"]
+  assert record["sampler"]["top_k"] == 40 and record["codec"]["width"] == 32
+  for p, span in ((0, [0, 8]), (1, [8, 16])):
+    info = json.load(open(out / "slices" / f"slice_{p:05d}_of_00002.json"))
+    assert info["indices"] == list(range(*span))
+    assert sorted(info["slots"]) == ["r25", "r50", "uncond"]
+  events = os.listdir(os.path.join(workdir, "eval"))
+  assert any(e.startswith("events.out.tfevents") for e in events)
+
+
+def slice_arrays(out_dir):
+  """The slices' per-sample arrays, concatenated in index order."""
+  parts = []
+  for name in sorted(os.listdir(out_dir / "slices")):
+    if name.endswith(".npz"):
+      with np.load(out_dir / "slices" / name) as npz:
+        parts.append({k: npz[k] for k in ("indices", "generated",
+                                          "sample_sha256")})
+  order = np.argsort(np.concatenate([p["indices"] for p in parts]))
+  return {k: np.concatenate([p[k] for p in parts], 2)[:, :, order]
+          for k in ("generated", "sample_sha256")}
+
+
+def test_one_shard_with_another_batch_size_gives_the_same_numbers(
+    two_shards, workdir, weights, tmp_path):
+  """1 shard, batch 4, seed 1 and ratio 0.5 alone: the sampler ids depend
+  only on (ratio, index), so these are the very samples of the full run."""
+  out2, _, full = two_shards
+  one = evaluate.run(eval_config(weights, tmp_path, seeds=(1,),
+                                 ratios=(0.5,), batch_size=4), workdir)
+  assert one["record"]["processes"] == [1]
+  for name in ("r50", "uncond"):
+    assert one["metrics"][name]["fid"]["1"] == pytest.approx(
+        full["metrics"][name]["fid"]["1"], rel=1e-6), name
+  got, want = slice_arrays(tmp_path), slice_arrays(out2)
+  # Full run slots: r25, r50, uncond; this run's: r50, uncond.
+  np.testing.assert_array_equal(got["sample_sha256"][0],
+                                want["sample_sha256"][1, 1:])
+  np.testing.assert_allclose(got["generated"][0], want["generated"][1, 1:],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_skips_finished_slices(two_shards, workdir, weights):
+  out, _, results = two_shards
+  files = sorted((out / "slices").iterdir())
+  before = {f: f.stat().st_mtime_ns for f in files}
+  for p in (0, 1):
+    again = evaluate.run(eval_config(weights, out, process_index=p,
+                                     process_count=2), workdir)
+  assert {f: f.stat().st_mtime_ns for f in files} == before
+  assert again == results
+  with pytest.raises(DataError, match=r"different settings \(\['sampler'\]\)"):
+    changed = eval_config(weights, out, process_index=0, process_count=2)
+    changed.sample.top_k = 80
+    evaluate.run(changed, workdir)
+
+
+def test_merge_names_missing_and_duplicated_indices(two_shards, tmp_path):
+  out, _, _ = two_shards
+  shutil.copytree(out / "slices", tmp_path / "slices")
+  one = tmp_path / "slices" / "slice_00001_of_00002"
+  info = json.load(open(f"{one}.json"))
+  os.rename(f"{one}.json", f"{one}.json.bak")
+  with pytest.raises(DataError, match=r"8 missing indices \[8, 9, 10, 11, 12, "
+                     r"13, 14, 15\] \(absent slices: \['slice_00001_of_00002'"):
+    evaluate.merge(str(tmp_path))
+  info["indices"][0] = 3  # Claims index 3 (slice 0's) instead of 8.
+  json.dump(info, open(f"{one}.json", "w"))
+  with pytest.raises(DataError) as error:
+    evaluate.merge(str(tmp_path))
+  message = str(error.value)
+  assert "1 missing indices [8]" in message
+  assert "1 duplicated indices [3]" in message
+  assert "'slice_00000_of_00002', 'slice_00001_of_00002'" in message
+
+
+def test_missing_inception_weights_name_the_url(workdir, tmp_path):
+  for weights in ("", str(tmp_path / "absent.npz")):
+    with pytest.raises(FileNotFoundError) as error:
+      evaluate.run(eval_config(weights, tmp_path), workdir)
+    assert inception.WEIGHTS_URL in str(error.value)
+    assert "convert_inception" in str(error.value)
+
+
+def test_downscale_canvas_and_the_area_fid_sees():
+  rng = np.random.default_rng(0)
+  small = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+  full = small.repeat(2, axis=0).repeat(2, axis=1)  # 2x2 blocks: exact.
+  want = np.zeros((8, 12, 3), np.uint8)
+  want[:4, :6] = small
+  canvas = evaluate.to_canvas(full)
+  np.testing.assert_array_equal(canvas, want)
+  np.testing.assert_array_equal(evaluate.fid_view(canvas, True), small)
+  # A sample's pixels outside the active area never reach FID.
+  noisy = canvas.copy()
+  noisy[4:] = rng.integers(0, 256, noisy[4:].shape, dtype=np.uint8)
+  noisy[:, 6:] = 255
+  np.testing.assert_array_equal(evaluate.fid_view(noisy, True), small)
+  np.testing.assert_array_equal(evaluate.fid_view(noisy, False), noisy)
+  # The prompt ratio is of the active rows: half of the canvas's.
+  assert evaluate.prompt_ratio(0.5, True) == 0.25
+  with pytest.raises(ValueError, match="even"):
+    evaluate.to_canvas(np.zeros((5, 4, 3), np.uint8))
+
+
+def test_sample_ids_are_global_and_distinct():
+  slots = evaluate.slots_of((0.375, 0.4375, 0.5), True)
+  assert [s.name for s in slots] == ["r37.5", "r43.75", "r50", "uncond"]
+  ids = np.concatenate([evaluate.sample_ids(s, range(5000)) for s in slots])
+  assert len(set(ids.tolist())) == len(ids)
+  np.testing.assert_array_equal(evaluate.sample_ids(slots[2], [7]),
+                                [5000 * evaluate._ID_STRIDE + 7])
+  assert [evaluate.slice_bounds(10, p, 3) for p in range(3)] == [
+      (0, 3), (3, 6), (6, 10)]
+  with pytest.raises(ValueError, match="multiple of 0.0001"):
+    evaluate.slots_of((0.12345,), False)
