@@ -37,7 +37,7 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       source="synthetic",         # synthetic | folder:PATH | tfds:NAME[:SPLIT]
       dir="",                     # prepared shards; "" = <workdir>/data
       tfds_data_dir=None,
-      tfds_fps=None,              # videos: TFDS frames' rate; None = known table
+      tfds_fps=None,              # video frame rate; None = sources' table
       num_examples=None,          # cap on source examples (synthetic: how many)
       eval_examples=1_000,        # held out, deterministic
       labels_from_folders=False,

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from codeclm import codecs
 from codeclm import config_base
 from codeclm import train
 from codeclm.model import llama
@@ -55,3 +56,30 @@ def test_sizes_have_their_parameter_counts(size, low, high):
 def test_unknown_size_is_a_clear_error():
   with pytest.raises(ValueError, match="Unknown size"):
     config_base.lm_config("3b")
+
+
+@pytest.mark.parametrize("arg", ["", "demo", "100m", "1b", "7b"])
+def test_avc_configs_build(arg):
+  c = load_config("avc_lm", arg)
+  m = config_base.model_config(c, 1_026)  # 1024 BPE entries + BOS + EOS.
+  assert m.max_len == c.seq_len
+  codec = codecs.from_config(c.codec)  # The codec accepts every field.
+  assert codec.name == "avc" and c.data.vocab_size == 1_024
+  assert c.batch_size % c.train.grad_accum == 0
+  assert c.train.warmup_steps < c.train.steps
+  assert c.sample.ratios == (2 / 3,)  # Prompt 10 frames, generate 5.
+  assert round(codec.frames * c.sample.ratios[0]) == 10
+
+
+def test_avc_default_is_the_paper_setup():
+  c = load_config("avc_lm", "")
+  codec = codecs.from_config(c.codec)
+  assert (codec.width, codec.height, codec.fps, codec.frames, codec.qp) == (
+      256, 144, 3.0, 15, 37)
+  assert (codec.profile, codec.bframes, codec.slice_max_mbs, codec.refs,
+          codec.partitions, codec.me, codec.threads) == (
+              "baseline", 0, 1, 3, "none", "dia", 1)
+  assert c.seq_len == 32_768 and c.train.lr == 3e-4
+  assert c.data.tokenizer_examples == 10_000
+  assert c.model.emb_dim == 4096 and dict(c.model)["num_layers"] == 32
+  assert c.data.source.startswith("tfds:ucf101")

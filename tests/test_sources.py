@@ -259,7 +259,7 @@ def test_tfds_mock_data_both_access_paths():
     for random_access in (True, False):
       s = sources.TfdsSource("cifar10", "train", "/nonexistent",
                              random_access=random_access)
-      assert len(s) == 6 and s.image_key == "image"
+      assert len(s) == 6 and s.feature_key == "image"
       items = [s[i] for i in range(6)]
       for item in items:
         assert Image.open(io.BytesIO(item.data)).size == (32, 32)

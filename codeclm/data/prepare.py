@@ -249,7 +249,9 @@ def _encode_one(source, codec, index: int) -> _Result:
   try:
     item = source[index]
     key, label = item.key, item.label
-    return _Result(index, key, label, codec.encode(item.data))
+    payload = (codec.encode(item.data) if item.fps is None else
+               codec.encode(item.data, fps=item.fps))
+    return _Result(index, key, label, payload)
   # Readers and decoders raise a zoo of types (CodecError, OSError,
   # SyntaxError, ValueError, DecompressionBombError, EOFError, ...): a bad
   # input must never end a long job, so any error skips the input.
