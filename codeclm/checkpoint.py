@@ -5,6 +5,13 @@ state and each process's data-iterator position), plus `config.json`,
 `tokenizer.json` and `manifest.json` (codec settings and the stripped header).
 Restores go against abstract targets built from the *current* mesh, so a
 checkpoint written on one topology loads on another.
+
+Orbax on local disk treats any digit-named directory as a finished step, so a
+step left damaged (commit marker or metadata gone, arrays truncated, emptied)
+would be "the latest" and break every resume. Resume and sampling therefore
+walk the steps newest first and take the newest one that is complete and
+restores, warning about each one skipped; resume moves the skipped ones to
+`damaged_checkpoints/` so that Orbax can write those steps again.
 """
 
 import json
@@ -15,10 +22,20 @@ from typing import Any
 from absl import logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 RUN_FILES = ("config.json", "tokenizer.json", "manifest.json")
+DAMAGED = "damaged_checkpoints"  # Workdir folder for steps resume skipped.
+# Orbax writes these last, just before the rename that finalises a step.
+_COMMIT_FILES = ("commit_success.txt", "_CHECKPOINT_METADATA")
+_TMP_MARK = ".orbax-checkpoint-tmp"  # In the names of unfinished saves.
+_ITEMS = ("state", "data")
+
+
+class RestoreError(RuntimeError):
+  """No checkpoint step restores (or the one asked for does not)."""
 
 
 class _IteratorSnapshot:
@@ -63,6 +80,66 @@ class Checkpointer:
         ),
         force=force,
     )
+
+  def restore_latest(self, abstract_state, iterator):
+    """(state, step) of the newest step that restores; (None, None) if none.
+
+    Incomplete steps and steps whose restore raises are skipped with a
+    warning. Once an older step has restored, the skipped ones are moved to
+    `<workdir>/damaged_checkpoints/` (Orbax would otherwise still count them
+    and refuse to save those steps again); incomplete ones are moved in any
+    case. If steps are complete but none restores, that is a config that does
+    not fit the checkpoints rather than damage: RestoreError, nothing moved.
+    """
+    _warn_tmp_dirs(self.directory)
+    incomplete, unrestorable = [], []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      path = os.path.join(self.directory, str(step))
+      reason = incomplete_reason(path, _ITEMS)
+      if reason:
+        logging.warning("Skipping checkpoint %s: %s.", path, reason)
+        incomplete.append(path)
+        continue
+      try:
+        state = self.restore(step, abstract_state, iterator)
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax and TensorStore raise many types for damaged files.
+        reason = _describe(e)
+        logging.warning("Skipping checkpoint %s: it does not restore (%s).",
+                        path, reason)
+        unrestorable.append((path, reason))
+        continue
+      self._set_aside(incomplete + [p for p, _ in unrestorable])
+      _check_same_step_everywhere(step)
+      return state, step
+    self._set_aside(incomplete)
+    if unrestorable:
+      raise RestoreError(
+          f"No checkpoint in {self.directory} restores onto this config:\n"
+          + "\n".join(f"  {p}: {r}" for p, r in unrestorable) + "\nIf the "
+          "config changed (model size, optimizer), use a new --workdir or the "
+          "config the checkpoints were written with; if the files are damaged, "
+          "move those steps out of the checkpoints folder.")
+    return None, None
+
+  def _set_aside(self, paths: list[str]) -> None:
+    """Moves step directories to damaged_checkpoints/ (process 0 does it)."""
+    if not paths:
+      return
+    if jax.process_index() == 0:
+      root = os.path.join(os.path.dirname(self.directory), DAMAGED)
+      os.makedirs(root, exist_ok=True)
+      for path in paths:
+        dest, n = os.path.join(root, os.path.basename(path)), 0
+        while os.path.exists(dest):
+          n += 1
+          dest = os.path.join(root, f"{os.path.basename(path)}.{n}")
+        os.rename(path, dest)
+        logging.warning("Moved %s to %s; delete it once inspected.", path,
+                        dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("codeclm_set_aside_checkpoints")
+    self.manager.reload()
 
   def restore(self, step: int, abstract_state, iterator):
     """Restores the state onto `abstract_state`'s shardings; moves `iterator`."""
@@ -109,12 +186,16 @@ def write_run_files(workdir: str, config, data_dir: str) -> None:
 def restore_params(path: str, abstract_params: Any) -> Any:
   """Parameters only (no optimizer state is allocated).
 
-  `path` is a workdir (its latest step), a step directory of a training
-  checkpoint, or an exported params-only checkpoint directory.
+  `path` is a workdir (its newest step that restores), a step directory of a
+  training checkpoint, or an exported params-only checkpoint directory.
   """
-  step_dir = _resolve_step_dir(path)
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return restore_workdir_params(path, abstract_params)[0]
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"Checkpoint {path} does not exist.")
   ckptr = ocp.PyTreeCheckpointer()
-  state_dir = os.path.join(step_dir, "state")
+  state_dir = os.path.join(path, "state")
   if os.path.isdir(state_dir):  # A training checkpoint: {step, params, opt}.
     target = {"params": abstract_params}
     restored = ckptr.restore(
@@ -127,7 +208,7 @@ def restore_params(path: str, abstract_params: Any) -> Any:
     )
     return restored["params"]
   return ckptr.restore(
-      step_dir,
+      path,
       args=ocp.args.PyTreeRestore(
           item=abstract_params,
           restore_args=ocp.checkpoint_utils.construct_restore_args(
@@ -136,34 +217,133 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   )
 
 
+def restore_workdir_params(workdir: str, abstract_params: Any,
+                           step: int | None = None) -> tuple[Any, int]:
+  """(params, step) of a workdir's newest step that restores, or of `step`.
+
+  Skipped steps are only warned about, never moved: a trainer may be writing
+  the workdir while this reads it.
+  """
+  if step is not None:
+    path, step = committed_step_dir(workdir, step)
+    try:
+      return restore_params(path, abstract_params), step
+    except Exception as e:  # pylint: disable=broad-except
+      raise RestoreError(
+          f"Checkpoint step {step} at {path} does not restore "
+          f"({_describe(e)}); pick another of the committed steps "
+          f"{committed_steps(workdir)}.") from e
+  failures = []
+  for step in _complete_steps(_checkpoints_dir(workdir), ("state",),
+                              warn=True):
+    path = os.path.join(_checkpoints_dir(workdir), str(step))
+    try:
+      params = restore_params(path, abstract_params)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("Skipping checkpoint %s: it does not restore (%s).",
+                      path, _describe(e))
+      failures.append(f"  {path}: {_describe(e)}")
+      continue
+    logging.info("Restored params from %s.", path)
+    return params, step
+  if failures:
+    raise RestoreError(f"No checkpoint in {workdir} restores:\n"
+                       + "\n".join(failures))
+  raise FileNotFoundError(
+      f"No committed checkpoint in {_checkpoints_dir(workdir)}; train first "
+      "(--mode=train) or pass a step directory.")
+
+
 def export_params(path: str, params: Any) -> None:
   """Writes a params-only checkpoint (for sampling and evaluation)."""
   ckptr = ocp.PyTreeCheckpointer()
   ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(params))
 
 
+def committed_steps(workdir: str) -> list[int]:
+  """A workdir's complete checkpoint steps, ascending (no restore tried)."""
+  return sorted(_complete_steps(_checkpoints_dir(workdir), _ITEMS,
+                                warn=False))
+
+
 def committed_step_dir(workdir: str, step: int | None = None
                        ) -> tuple[str, int]:
-  """(directory, step) of a workdir's committed checkpoint: `step` or latest."""
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  steps = ocp.utils.checkpoint_steps(ckpt_dir) if os.path.isdir(
-      ckpt_dir) else []
-  if step is None and not steps:
-    raise FileNotFoundError(
-        f"No committed checkpoint in {ckpt_dir}; train first "
-        "(--mode=train) or pass a step directory.")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"No checkpoint {ckpt_dir}/{step}; pick one of "
-                            f"the committed steps {sorted(steps)}.")
+  """(directory, step) of a workdir's newest complete checkpoint, or `step`.
+
+  Incomplete steps and unfinished saves are skipped with a warning.
+  """
+  ckpt_dir = _checkpoints_dir(workdir)
+  if step is None:
+    steps = _complete_steps(ckpt_dir, ("state",), warn=True)
+    if not steps:
+      raise FileNotFoundError(
+          f"No committed checkpoint in {ckpt_dir}; train first "
+          "(--mode=train) or pass a step directory.")
+    step = steps[0]
+  else:
+    path = os.path.join(ckpt_dir, str(step))
+    reason = (incomplete_reason(path, ("state",)) if os.path.isdir(path)
+              else "it does not exist")
+    if reason:
+      raise FileNotFoundError(
+          f"No usable checkpoint step {step} at {path} ({reason}); pick "
+          f"one of the committed steps {committed_steps(workdir)}.")
   logging.info("Restoring from %s step %d.", ckpt_dir, step)
   return os.path.join(ckpt_dir, str(step)), step
 
 
-def _resolve_step_dir(path: str) -> str:
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return committed_step_dir(path)[0]
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-  return path
+def incomplete_reason(step_dir: str, items=_ITEMS) -> str | None:
+  """Why a final-named step directory is not a whole checkpoint, or None."""
+  for name in _COMMIT_FILES:
+    if not os.path.isfile(os.path.join(step_dir, name)):
+      return f"{name} is missing (the save did not finish)"
+  for item in items:
+    if not os.path.isdir(os.path.join(step_dir, item)):
+      return f"its {item}/ item is missing"
+  return None
+
+
+def _checkpoints_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _complete_steps(ckpt_dir: str, items, warn: bool) -> list[int]:
+  """Steps Orbax lists that are complete, newest first."""
+  if not os.path.isdir(ckpt_dir):
+    return []
+  if warn:
+    _warn_tmp_dirs(ckpt_dir)
+  steps = []
+  for step in sorted(ocp.utils.checkpoint_steps(ckpt_dir), reverse=True):
+    path = os.path.join(ckpt_dir, str(step))
+    reason = incomplete_reason(path, items)
+    if reason is None:
+      steps.append(step)
+    elif warn:
+      logging.warning("Skipping checkpoint %s: %s.", path, reason)
+  return steps
+
+
+def _warn_tmp_dirs(ckpt_dir: str) -> None:
+  if not os.path.isdir(ckpt_dir):
+    return
+  for name in sorted(os.listdir(ckpt_dir)):
+    if _TMP_MARK in name:
+      logging.warning(
+          "Ignoring %s: an unfinished Orbax save (interrupted while writing), "
+          "not a checkpoint; it can be deleted.", os.path.join(ckpt_dir, name))
+
+
+def _describe(error: Exception) -> str:
+  """An exception's type and first line, short enough for one log line."""
+  lines = str(error).strip().splitlines()
+  first = lines[0] if lines else ""
+  return f"{type(error).__name__}: {first[:300]}"
+
+
+def _check_same_step_everywhere(step: int) -> None:
+  """Processes that restored different steps would train apart silently."""
+  if jax.process_count() > 1:
+    multihost_utils.assert_equal(
+        step, f"Processes restored different checkpoint steps (this one: "
+        f"{step}); check that all hosts see the same checkpoint files.")

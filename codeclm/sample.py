@@ -404,6 +404,8 @@ def load(workdir: str, step: int | None = None,
     manifest = json.load(f)
   tokenizer = ByteBPE.load(os.path.join(workdir, "tokenizer.json"))
   codec = codecs.from_settings(manifest["codec"])
+  codecs.warn_on_version_differences(manifest["codec"], codec,
+                                     os.path.join(workdir, "manifest.json"))
   stored = manifest.get("header_b64")  # Codecs that strip headers store one.
   if stored and base64.b64decode(stored) != codec.header():
     logging.warning(
@@ -423,8 +425,7 @@ def load(workdir: str, step: int | None = None,
   shardings = sharding.logical_shardings(boxed["params"], mesh, rules)
   abstract = checkpoint.abstract_with_shardings(
       nn.meta.unbox(boxed["params"]), shardings)
-  step_dir, step = checkpoint.committed_step_dir(workdir, step)
-  params = checkpoint.restore_params(step_dir, abstract)
+  params, step = checkpoint.restore_workdir_params(workdir, abstract, step)
   return Loaded(config, model, params, tokenizer, codec, mesh, rules, step)
 
 

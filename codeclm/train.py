@@ -280,14 +280,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   # -- Initialise or resume. ---------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, tc)
-  start = ckpt.latest_step()
-  with setup.context():
-    if start is None:
+  with setup.context():  # The newest step that restores; damaged ones skipped.
+    state, start = ckpt.restore_latest(checkpoint.abstract_with_shardings(
+        setup.abstract_state, setup.state_shardings), train_iter)
+    if state is None:
       state, start = setup.init_fn(rng), 0
     else:
       logging.info("Resuming from step %d.", start)
-      state = ckpt.restore(start, checkpoint.abstract_with_shardings(
-          setup.abstract_state, setup.state_shardings), train_iter)
 
   # -- Loop. -------------------------------------------------------------------
   writer = metric_writers.create_default_writer(

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from codeclm import codecs
 from codeclm.data import prepare
 from codeclm.data.sources import DataError
 
@@ -161,6 +162,9 @@ def train_dataset(config, data_dir: str, tokenizer, *,
       process_index, process_count)
   batch = local_batch_size(config, process_count)
   records = _records(data_dir, "train")
+  stored = prepare.load_manifest(data_dir)["codec"]  # Once per training run.
+  codecs.warn_on_version_differences(
+      stored, codecs.from_settings(stored), f"{data_dir}/{prepare.MANIFEST}")
   if len(records) < process_count:
     raise DataError(f"{len(records)} training records cannot be shared by "
                     f"{process_count} processes; prepare more examples.")

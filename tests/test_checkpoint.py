@@ -1,0 +1,242 @@
+"""Resume and sampling skip half-written or damaged checkpoints.
+
+Real Orbax checkpoints of a real tiny training run (one device, float32, a
+checkpoint every step) are damaged the ways a crash or a full disk leaves them;
+the trainer must resume from the newest step that restores, say which
+directories it skipped and why, and then match a straight run exactly.
+"""
+
+import glob
+import json
+import logging
+import os
+import shutil
+
+import jax
+import pytest
+
+from codeclm import checkpoint
+from codeclm import sample
+from codeclm import train
+from codeclm.codecs import jpeg
+from codeclm.data import loader
+from codeclm.data import prepare
+from codeclm.tokenizer import ByteBPE
+from tests import tiny_config
+
+STEPS = 5
+# A restore that fails on damaged files leaves Orbax's pending reads
+# un-awaited; Python reports them when collected. Expected here.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def tiny(data_dir, **train_overrides):
+  c = tiny_config.get_config()
+  c.data.dir = data_dir
+  c.model.dtype = "float32"
+  c.mesh.shape = (1, 1, 1)
+  c.train.update(steps=STEPS, ckpt_every=1, keep_last=10)
+  c.train.update(train_overrides)
+  return c
+
+
+def run(config, workdir) -> dict:
+  return train.train(config, str(workdir), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("data"))
+  prepare.run(tiny_config.get_config(), path, progress=False)
+  return path
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+  """A straight run: a committed checkpoint at every step, the final loss."""
+  workdir = tmp_path_factory.mktemp("straight")
+  last = run(tiny(data_dir), workdir)
+  assert sorted(os.listdir(workdir / "checkpoints")) == [
+      str(s) for s in range(1, STEPS + 1)]
+  return workdir, float(last["loss"])
+
+
+@pytest.fixture
+def workdir(straight, tmp_path):
+  path = tmp_path / "work"
+  shutil.copytree(straight[0], path)
+  return path
+
+
+# -- The ways a step directory is left damaged. --------------------------------
+
+
+def drop_commit_marker(step_dir):
+  os.remove(os.path.join(step_dir, "commit_success.txt"))
+
+
+def drop_step_metadata(step_dir):
+  os.remove(os.path.join(step_dir, "_CHECKPOINT_METADATA"))
+
+
+def truncate_arrays(step_dir):
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"),
+                    recursive=True)
+  assert files
+  for path in files:
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def empty(step_dir):
+  shutil.rmtree(step_dir)
+  os.makedirs(step_dir)
+
+
+def drop_iterator_state(step_dir):
+  for path in glob.glob(os.path.join(step_dir, "data", "process_*.json")):
+    os.remove(path)
+
+
+def drop_state_metadata(step_dir):
+  os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+DAMAGES = [drop_commit_marker, drop_step_metadata, truncate_arrays, empty,
+           drop_iterator_state, drop_state_metadata]
+
+
+def step_dir(workdir, step) -> str:
+  return os.path.join(str(workdir), "checkpoints", str(step))
+
+
+def warnings_of(caplog) -> str:
+  return "\n".join(r.getMessage() for r in caplog.records
+                   if r.levelno >= logging.WARNING)
+
+
+def infos_of(caplog) -> str:
+  return "\n".join(r.getMessage() for r in caplog.records)
+
+
+# -- Training resumes from the newest step that restores. ----------------------
+
+
+def test_resume_skips_damaged_steps_and_matches_straight_run(
+    data_dir, straight, workdir, caplog):
+  truncate_arrays(step_dir(workdir, 5))
+  drop_commit_marker(step_dir(workdir, 4))
+  drop_step_metadata(step_dir(workdir, 4))
+  with caplog.at_level(logging.INFO):
+    last = run(tiny(data_dir), workdir)
+  assert "Resuming from step 3." in infos_of(caplog)
+  warned = warnings_of(caplog)
+  assert step_dir(workdir, 5) in warned and step_dir(workdir, 4) in warned
+  assert "commit_success.txt" in warned  # Why step 4 was skipped.
+  assert float(last["loss"]) == straight[1]
+  # Steps 4 and 5 were saved again; the damaged ones were moved aside.
+  assert checkpoint.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
+  assert sorted(os.listdir(workdir / checkpoint.DAMAGED)) == ["4", "5"]
+
+
+def test_resume_ignores_and_logs_a_leftover_tmp_dir(data_dir, straight,
+                                                    workdir, caplog):
+  # A crash during the save of step 5 leaves Orbax's tmp dir, no step 5.
+  tmp = step_dir(workdir, 5) + ".orbax-checkpoint-tmp-1700000000000000"
+  os.rename(step_dir(workdir, 5), tmp)
+  drop_commit_marker(tmp)
+  empty(step_dir(workdir, 4))
+  with caplog.at_level(logging.INFO):
+    last = run(tiny(data_dir), workdir)
+  assert "Resuming from step 3." in infos_of(caplog)
+  warned = warnings_of(caplog)
+  assert tmp in warned and step_dir(workdir, 4) in warned
+  assert float(last["loss"]) == straight[1]
+  assert checkpoint.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
+
+
+# -- Each kind of damage, at the Checkpointer (no training). -------------------
+
+
+def restore_target(config, data_dir):
+  tokenizer = ByteBPE.load(os.path.join(data_dir, "tokenizer.json"))
+  setup = train.build(config, tokenizer.vocab_size,
+                      train.token_byte_lengths(tokenizer), jax.devices()[:1])
+  abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
+                                                setup.state_shardings)
+  iterator = iter(loader.train_dataset(config, data_dir, tokenizer))
+  return setup, abstract, iterator
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=lambda f: f.__name__)
+def test_checkpointer_restores_the_newest_good_step(data_dir, workdir, damage,
+                                                    caplog):
+  damage(step_dir(workdir, 5))
+  config = tiny(data_dir)
+  setup, abstract, iterator = restore_target(config, data_dir)
+  ckpt = checkpoint.Checkpointer(str(workdir), config.train)
+  try:
+    with setup.context(), caplog.at_level(logging.WARNING):
+      state, step = ckpt.restore_latest(abstract, iterator)
+  finally:
+    ckpt.close()
+  assert step == 4 and int(state.step) == 4
+  assert step_dir(workdir, 5) in warnings_of(caplog)
+  assert ckpt.latest_step() == 4
+
+
+def test_no_restorable_step_raises_and_moves_nothing(data_dir, workdir):
+  """A config that no step fits (wider model) is an error, not a restart."""
+  config = tiny(data_dir)
+  config.model.emb_dim *= 2
+  setup, abstract, iterator = restore_target(config, data_dir)
+  ckpt = checkpoint.Checkpointer(str(workdir), config.train)
+  try:
+    with setup.context(), pytest.raises(
+        checkpoint.RestoreError, match=r"checkpoints/5.*\n.*checkpoints/4"):
+      ckpt.restore_latest(abstract, iterator)
+  finally:
+    ckpt.close()
+  assert checkpoint.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
+  assert not os.path.exists(workdir / checkpoint.DAMAGED)
+
+
+def test_no_checkpoint_starts_fresh(data_dir, tmp_path):
+  config = tiny(data_dir)
+  setup, abstract, iterator = restore_target(config, data_dir)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), config.train)
+  try:
+    with setup.context():
+      assert ckpt.restore_latest(abstract, iterator) == (None, None)
+  finally:
+    ckpt.close()
+
+
+# -- Sampling reads the newest step that restores, and moves nothing. ----------
+
+
+@pytest.mark.parametrize("damage", [truncate_arrays, drop_commit_marker],
+                         ids=lambda f: f.__name__)
+def test_sampling_skips_a_damaged_newest_step(workdir, damage, caplog):
+  damage(step_dir(workdir, 5))
+  with caplog.at_level(logging.WARNING):
+    loaded = sample.load(str(workdir), mesh_shape=(1, 1, 1))
+  assert loaded.step == 4
+  assert step_dir(workdir, 5) in warnings_of(caplog)
+  assert os.path.isdir(step_dir(workdir, 5))  # A reader never moves files.
+  with pytest.raises((FileNotFoundError, checkpoint.RestoreError),
+                     match="step 5"):
+    sample.load(str(workdir), step=5, mesh_shape=(1, 1, 1))
+
+
+def test_sample_load_warns_when_codec_versions_differ(workdir, caplog):
+  """The workdir's manifest records the encoder's versions; load compares."""
+  path = workdir / "manifest.json"
+  manifest = json.loads(path.read_text())
+  manifest["codec"]["libjpeg"] = "6b"
+  path.write_text(json.dumps(manifest))
+  with caplog.at_level(logging.WARNING):
+    sample.load(str(workdir), mesh_shape=(1, 1, 1))
+  warned = warnings_of(caplog)
+  assert f"libjpeg '6b' -> '{jpeg.JpegCodec().settings()['libjpeg']}'" in warned
+  assert str(path) in warned
