@@ -660,7 +660,19 @@ class TensorBoardSampler:
     self.cfg = config.sample
     self.tokenizer, self.codec = tokenizer, codec
     self.sampler = sampler_of(self.cfg, model, tokenizer, mesh, rules)
-    self.originals = eval_examples(data_dir, self.cfg.tb_images)
+    # Held-out examples whose prompt leaves room to generate in max_len (a
+    # long video's 10-frame prompt may not): skipped with a warning rather
+    # than stopping training.
+    self.originals = []
+    for original in eval_examples(data_dir, self.cfg.tb_images):
+      prompt = codec.prompt(original, self.cfg.tb_ratio)
+      if len(tokenizer.encode(prompt)) + 2 < model.config.max_len:
+        self.originals.append(original)
+      else:
+        logging.warning(
+            "TensorBoard samples skip a held-out example: its prompt "
+            "(tb_ratio=%s) does not leave room in seq_len=%d.",
+            self.cfg.tb_ratio, model.config.max_len)
     self.settings = settings_of(self.cfg, self.cfg.max_new_tokens
                                 or model.config.max_len)
 
