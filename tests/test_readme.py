@@ -85,7 +85,8 @@ OUTPUTS = {
     ("codeclm.main", "configs/avc_lm.py:demo", "train"): [
         "checkpoints/2/commit_success.txt", "config.json", "manifest.json"],
     ("codeclm.main", "configs/avc_lm.py:demo", "sample"): [
-        "samples/step_2/sample_0000.json", "samples/step_2/samples.png"],
+        "samples/step_2/sample_0000.json", "samples/step_2/samples.png",
+        "samples/step_2/clip_r67_0.mp4", "samples/step_2/clip_grid.png"],
 }
 
 
@@ -119,8 +120,18 @@ def _random_inception_pth(path: str) -> None:
   torch.save(state, path)
 
 
+def _synthetic_clip(path: str) -> None:
+  """A real .mp4 (H.264 in MP4) of one of the built-in synthetic videos."""
+  from codeclm.codecs import avc  # pylint: disable=g-import-not-at-top
+  from codeclm.data import sources  # pylint: disable=g-import-not-at-top
+  codec = avc.AvcCodec(width=64, height=48)
+  codec.save(os.path.splitext(path)[0],
+             codec.encode(sources.synthetic_video(0, 64, 48)))
+
+
 # Example inputs the README names, made in the temp dir when a command runs.
 FILES = {
+    "clip.mp4": _synthetic_clip,
     "cat.png": _skimage_picture("chelsea"),
     "dog.jpg": _skimage_picture("coffee"),
     "fid_inception.npz": _random_inception,
