@@ -454,7 +454,7 @@ def test_settings_round_trip():
   assert codecs.from_settings(SMALL.settings()) == SMALL
   with pytest.raises(CodecError, match="unknown keys"):
     avc.AvcCodec.from_settings(dict(s, crf=23))
-  with pytest.raises(CodecError, match="not AVC"):
+  with pytest.raises(CodecError, match="not avc codec settings"):
     avc.AvcCodec.from_settings(dict(s, name="jpeg"))
 
 

@@ -4,6 +4,8 @@ A codec turns pixels into canonical bytes (headers stripped) and any byte
 string back into pixels plus a report of how much of it was valid.
 """
 
+import dataclasses
+import importlib
 import json
 
 from absl import logging
@@ -13,30 +15,48 @@ class CodecError(ValueError):
   """Bad input to a codec: names the input and the fix."""
 
 
+# name -> (module, class): imported on first use, so a JPEG run needs no PyAV.
+_CODECS = {"jpeg": ("codeclm.codecs.jpeg", "JpegCodec"),
+           "avc": ("codeclm.codecs.avc", "AvcCodec")}
+
+
+def codec_class(name: str, where: str = "config.codec.name"):
+  """The codec class called `name` (e.g. "jpeg"); `where` names it in errors."""
+  if name not in _CODECS:
+    raise CodecError(f"Unknown codec {name!r} in {where}; use one of "
+                     f"{sorted(_CODECS)}.")
+  module, cls = _CODECS[name]
+  return getattr(importlib.import_module(module), cls)
+
+
 def from_config(cfg):
   """The codec a config's `codec` section names, e.g. `from_config(config.codec)`."""
   settings = dict(cfg)
-  name = settings.pop("name")
-  if name == "jpeg":
-    from codeclm.codecs import jpeg  # pylint: disable=g-import-not-at-top
-    return jpeg.JpegCodec(**settings)
-  if name == "avc":
-    from codeclm.codecs import avc  # pylint: disable=g-import-not-at-top
-    return avc.AvcCodec(**settings)
-  raise CodecError(f"Unknown codec {name!r} in config.codec.name; use 'jpeg' "
-                   "or 'avc'.")
+  return codec_class(settings.pop("name"))(**settings)
 
 
 def from_settings(settings: dict):
   """The codec a manifest's `codec` settings describe (version keys ignored)."""
-  name = settings["name"]
-  if name == "jpeg":
-    from codeclm.codecs import jpeg  # pylint: disable=g-import-not-at-top
-    return jpeg.JpegCodec.from_settings(settings)
-  if name == "avc":
-    from codeclm.codecs import avc  # pylint: disable=g-import-not-at-top
-    return avc.AvcCodec.from_settings(settings)
-  raise CodecError(f"Unknown codec {name!r} in manifest settings.")
+  return codec_class(settings["name"], "manifest settings").from_settings(
+      settings)
+
+
+def fields_of(cls, settings: dict, version_keys) -> dict:
+  """The constructor arguments of codec `cls` in its `settings()` dict.
+
+  Library version keys are dropped (they describe, not configure, a codec);
+  any other unknown key or another codec's name is an error.
+  """
+  settings = dict(settings)
+  name = settings.pop("name", cls.name)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(settings) - fields - set(version_keys)
+  if name != cls.name or unknown:
+    raise CodecError(
+        f"Settings {settings} are not {cls.name} codec settings (name="
+        f"{name!r}, unknown keys {sorted(unknown)}); expected name="
+        f"{cls.name!r} and keys {sorted(fields)}.")
+  return {k: v for k, v in settings.items() if k in fields}
 
 
 def version_differences(stored_settings: dict, codec) -> dict[str, tuple]:

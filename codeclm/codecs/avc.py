@@ -38,6 +38,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from codeclm import codecs
 from codeclm.codecs import CodecError
 
 _VERSION_KEYS = ("pyav", "libavcodec", "x264")
@@ -211,16 +212,7 @@ class AvcCodec:
   @classmethod
   def from_settings(cls, settings: dict) -> "AvcCodec":
     """The codec `settings()` describes; the version keys are ignored."""
-    settings = dict(settings)
-    name = settings.pop("name", cls.name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(settings) - fields - set(_VERSION_KEYS)
-    if name != cls.name or unknown:
-      raise CodecError(
-          f"Settings {settings} are not AVC codec settings (name={name!r}, "
-          f"unknown keys {sorted(unknown)}); expected name='avc' and keys "
-          f"{sorted(fields)}.")
-    return cls(**{k: v for k, v in settings.items() if k in fields})
+    return cls(**codecs.fields_of(cls, settings, _VERSION_KEYS))
 
   # -- loading -----------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from PIL import features
 from PIL import Image
 from PIL import ImageOps
 
+from codeclm import codecs
 from codeclm.codecs import CodecError
 
 _SOI, _EOI, _SOS = b"\xff\xd8", b"\xff\xd9", b"\xff\xda"
@@ -132,16 +133,7 @@ class JpegCodec:
   @classmethod
   def from_settings(cls, settings: dict) -> "JpegCodec":
     """The codec `settings()` describes; the version keys are ignored."""
-    settings = dict(settings)
-    name = settings.pop("name", cls.name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(settings) - fields - set(_VERSION_KEYS)
-    if name != cls.name or unknown:
-      raise CodecError(
-          f"Settings {settings} are not JPEG codec settings (name={name!r}, "
-          f"unknown keys {sorted(unknown)}); expected name='jpeg' and keys "
-          f"{sorted(fields)}.")
-    return cls(**{k: v for k, v in settings.items() if k in fields})
+    return cls(**codecs.fields_of(cls, settings, _VERSION_KEYS))
 
   # -- encoding ----------------------------------------------------------------
 
