@@ -1,6 +1,7 @@
 """The trainer end to end on CPU: meshes, resume after a crash, metrics."""
 
 import glob
+import logging
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import pytest
 
 from codeclm import train
 from codeclm.data import prepare
+from codeclm.model import sharding
 from tests import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,9 +49,17 @@ def tiny(data_dir, **train_overrides):
   return c
 
 
-def test_two_steps_end_to_end(data_dir, tmp_path):
+def test_two_steps_end_to_end(data_dir, tmp_path, caplog):
   c = tiny(data_dir, steps=2, eval_every=2, eval_batches=1)
+  caplog.set_level(logging.INFO)
   last = train.train(c, str(tmp_path))
+  # The start-up report comes before the first compile.
+  log = caplog.text
+  for fact in ("Mesh {'data': 8, 'fsdp': 1, 'tensor': 1} over 8 devices",
+               "M params", "FLOPs/token", "Batch 8 x 128 = 1024 tokens/step",
+               "GiB per device"):
+    assert fact in log, fact
+  assert log.index("GiB per device") < log.index("ompiled")
   assert np.isfinite(last["loss"]) and last["loss"] > 0
   losses = read_scalars(str(tmp_path), "loss")
   assert sorted(losses) == [1, 2]
@@ -125,6 +135,21 @@ def test_checkpoint_restores_on_another_topology(data_dir, tmp_path,
   resumed = read_scalars(str(tmp_path), "loss", last_run_only=True)
   assert sorted(resumed) == [3]  # It resumed at step 2, not from scratch.
   np.testing.assert_allclose(resumed[3], one_device_losses[3], rtol=2e-5)
+
+
+def test_shapes_the_mesh_cannot_hold_are_rejected(data_dir):
+  c = tiny(data_dir)  # batch 8; tiny heads: 4 query, 2 kv.
+  train.check_config(c, sharding.make_mesh((2, 2, 2)))
+  c.batch_size = 4  # 4 rows cannot split over 8 data ways.
+  with pytest.raises(ValueError, match="batch_size=4 must divide.*--config"):
+    train.check_config(c, sharding.make_mesh((8, 1, 1)))
+  c.batch_size = 8
+  c.train.grad_accum = 2  # 8 rows in 2 micro-batches over 8 data ways.
+  with pytest.raises(ValueError, match="grad_accum"):
+    train.check_config(c, sharding.make_mesh((8, 1, 1)))
+  c.train.grad_accum = 1
+  with pytest.raises(ValueError, match="tensor mesh axis"):
+    train.check_config(c, sharding.make_mesh((2, 1, 4)))
 
 
 def run_main(workdir, data_dir, *flags):
