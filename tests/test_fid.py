@@ -8,7 +8,6 @@ same PNG files.
 """
 
 import functools
-import importlib.util
 import os
 import subprocess
 import sys
@@ -24,32 +23,14 @@ from codeclm import inception
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-_KEEP_ALIVE = []
 
 
 @functools.cache
 def _pytorch_fid():
-  """Imports pytorch-fid (and torchvision, which it needs) or skips.
+  """Imports pytorch-fid (the `[reference]` extra) or skips.
 
-  The torchvision wheel on PyPI is a CUDA build: on the CPU torch its C++
-  ops library fails to load, and torchvision 0.28 then dies at import while
-  registering fake kernels for `torchvision::nms`/`qnms` (it does so without
-  checking that the ops exist). Declaring those two schemas first lets the
-  pure-Python model code import; none of those ops is used here.
+  tests/conftest.py has made the index's CUDA-only torchvision importable.
   """
-  torch = pytest.importorskip("torch")
-  spec = importlib.util.find_spec("torchvision")
-  if spec is None:
-    pytest.skip("torchvision is not installed (pip install -e '.[hf]').")
-  try:
-    torch.ops.load_library(os.path.join(spec.submodule_search_locations[0],
-                                        "_C.so"))
-  except (OSError, RuntimeError):
-    lib = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-      lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) "
-                 "-> Tensor")
-    _KEEP_ALIVE.append(lib)  # Dropping the Library would undefine the ops.
   pytorch_fid = pytest.importorskip("pytorch_fid")
   import pytorch_fid.fid_score  # pylint: disable=g-import-not-at-top
   import pytorch_fid.inception  # pylint: disable=g-import-not-at-top
