@@ -181,8 +181,8 @@ def _generate(params, prompts, lengths, active, sample_ids, seed,
   b, p = prompts.shape
   apply = functools.partial(model.apply, {"params": params})
   cache = llama.init_cache(model.config, b, cache_len, cache_dtype)
-  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-  logits, cache = apply(prompts, positions, cache=cache)
+  # No positions: every row from 0, the model's causal prefill fast path.
+  logits, cache = apply(prompts, cache=cache)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
   tokens = jnp.full((b, cache_len), pad_id, jnp.int32)
   tokens = jax.lax.dynamic_update_slice(tokens, prompts, (0, 0))

@@ -1,6 +1,7 @@
 """The Flax Llama: sizes, counts, cache, packing, scan, remat and precision."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -181,7 +182,7 @@ def test_cache_prefill_and_decode_match_full_forward():
     want = full[np.arange(2), pos]
     np.testing.assert_allclose(logits[:, 0], want, atol=1e-5, rtol=1e-5)
     pos += 1
-  assert cache.k.shape == (2, 2, 16, 2, 8)
+  assert cache.k.shape == (2, 2, 2, 16, 8)  # [L, B, K, S, F]
 
 
 def test_cache_works_without_scan():
@@ -195,6 +196,90 @@ def test_cache_works_without_scan():
                        cache=cache)
   np.testing.assert_allclose(
       np.concatenate([logits, logits2], 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
+def test_prefill_fast_path_matches_the_masked_path(scan_layers, cache_dtype):
+  """positions=None (causal over the T new keys, slab write) == explicit
+  arange positions (scatter, [B, 1, T, S] mask), on a cache holding junk."""
+  config = tiny(scan_layers=scan_layers)
+  params = init_params(tiny())
+  if not scan_layers:
+    params = {k: v for k, v in params.items() if k != "layers"} | {
+        f"layers_{i}": jax.tree.map(lambda a, i=i: a[i],
+                                    init_params(tiny())["layers"])
+        for i in range(config.num_layers)}
+  tokens = random_tokens((2, 6))
+  shape = llama.init_cache(config, 2, 16, dtype=cache_dtype).k.shape
+  junk = np.random.default_rng(5).normal(size=shape)
+  cache = llama.KVCache(k=jnp.asarray(junk, cache_dtype),
+                        v=jnp.asarray(-junk, cache_dtype))
+  fast_logits, fast = forward(config, params, tokens, cache=cache)
+  masked_logits, masked = forward(
+      config, params, tokens, jnp.broadcast_to(jnp.arange(6), (2, 6)),
+      cache=cache)
+  # The masked path attends to K/V read back from the cache (rounded to
+  # bf16 there); the fast path to the fresh fp32 ones.
+  tol = 1e-5 if cache_dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(fast_logits, masked_logits, atol=tol, rtol=tol)
+  np.testing.assert_allclose(fast_logits, forward(config, params, tokens),
+                             atol=1e-5, rtol=1e-5)
+  for got, want, old in ((fast.k, masked.k, cache.k),
+                         (fast.v, masked.v, cache.v)):
+    assert got.dtype == cache_dtype and got.shape == shape
+    got32, want32 = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got32, want32, atol=tol, rtol=tol)
+    # Positions 0..5 were written, the rest kept (cache is [L, B, K, S, F]).
+    np.testing.assert_array_equal(np.asarray(got[:, :, :, 6:], np.float32),
+                                  np.asarray(old[:, :, :, 6:], np.float32))
+    assert not np.array_equal(np.asarray(got[:, :, :, :6], np.float32),
+                              np.asarray(old[:, :, :, :6], np.float32))
+
+
+def test_bf16_cache_holds_the_fp32_cache_rounded():
+  """The bf16 cache (written through its uint16 bits) holds the fp32 cache's
+  values rounded to bf16, at [layer, row, head, position], nothing else."""
+  config = tiny()
+  params = init_params(config)
+  tokens = random_tokens((2, 5))
+  pos = jnp.array([[0, 1, 2, 3, 4], [9, 3, 7, 0, 12]])
+  caches = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    _, caches[dtype] = forward(config, params, tokens, pos,
+                               cache=llama.init_cache(config, 2, 16, dtype))
+  written = np.zeros(16, bool)
+  written[[9, 3, 7, 0, 12]] = True
+  for a32, a16 in ((caches[jnp.float32].k, caches[jnp.bfloat16].k),
+                   (caches[jnp.float32].v, caches[jnp.bfloat16].v)):
+    a32, a16 = np.asarray(a32), np.asarray(a16.astype(jnp.float32))
+    # Layer 0 sees the same inputs: one bf16 rounding apart (later layers
+    # also see attention over rounded keys).
+    np.testing.assert_allclose(a16[0], a32[0], rtol=2 ** -8, atol=1e-6)
+    np.testing.assert_allclose(a16, a32, rtol=0.1, atol=0.05)
+    for a in (a32, a16):
+      assert (a[:, 1][:, :, written] != 0).all()
+      assert (a[:, 1][:, :, ~written] == 0).all()
+
+
+def test_decode_step_updates_the_cache_in_place():
+  """A jitted decode step with a donated bf16 cache neither copies nor
+  converts the whole cache (XLA on CPU used to widen it to fp32 per layer)."""
+  config = tiny()
+  model = llama.Llama(config)
+  cache = llama.init_cache(config, 2, 16)
+  step = jax.jit(lambda p, t, pos, c: model.apply(
+      {"params": p}, t, pos, cache=c), donate_argnums=3)
+  hlo = step.lower(init_params(config), jnp.zeros((2, 1), jnp.int32),
+                   jnp.array([[3], [5]]), cache).compile().as_text()
+  shape = "[" + ",".join(map(str, cache.k.shape)) + "]"
+  whole = [line for line in hlo.splitlines()
+           if shape in line and "parameter(" not in line]
+  assert whole  # The in-place update itself.
+  bad = [line.strip()[:120] for line in whole
+         if re.search(r"(?<!bitcast-)convert\(|copy\(|f32" + re.escape(shape),
+                      line)]
+  assert not bad, bad
 
 
 def test_segment_ids_isolate_packed_sequences():

@@ -123,10 +123,10 @@ def test_cache_is_sharded_by_logical_names():
   mesh = sharding.make_mesh((4, 1, 2))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     cache = jax.jit(lambda: llama.init_cache(CONFIG, 4, 16))()
-  want = jax.sharding.NamedSharding(mesh, P(None, ("data", "fsdp"), None,
-                                            "tensor"))
+  want = jax.sharding.NamedSharding(mesh, P(None, ("data", "fsdp"),
+                                            "tensor"))  # [L, B, K, S, F]
   assert cache.k.sharding.is_equivalent_to(want, 5)
-  assert cache.k.addressable_shards[0].data.shape == (2, 1, 16, 1, 8)
+  assert cache.k.addressable_shards[0].data.shape == (2, 1, 1, 16, 8)
 
 
 def test_make_mesh_errors_name_the_fix():

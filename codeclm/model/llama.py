@@ -81,9 +81,8 @@ REMAT_POLICIES: dict[str, Any] = {
     "all_proj": jax.checkpoint_policies.save_only_these_names(*_ALL_NAMES),
 }
 ATTENTION_IMPLS = (None, "xla", "cudnn")
-# Logical names of a KVCache's k and v arrays [L, B, S, K, F].
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
-KV = tuple[jax.Array, jax.Array]  # One layer's cached k, v [B, S, K, F].
+# Logical names of a KVCache's k and v arrays [L, B, K, S, F].
+CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +145,49 @@ class LlamaConfig:
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer, [L, B, S, K, F] (stacked like the scan)."""
+  """Keys and values of every layer, [L, B, K, S, F] (stacked like the scan).
+
+  Head-major (K before S): a decode step's attention dots are batched over
+  (B, K), so each head's [S, F] block is contiguous; from [.., S, K, F] XLA
+  first gathers every layer into that order, every step (on CPU about half
+  the decode speed at 4K context, 100m-sized caches).
+  """
   k: jax.Array
   v: jax.Array
+
+
+@flax.struct.dataclass
+class _Stacked:
+  """The cache as the layers carry it, each writing its rows in place.
+
+  A 16-bit float cache travels as its uint16 bits: XLA's CPU backend widens
+  every bf16 dynamic-slice / update to fp32 (converting the whole stacked
+  cache, per layer and step), while integer ones stay in place. The bits are
+  the same, and on GPU / TPU the bitcasts cost nothing.
+  """
+  k: jax.Array
+  v: jax.Array
+  dtype: Any = flax.struct.field(pytree_node=False)  # The stored dtype.
+
+  @classmethod
+  def of(cls, cache: KVCache) -> _Stacked:
+    return cls(_bits(cache.k), _bits(cache.v), cache.k.dtype)
+
+  def cache(self) -> KVCache:
+    unbits = lambda a: nn.with_logical_constraint(
+        _unbits(a, self.dtype), CACHE_AXES)
+    return KVCache(k=unbits(self.k), v=unbits(self.v))
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """16-bit floats as uint16 (see _Stacked); anything else unchanged."""
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+  return x
+
+
+def _unbits(x: jax.Array, dtype) -> jax.Array:
+  return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_len: int,
@@ -157,7 +196,7 @@ def init_cache(config: LlamaConfig, batch_size: int, max_len: int,
   if max_len > config.max_len:
     raise ValueError(f"Cache max_len={max_len} exceeds the model's max_len="
                      f"{config.max_len}; lower it or raise config.max_len.")
-  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads,
+  shape = (config.num_layers, batch_size, config.num_kv_heads, max_len,
            config.head_dim)
   zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype),
                                              CACHE_AXES)
@@ -237,13 +276,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Causal self-attention with grouped KV heads and an optional KV cache."""
+  """Causal self-attention with grouped KV heads and an optional KV cache.
+
+  With a cache, `cache_kv` holds every layer's k, v and `layer` says which
+  is this one's; the updated cache is returned. `prefill` (static) promises
+  positions == arange(T) in every row (Llama sets it only when it made those
+  positions itself).
+  """
   config: LlamaConfig
+  prefill: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None, cache_kv: KV | None
-               ) -> tuple[jax.Array, KV | None]:
+               segment_ids: jax.Array | None, cache_kv: _Stacked | None,
+               layer: jax.Array | int | None = None
+               ) -> tuple[jax.Array, _Stacked | None]:
     c = self.config
     d, h, k, f = c.emb_dim, c.num_heads, c.num_kv_heads, c.head_dim
     dt = jnp.dtype(c.dtype)
@@ -274,21 +321,37 @@ class Attention(nn.Module):
 
     new_kv, mask, is_causal, impl = None, None, True, c.attention_impl
     if cache_kv is not None:
-      # Write this call's K/V at each row's positions, then attend to every
-      # cached index <= the query's position (prefill and decode alike).
-      write = jax.vmap(lambda cache, new, pos: cache.at[pos].set(new))
-      cache_k, cache_v = cache_kv
-      cache_k = nn.with_logical_constraint(
-          write(cache_k, keys.astype(cache_k.dtype), positions), kv_names)
-      cache_v = nn.with_logical_constraint(
-          write(cache_v, values.astype(cache_v.dtype), positions), kv_names)
-      new_kv = (cache_k, cache_v)
-      keys, values = cache_k.astype(dt), cache_v.astype(dt)
-      mask = (jnp.arange(cache_k.shape[1])[None, None, :]
-              <= positions[:, :, None])[:, None]           # [B, 1, T, S]
-      is_causal = False
-      if q.shape[1] == 1:
-        impl = "xla"  # One query per row: nothing for a flash kernel to tile.
+      stored = lambda new: _bits(new.astype(cache_kv.dtype))
+      if self.prefill:
+        # Every row starts at 0: one slab write, and causal attention over
+        # just these T keys (the cache's older contents there are
+        # overwritten, and nothing beyond T is visible to these queries).
+        write = lambda cache, new: jax.lax.dynamic_update_slice(
+            cache, jnp.swapaxes(stored(new), 1, 2)[None], (layer, 0, 0, 0, 0))
+      else:
+        # Each row writes at its own positions (out-of-range ones are
+        # dropped), then attends to every cached index <= its query's
+        # position. [B, T] indices around the K slice: updates [B, T, K, F].
+        rows = jnp.arange(q.shape[0])[:, None]
+        write = lambda cache, new: cache.at[layer, rows, :, positions].set(
+            stored(new))
+      new_kv = _Stacked(
+          nn.with_logical_constraint(write(cache_kv.k, keys), CACHE_AXES),
+          nn.with_logical_constraint(write(cache_kv.v, values), CACHE_AXES),
+          cache_kv.dtype)
+      if not self.prefill:
+        # This layer, [B, K, S, F] -> [B, S, K, F]: XLA fuses the swap and
+        # the astype (free when the cache is in the compute dtype) into the
+        # one per-head relayout it makes for the attention dots.
+        read = lambda cache: jnp.swapaxes(
+            _unbits(cache[layer], cache_kv.dtype).astype(dt), 1, 2)
+        keys = nn.with_logical_constraint(read(new_kv.k), kv_names)
+        values = nn.with_logical_constraint(read(new_kv.v), kv_names)
+        mask = (jnp.arange(keys.shape[1])[None, None, :]
+                <= positions[:, :, None])[:, None]         # [B, 1, T, S]
+        is_causal = False
+        if q.shape[1] == 1:
+          impl = "xla"  # One query per row: nothing for a flash kernel to tile.
     elif segment_ids is not None:
       # Packed rows: attend within the same segment (and causally). Padding
       # (id 0) attends to padding, so no row is fully masked; the loss mask
@@ -328,19 +391,27 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm residual block; returns (x, new (k, v) or None) for nn.scan."""
+  """Pre-norm residual block over carry = (x, the stacked cache or None).
+
+  Returns (carry, None) for nn.scan; `layer` indexes the stacked cache.
+  """
   config: LlamaConfig
+  prefill: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None, cache_kv: KV | None
-               ) -> tuple[jax.Array, KV | None]:
+  def __call__(self, carry: tuple[jax.Array, _Stacked | None],
+               positions: jax.Array,
+               segment_ids: jax.Array | None,
+               layer: jax.Array | int | None) -> tuple[tuple, None]:
     c = self.config
-    attn, new_kv = Attention(c, name="attn")(
-        RMSNorm(c, name="attn_norm")(x), positions, segment_ids, cache_kv)
+    x, cache_kv = carry
+    attn, cache_kv = Attention(c, prefill=self.prefill, name="attn")(
+        RMSNorm(c, name="attn_norm")(x), positions, segment_ids, cache_kv,
+        layer)
     x = x + attn
     x = x + Mlp(c, name="mlp")(RMSNorm(c, name="mlp_norm")(x))
-    return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_kv
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return (x, cache_kv), None
 
 
 def _check_positions(positions, limit: int, what: str) -> None:
@@ -364,11 +435,18 @@ class Llama(nn.Module):
     cache None: returns fp32 logits [B, T, V].
     cache (a KVCache): writes this call's K/V at `positions` (per row) and
       attends to every cached index <= the query's position; returns
-      (logits, new_cache). Serves prefill (positions = arange) and decode
-      (T = 1, each row at its own position). Right-pad prompts: a pad's K/V is
-      overwritten by the real token at that position before anyone sees it.
-      Attention against the cache uses a dense [B, 1, T, S] mask; one-token
-      decode steps always use the XLA kernel.
+      (logits, new_cache). Right-pad prompts: a pad's K/V is overwritten by
+      the real token at that position before anyone sees it.
+      Prefill: positions=None (so arange(T) in every row) is the fast path:
+      the K/V go into the cache as one slab and attention runs causally over
+      the T new keys only (is_causal, no mask; flash kernels apply). It gives
+      what explicit arange positions give, since those queries see no index
+      >= T. Decode (T = 1, each row at its own position) and any other
+      explicit positions attend to the whole cache with a dense [B, 1, T, S]
+      mask; one-token steps always use the XLA kernel.
+      The layers carry the stacked cache and update it in place; under jit,
+      donate it (or, as the sampler does, keep it inside one jitted loop) so
+      the call does not copy it.
 
   Token ids must lie in [0, vocab_size): the embedding is a one-hot matmul,
   so an out-of-range id reads a zero vector rather than failing.
@@ -391,6 +469,7 @@ class Llama(nn.Module):
     if t > c.max_len:
       raise ValueError(f"Sequence length {t} exceeds max_len={c.max_len}; "
                        "raise LlamaConfig.max_len or shorten the inputs.")
+    prefill = positions is None and cache is not None
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if positions.shape != tokens.shape:
@@ -402,11 +481,11 @@ class Llama(nn.Module):
       if segment_ids is not None:
         raise ValueError("segment_ids cannot be combined with a KV cache; "
                          "right-pad prompts and pass segment_ids=None.")
-      if t > cache.k.shape[2]:
+      if t > cache.k.shape[3]:
         raise ValueError(f"{t} tokens do not fit a cache of length "
-                         f"{cache.k.shape[2]}; make a longer cache.")
-      _check_positions(positions, cache.k.shape[2], "the cache length")
-      cache_kv = (cache.k, cache.v)
+                         f"{cache.k.shape[3]}; make a longer cache.")
+      _check_positions(positions, cache.k.shape[3], "the cache length")
+      cache_kv = _Stacked.of(cache)
 
     embedding = _param(self, "embedding", nn.initializers.normal(1.0),
                        (c.vocab_size, c.emb_dim), ("vocab", "embed"))
@@ -423,22 +502,20 @@ class Llama(nn.Module):
     policy = REMAT_POLICIES[c.remat_policy]
     if c.remat_policy != "none":
       layer = nn.remat(layer, policy=policy, prevent_cse=not c.scan_layers)
+    carry = (x, cache_kv)
     if c.scan_layers:
       stack = nn.scan(
           layer, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, new_kv = stack(c, name="layers")(x, positions, segment_ids, cache_kv)
+      layer_ids = None if cache is None else jnp.arange(c.num_layers)
+      carry, _ = stack(c, prefill=prefill, name="layers")(
+          carry, positions, segment_ids, layer_ids)
     else:
-      kvs = []
       for i in range(c.num_layers):
-        layer_kv = None if cache_kv is None else (cache_kv[0][i],
-                                                  cache_kv[1][i])
-        x, kv = layer(c, name=f"layers_{i}")(x, positions, segment_ids,
-                                              layer_kv)
-        kvs.append(kv)
-      new_kv = None if cache_kv is None else jax.tree.map(
-          lambda *a: jnp.stack(a), *kvs)
+        carry, _ = layer(c, prefill=prefill, name=f"layers_{i}")(
+            carry, positions, segment_ids, None if cache is None else i)
+    x, new_kv = carry
 
     x = RMSNorm(c, name="final_norm")(x)
     head = _param(self, "head", _fan_in(0, 1), (c.emb_dim, c.vocab_size),
@@ -448,5 +525,4 @@ class Llama(nn.Module):
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     if cache is None:
       return logits
-    new_k, new_v = (nn.with_logical_constraint(a, CACHE_AXES) for a in new_kv)
-    return logits, KVCache(k=new_k, v=new_v)
+    return logits, new_kv.cache()
