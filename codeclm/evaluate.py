@@ -9,6 +9,8 @@ them) are scored against the same references. Every (ratio, seed) is
 sampled with each seed of `eval.seeds`; results.json reports FID per seed
 and its mean and (population, ddof=0) std over seeds, with the decode report:
 the mean share of clean MCUs and the fraction of samples that ended with EOS.
+A prompt that fills the model's max_len is scored as the prompt alone
+(no_room_fraction counts these) rather than dropped or failing the job.
 
 Reference images are what the model was trained to reproduce before JPEG
 loss: `codec.load` (centre crop, LANCZOS resize to the codec size), uint8
@@ -259,14 +261,22 @@ def complete(sampler: sample.Sampler, params, tokenizer, codec,
   tokens = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(p)])
             .astype(np.int32) for p in prompts]
   budgets = [min(settings.max_new_tokens, max_len - len(t)) for t in tokens]
-  if min(budgets) < 1:
-    r = int(np.argmin(budgets))
-    raise ValueError(f"A prompt of {len(tokens[r])} tokens leaves no room in "
-                     f"the model's max_len={max_len}; use smaller ratios.")
+  out: list[Completion | None] = [None] * len(prompts)
   groups: dict[int, list[int]] = {}
   for r, budget in enumerate(budgets):
-    groups.setdefault(budget, []).append(r)
-  out: list[Completion | None] = [None] * len(prompts)
+    if budget >= 1:
+      groups.setdefault(budget, []).append(r)
+    else:  # No room to generate: the prompt alone is scored (not dropped,
+      # which would bias FID towards short images); merge counts these.
+      pixels, report = codec.decode(prompts[r])
+      out[r] = Completion(prompts[r], pixels, report.clean_fraction, False, 0)
+  full = sum(b < 1 for b in budgets)
+  if full:
+    logging.warning(
+        "%d of %d prompts fill the model's max_len=%d: scored as the prompt "
+        "alone (results.json: no_room_fraction). Use smaller ratios or a "
+        "longer seq_len.", full, len(prompts), max_len)
+    progress(full)
   for budget, rows in sorted(groups.items(), reverse=True):
     for start in range(0, len(rows), batch_size):
       chunk = rows[start:start + batch_size]
@@ -488,6 +498,8 @@ def merge(out_dir: str, fid_method: str = "sqrtm") -> dict:
         ratio=slot.ratio, fid=per_seed, fid_mean=float(values.mean()),
         fid_std=float(values.std()), clean_fraction=float(clean[:, b].mean()),
         eos_fraction=float(ended[:, b].mean()),
+        no_room_fraction=float(((new_tokens[:, b] == 0)
+                                & ~ended[:, b]).mean()),
         new_tokens_mean=float(new_tokens[:, b].mean()),
         num_images=int(generated.shape[2]))
   reference_sha = hashlib.sha256(

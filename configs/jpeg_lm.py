@@ -33,10 +33,13 @@ def get_config(arg: str = ""):
   c.data.source = "tfds:imagenet2012"  # needs the manual download; see README
 
   if size == "demo":
-    # 64x64 images (16 MCUs, ~450 tokens) so a 2-core CPU trains in minutes.
+    # 64x64 images (16 MCUs) so a 2-core CPU trains in minutes. Measured:
+    # 386 tokens per image on average, p95 597, max 789; windows of 1,024 let
+    # every sample and 0.75-prompt completion finish. Batch 4: 4K tokens/step.
     c.codec.width = c.codec.height = 64
     c.data.source = "synthetic"
-    c.seq_len = 512
+    c.seq_len = 1_024
+    c.batch_size = 4
     c.data.num_examples = 2_048
     c.data.eval_examples = 64
     c.data.examples_per_shard = 512

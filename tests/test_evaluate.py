@@ -73,6 +73,7 @@ def test_two_shards_merge_into_complete_results(two_shards, workdir):
     assert m["fid_mean"] == pytest.approx(np.mean(values))
     assert m["fid_std"] == pytest.approx(np.std(values))
     assert 0 <= m["clean_fraction"] <= 1 and 0 <= m["eos_fraction"] <= 1
+    assert m["no_room_fraction"] == 0
     assert m["num_images"] == N and 0 < m["new_tokens_mean"] <= 48
   # The 1-step model writes bytes that decode as grey: completions keep
   # their prompt's clean MCU row (2 of 4), unconditional samples none.
@@ -212,3 +213,26 @@ def test_sample_ids_are_global_and_distinct():
       (0, 3), (3, 6), (6, 10)]
   with pytest.raises(ValueError, match="multiple of 0.0001"):
     evaluate.slots_of((0.12345,), False)
+
+
+def test_a_prompt_that_fills_max_len_is_scored_as_the_prompt(workdir):
+  from codeclm import sample  # pylint: disable=g-import-not-at-top
+  loaded = sample.load(workdir, mesh_shape=(1, 1, 1))
+  c = tiny_config.get_config()
+  c.sample.update(max_new_tokens=8, cache_dtype="float32", min_bucket=256)
+  sampler = sample.sampler_of(c.sample, loaded.model, loaded.tokenizer,
+                              loaded.mesh, loaded.rules)
+  image = sources.synthetic_image(0, 32, 32)
+  fits = loaded.codec.prompt(loaded.codec.encode(image), 0.5)
+  # The real prompt, padded with junk past the model's max_len (256).
+  too_long = fits + bytes(range(256)) * 4
+  assert len(loaded.tokenizer.encode(too_long)) >= loaded.model.config.max_len
+  done = evaluate.complete(
+      sampler, loaded.params, loaded.tokenizer, loaded.codec,
+      [fits, too_long], [0, 1], sample.settings_of(c.sample, 8), seed=0,
+      batch_size=2)
+  assert done[0].new_tokens > 0 and done[0].data.startswith(fits)
+  assert done[1].new_tokens == 0 and not done[1].ended
+  assert done[1].data == too_long
+  np.testing.assert_array_equal(done[1].pixels,
+                                loaded.codec.decode(too_long)[0])
