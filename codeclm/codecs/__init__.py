@@ -7,12 +7,33 @@ string back into pixels plus a report of how much of it was valid.
 import dataclasses
 import importlib
 import json
+import os
 
 from absl import logging
+import numpy as np
+from PIL import Image
 
 
 class CodecError(ValueError):
   """Bad input to a codec: names the input and the fix."""
+
+
+def describe(value, what: str = "image") -> str:
+  """How error messages name a codec input: its path, else its type and size.
+
+  what: the kind of data, as in "1234 bytes of video data".
+  """
+  if isinstance(value, (str, os.PathLike)):
+    return repr(os.fspath(value))
+  if isinstance(value, (bytes, bytearray, memoryview)):
+    return f"{len(value)} bytes of {what} data"
+  if isinstance(value, np.ndarray):
+    return f"array of shape {value.shape} and dtype {value.dtype}"
+  if isinstance(value, Image.Image):
+    where = getattr(value, "filename", "") or ""
+    return (f"PIL image {where!r} " if where else "PIL image ") + (
+        f"(mode {value.mode}, size {value.size})")
+  return f"object of type {type(value).__name__}"
 
 
 # name -> (module, class): imported on first use, so a JPEG run needs no PyAV.

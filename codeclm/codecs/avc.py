@@ -608,20 +608,13 @@ def _exp_golomb(data: bytes, count: int) -> list[int]:
 # -- loading -------------------------------------------------------------------
 
 
+def _describe(video) -> str:
+  return codecs.describe(video, "video")
+
+
 def _rate(fps: float) -> fractions.Fraction:
   """fps as an exact fraction (29.97 -> 2997/100, 30000/1001 stays close)."""
   return fractions.Fraction(fps).limit_denominator(100_000)
-
-
-def _describe(video) -> str:
-  """How error messages name an input: its path, else its type and size."""
-  if isinstance(video, (str, os.PathLike)):
-    return repr(os.fspath(video))
-  if isinstance(video, (bytes, bytearray, memoryview)):
-    return f"{len(video)} bytes of video data"
-  if isinstance(video, np.ndarray):
-    return f"array of shape {video.shape} and dtype {video.dtype}"
-  return f"object of type {type(video).__name__}"
 
 
 def _array_frames(video: np.ndarray, fps: float):

@@ -289,19 +289,7 @@ class JpegCodec:
 # -- loading ---------------------------------------------------------------------
 
 
-def _describe(image) -> str:
-  """How error messages name an input: its path, else its type and size."""
-  if isinstance(image, (str, os.PathLike)):
-    return repr(os.fspath(image))
-  if isinstance(image, (bytes, bytearray, memoryview)):
-    return f"{len(image)} bytes of image data"
-  if isinstance(image, np.ndarray):
-    return f"array of shape {image.shape} and dtype {image.dtype}"
-  if isinstance(image, Image.Image):
-    where = getattr(image, "filename", "") or ""
-    return (f"PIL image {where!r} " if where else "PIL image ") + (
-        f"(mode {image.mode}, size {image.size})")
-  return f"object of type {type(image).__name__}"
+_describe = codecs.describe
 
 
 @contextlib.contextmanager
