@@ -36,6 +36,16 @@ def describe(value, what: str = "image") -> str:
   return f"object of type {type(value).__name__}"
 
 
+def as_bytes(data, codec: str) -> bytes:
+  """Model output as bytes; anything else (e.g. token ids) is a CodecError."""
+  if isinstance(data, bytes):
+    return data
+  if isinstance(data, (bytearray, memoryview)):
+    return bytes(data)
+  raise CodecError(f"{codec} data must be bytes, got {type(data).__name__}; "
+                   "detokenize to bytes first.")
+
+
 # name -> (module, class): imported on first use, so a JPEG run needs no PyAV.
 _CODECS = {"jpeg": ("codeclm.codecs.jpeg", "JpegCodec"),
            "avc": ("codeclm.codecs.avc", "AvcCodec")}

@@ -544,12 +544,7 @@ def _reference(codec: AvcCodec) -> _Reference:
 
 
 def _as_bytes(data) -> bytes:
-  if isinstance(data, bytes):
-    return data
-  if isinstance(data, (bytearray, memoryview)):
-    return bytes(data)
-  raise CodecError(f"AVC data must be bytes, got {type(data).__name__}; "
-                   "detokenize to bytes first.")
+  return codecs.as_bytes(data, "AVC")
 
 
 def _nal_spans(data: bytes):

@@ -534,12 +534,7 @@ def _lookup(counts: bytes, symbols: bytes, ac: bool) -> list[int]:
 
 
 def _as_bytes(data) -> bytes:
-  if isinstance(data, bytes):
-    return data
-  if isinstance(data, (bytearray, memoryview)):
-    return bytes(data)
-  raise CodecError(f"JPEG data must be bytes, got {type(data).__name__}; "
-                   "detokenize to bytes first.")
+  return codecs.as_bytes(data, "JPEG")
 
 
 def _entropy_span(data: bytes) -> tuple[int, int]:
