@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codeclm import sample
+from codeclm.sampling import sampler as sampler_lib
 from codeclm.model import llama
 
 _SIZES = flags.DEFINE_list("sizes", ["demo", "100m"], "Model sizes.")
@@ -72,13 +72,13 @@ def measure(size: str, context: int) -> dict:
   b, new = _BATCH.value, _NEW.value
   rng = np.random.default_rng(1)
   prompts = rng.integers(0, _VOCAB.value, (b, context - new)).tolist()
-  sampler = sample.Sampler(model, eos_id=_VOCAB.value, pad_id=0,
+  sampler = sampler_lib.Sampler(model, eos_id=_VOCAB.value, pad_id=0,
                            cache_dtype=_CACHE.value, min_bucket=context)
-  settings = sample.Settings(temperature=1.0, top_k=40, top_p=0.9,
+  settings = sampler_lib.Settings(temperature=1.0, top_k=40, top_p=0.9,
                              max_new_tokens=new)
   full = best_time(lambda: sampler(params, prompts, settings), _REPEATS.value)
   one = best_time(lambda: sampler(
-      params, prompts, sample.Settings(max_new_tokens=1)), _REPEATS.value)
+      params, prompts, sampler_lib.Settings(max_new_tokens=1)), _REPEATS.value)
   assert sampler.num_compilations == 1, sampler.num_compilations
   step = (full - one) / (new - 1)
   row = dict(size=size, params_m=round(llama.param_count(config) / 1e6, 1),

@@ -102,7 +102,7 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       timeout_s=300,
   ))
 
-  # Sampling (codeclm/sample.py): --mode=sample and TensorBoard samples.
+  # Sampling (codeclm/sampling/): --mode=sample and TensorBoard samples.
   c.sample = ml_collections.ConfigDict(dict(
       step=0,                     # checkpoint step; 0 = the latest
       mesh_shape=(),              # () = the training mesh.shape

@@ -85,10 +85,11 @@ import tqdm
 
 from codeclm import fid
 from codeclm import inception
-from codeclm import sample
 from codeclm.data import prepare
 from codeclm.data import sources
 from codeclm.data.sources import DataError
+from codeclm.sampling import sampler as sampler_lib
+from codeclm.sampling import workdir as workdir_lib
 
 UNCOND = "uncond"
 RESULTS = "results.json"
@@ -246,9 +247,9 @@ class Completion:
   new_tokens: int
 
 
-def complete(sampler: sample.Sampler, params, tokenizer, codec,
+def complete(sampler: sampler_lib.Sampler, params, tokenizer, codec,
              prompts: Sequence[bytes], ids: Sequence[int],
-             settings: sample.Settings, *, seed: int, batch_size: int,
+             settings: sampler_lib.Settings, *, seed: int, batch_size: int,
              progress: Callable[[int], Any] = lambda n: None
              ) -> list[Completion]:
   """Samples and decodes each prompt (b"" = from [BOS] alone).
@@ -329,13 +330,13 @@ def _settings(config, *, step: int, spec: str, codec, max_len: int,
   )))
 
 
-def _evaluate_slice(config, loaded: sample.Loaded, extractor, source,
+def _evaluate_slice(config, loaded: workdir_lib.Loaded, extractor, source,
                     indices: range) -> tuple[dict, dict]:
   """Samples, decodes and featurises one slice; returns (arrays, summary)."""
   ec = config.eval
   codec, tokenizer = loaded.codec, loaded.tokenizer
   slots = slots_of(ec.ratios, ec.unconditional)
-  sampler = sample.sampler_of(config.sample, loaded.model, tokenizer,
+  sampler = workdir_lib.sampler_of(config.sample, loaded.model, tokenizer,
                               loaded.mesh, loaded.rules)
   max_len = loaded.model.config.max_len
   model_inputs = []
@@ -361,7 +362,7 @@ def _evaluate_slice(config, loaded: sample.Loaded, extractor, source,
       for b, slot in enumerate(slots):
         prompts = [codec.prompt(e, prompt_ratio(slot.ratio, ec.downscale))
                    if slot.ratio else b"" for e in encoded]
-        settings = sample.settings_of(config.sample,
+        settings = workdir_lib.settings_of(config.sample,
                                       max_new_tokens(config.sample, slot,
                                                      max_len))
         done = complete(sampler, loaded.params, tokenizer, codec, prompts,
@@ -624,7 +625,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   else:
     start = time.time()
     source = open_reference(config, spec, codec)
-    loaded = sample.load(workdir, step, ec.mesh_shape or None)
+    loaded = workdir_lib.load(workdir, step, ec.mesh_shape or None)
     arrays, summary = _evaluate_slice(config, loaded, extractor, source,
                                       range(lo, hi))
     _write_slice(out_dir, name, arrays, dict(

@@ -46,8 +46,8 @@ def main(argv):
     from codeclm import train  # pylint: disable=g-import-not-at-top
     train.train(config, workdir)
   elif _MODE.value == "sample":
-    from codeclm import sample  # pylint: disable=g-import-not-at-top
-    sample.run(config.sample, workdir)
+    from codeclm.sampling import files  # pylint: disable=g-import-not-at-top
+    files.run(config.sample, workdir)
   elif _MODE.value == "eval":
     from codeclm import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.run(config, workdir)

@@ -29,11 +29,11 @@ from codeclm import checkpoint
 from codeclm import codecs
 from codeclm import config_base
 from codeclm import mfu
-from codeclm import sample
 from codeclm.data import loader
 from codeclm.data import prepare
 from codeclm.model import llama
 from codeclm.model import sharding
+from codeclm.sampling import tensorboard
 from codeclm.tokenizer import ByteBPE
 
 class NonFiniteLossError(RuntimeError):
@@ -304,7 +304,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   peak = mfu.peak_flops()
   tb_samples = None
   if config.sample.tb_every:  # Every process joins: params are sharded.
-    tb_samples = sample.TensorBoardSampler(
+    tb_samples = tensorboard.TensorBoardSampler(
         config, setup.model, mesh, setup.rules, tokenizer,
         codecs.from_config(config.codec), data_dir)
   last, pending, t0, t_step = {}, None, time.perf_counter(), start

@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from codeclm import sample
 from codeclm import train
+from codeclm.sampling import files
 from codeclm.codecs import avc
 from codeclm.data import sources
 from tests import tiny_avc_config
@@ -69,7 +69,7 @@ def test_sample_command_writes_videos_and_reports(workdir, tmp_path):
   cfg.update(num_samples=1, images=clip + ".mp4", ratios=(RATIO,),
              completions=1, max_new_tokens=64, mesh_shape=(1, 1, 1),
              min_bucket=512, out_dir=str(out))
-  summary = sample.run(cfg, workdir)
+  summary = files.run(cfg, workdir)
   assert sorted(summary["samples"]) == ["clip_r20_0", "sample_0000"]
   for name in summary["samples"]:
     info = json.load(open(out / f"{name}.json"))

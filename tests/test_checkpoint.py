@@ -16,7 +16,7 @@ import jax
 import pytest
 
 from codeclm import checkpoint
-from codeclm import sample
+from codeclm.sampling import workdir as workdir_lib
 from codeclm import train
 from codeclm.codecs import jpeg
 from codeclm.data import loader
@@ -220,13 +220,13 @@ def test_no_checkpoint_starts_fresh(data_dir, tmp_path):
 def test_sampling_skips_a_damaged_newest_step(workdir, damage, caplog):
   damage(step_dir(workdir, 5))
   with caplog.at_level(logging.WARNING):
-    loaded = sample.load(str(workdir), mesh_shape=(1, 1, 1))
+    loaded = workdir_lib.load(str(workdir), mesh_shape=(1, 1, 1))
   assert loaded.step == 4
   assert step_dir(workdir, 5) in warnings_of(caplog)
   assert os.path.isdir(step_dir(workdir, 5))  # A reader never moves files.
   with pytest.raises((FileNotFoundError, checkpoint.RestoreError),
                      match="step 5"):
-    sample.load(str(workdir), step=5, mesh_shape=(1, 1, 1))
+    workdir_lib.load(str(workdir), step=5, mesh_shape=(1, 1, 1))
 
 
 def test_sample_load_warns_when_codec_versions_differ(workdir, caplog):
@@ -236,7 +236,7 @@ def test_sample_load_warns_when_codec_versions_differ(workdir, caplog):
   manifest["codec"]["libjpeg"] = "6b"
   path.write_text(json.dumps(manifest))
   with caplog.at_level(logging.WARNING):
-    sample.load(str(workdir), mesh_shape=(1, 1, 1))
+    workdir_lib.load(str(workdir), mesh_shape=(1, 1, 1))
   warned = warnings_of(caplog)
   assert f"libjpeg '6b' -> '{jpeg.JpegCodec().settings()['libjpeg']}'" in warned
   assert str(path) in warned

@@ -216,11 +216,11 @@ def test_sample_ids_are_global_and_distinct():
 
 
 def test_a_prompt_that_fills_max_len_is_scored_as_the_prompt(workdir):
-  from codeclm import sample  # pylint: disable=g-import-not-at-top
-  loaded = sample.load(workdir, mesh_shape=(1, 1, 1))
+  from codeclm.sampling import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  loaded = workdir_lib.load(workdir, mesh_shape=(1, 1, 1))
   c = tiny_config.get_config()
   c.sample.update(max_new_tokens=8, cache_dtype="float32", min_bucket=256)
-  sampler = sample.sampler_of(c.sample, loaded.model, loaded.tokenizer,
+  sampler = workdir_lib.sampler_of(c.sample, loaded.model, loaded.tokenizer,
                               loaded.mesh, loaded.rules)
   image = sources.synthetic_image(0, 32, 32)
   fits = loaded.codec.prompt(loaded.codec.encode(image), 0.5)
@@ -229,7 +229,7 @@ def test_a_prompt_that_fills_max_len_is_scored_as_the_prompt(workdir):
   assert len(loaded.tokenizer.encode(too_long)) >= loaded.model.config.max_len
   done = evaluate.complete(
       sampler, loaded.params, loaded.tokenizer, loaded.codec,
-      [fits, too_long], [0, 1], sample.settings_of(c.sample, 8), seed=0,
+      [fits, too_long], [0, 1], workdir_lib.settings_of(c.sample, 8), seed=0,
       batch_size=2)
   assert done[0].new_tokens > 0 and done[0].data.startswith(fits)
   assert done[1].new_tokens == 0 and not done[1].ended

@@ -20,14 +20,17 @@ import pytest
 from codeclm import checkpoint
 from codeclm import codecs
 from codeclm import config_base
-from codeclm import sample
 from codeclm.model import llama
 from codeclm.model import sharding
+from codeclm.sampling import files
+from codeclm.sampling import sampler as sampler_lib
+from codeclm.sampling import tensorboard
+from codeclm.sampling import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
 EOS, PAD = 299, 0
-GREEDY = sample.Settings(temperature=0.0, max_new_tokens=64)
+GREEDY = sampler_lib.Settings(temperature=0.0, max_new_tokens=64)
 PROMPTS = [[1, 5, 9], [7] * 17, [3], list(range(2, 42))]  # lengths 3, 17, 1, 40
 
 
@@ -50,7 +53,7 @@ def model_and_params():
 
 @functools.lru_cache(maxsize=None)
 def sampler(eos=EOS):
-  return sample.Sampler(model_and_params()[0], eos_id=eos, pad_id=PAD,
+  return sampler_lib.Sampler(model_and_params()[0], eos_id=eos, pad_id=PAD,
                         cache_dtype="float32")
 
 
@@ -88,12 +91,12 @@ def recompute_greedy(prompts, new_tokens: int, eos: int = EOS):
 def test_top_k_mask_on_known_logits():
   logits = jnp.array([[1.0, 3.0, 2.0, 0.0, 2.5], [0.0, 0.0, 1.0, 0.0, -1.0]])
   np.testing.assert_array_equal(
-      sample.top_k_mask(logits, 2),
+      sampler_lib.top_k_mask(logits, 2),
       [[0, 1, 0, 0, 1], [1, 0, 1, 0, 0]])  # A tie goes to the lower id.
-  np.testing.assert_array_equal(sample.top_k_mask(logits, 1),
+  np.testing.assert_array_equal(sampler_lib.top_k_mask(logits, 1),
                                 [[0, 1, 0, 0, 0], [0, 0, 1, 0, 0]])
-  assert sample.top_k_mask(logits, 0).all()
-  assert sample.top_k_mask(logits, 9).all()
+  assert sampler_lib.top_k_mask(logits, 0).all()
+  assert sampler_lib.top_k_mask(logits, 9).all()
 
 
 def test_top_p_mask_on_known_logits():
@@ -101,7 +104,7 @@ def test_top_p_mask_on_known_logits():
   expect = {0.4: [0, 1, 0, 0], 0.7: [0, 1, 0, 1], 0.85: [1, 1, 0, 1],
             0.99: [1, 1, 1, 1], 1.0: [1, 1, 1, 1]}
   for p, keep in expect.items():
-    np.testing.assert_array_equal(sample.top_p_mask(logits, p)[0], keep,
+    np.testing.assert_array_equal(sampler_lib.top_p_mask(logits, p)[0], keep,
                                   err_msg=f"p={p}")
 
 
@@ -111,25 +114,25 @@ def test_masks_match_hugging_face_warpers():
   logits = np.random.default_rng(0).normal(size=(6, 50)).astype(np.float32)
   for k in (1, 5, 40):
     ref = generation.TopKLogitsWarper(k)(None, torch.tensor(logits))
-    np.testing.assert_array_equal(sample.top_k_mask(jnp.asarray(logits), k),
+    np.testing.assert_array_equal(sampler_lib.top_k_mask(jnp.asarray(logits), k),
                                   np.isfinite(ref.numpy()))
   for p in (0.1, 0.5, 0.9):
     ref = generation.TopPLogitsWarper(p)(None, torch.tensor(logits))
-    np.testing.assert_array_equal(sample.top_p_mask(jnp.asarray(logits), p),
+    np.testing.assert_array_equal(sampler_lib.top_p_mask(jnp.asarray(logits), p),
                                   np.isfinite(ref.numpy()))
 
 
 def test_settings_and_prompts_are_checked():
   with pytest.raises(ValueError, match="top_p"):
-    sample.Settings(top_p=0.0)
+    sampler_lib.Settings(top_p=0.0)
   with pytest.raises(ValueError, match="temperature"):
-    sample.Settings(temperature=-1.0)
+    sampler_lib.Settings(temperature=-1.0)
   with pytest.raises(ValueError, match="empty"):
     run([[1], []])
   with pytest.raises(ValueError, match="outside"):
     run([[1, VOCAB]])
   with pytest.raises(ValueError, match="max_len"):
-    run([[1] * 200], sample.Settings(max_new_tokens=100))
+    run([[1] * 200], sampler_lib.Settings(max_new_tokens=100))
 
 
 # -- decoding ------------------------------------------------------------------
@@ -164,14 +167,14 @@ def test_each_row_stops_at_its_eos():
 def test_top_k_one_equals_greedy():
   greedy = run()
   for seed in (0, 1):
-    got = run(settings=sample.Settings(temperature=1.5, top_k=1,
+    got = run(settings=sampler_lib.Settings(temperature=1.5, top_k=1,
                                        max_new_tokens=64), seed=seed)
     for g, w in zip(got, greedy):
       np.testing.assert_array_equal(g.tokens, w.tokens)
 
 
 def test_seeded_and_independent_of_the_batch():
-  settings = sample.Settings(temperature=1.0, top_k=40, top_p=0.9,
+  settings = sampler_lib.Settings(temperature=1.0, top_k=40, top_p=0.9,
                              max_new_tokens=32)
   a = run(settings=settings, seed=7)
   b = run(settings=settings, seed=7)
@@ -194,14 +197,14 @@ def test_one_compilation_per_bucket():
   s(params, PROMPTS, GREEDY)  # Bucket (4, 64, 128): compiled by now.
   before = s.num_compilations
   for prompts, settings, seed in [
-      ([[4, 5]] * 3, sample.Settings(temperature=0.7, top_k=5,
+      ([[4, 5]] * 3, sampler_lib.Settings(temperature=0.7, top_k=5,
                                      max_new_tokens=70), 1),
       ([list(range(1, 60)), [2], [3, 4]],
-       sample.Settings(top_p=0.5, max_new_tokens=60), 2),
+       sampler_lib.Settings(top_p=0.5, max_new_tokens=60), 2),
   ]:
     s(params, prompts, settings, seed=seed)
   # Another EOS and a re-created Sampler reuse the compiled loop too.
-  sample.Sampler(s.model, eos_id=7, pad_id=PAD, cache_dtype="float32")(
+  sampler_lib.Sampler(s.model, eos_id=7, pad_id=PAD, cache_dtype="float32")(
       params, PROMPTS, GREEDY)
   assert s.num_compilations == before
   s(params, [[1] * 100], GREEDY)  # A longer prompt: the next bucket.
@@ -210,9 +213,9 @@ def test_one_compilation_per_bucket():
 
 def test_constraint_even_ids_only():
   even = np.arange(VOCAB) % 2 == 0  # Two identical states: shapes as below.
-  constraint = sample.Constraint.create(np.stack([even, even]),
+  constraint = sampler_lib.Constraint.create(np.stack([even, even]),
                                         np.zeros((2, VOCAB)))
-  settings = sample.Settings(temperature=1.0, max_new_tokens=48)
+  settings = sampler_lib.Settings(temperature=1.0, max_new_tokens=48)
   free = run(settings=settings, seed=3)
   assert any((f.tokens % 2).any() for f in free)  # Odd ids do occur ...
   for g in run(settings=settings, seed=3, constraint=constraint):
@@ -224,14 +227,14 @@ def test_constraint_alternates_two_sets():
   allowed = np.stack([low, ~low])                  # state 0: low, 1: high
   next_state = np.stack([np.ones(VOCAB), np.zeros(VOCAB)])
   for start in (0, 1):
-    constraint = sample.Constraint.create(allowed, next_state, start)
-    for g in run(settings=sample.Settings(max_new_tokens=40), seed=5,
+    constraint = sampler_lib.Constraint.create(allowed, next_state, start)
+    for g in run(settings=sampler_lib.Settings(max_new_tokens=40), seed=5,
                  constraint=constraint):
       is_low = g.tokens < 100
       np.testing.assert_array_equal(is_low[start::2], True)
       np.testing.assert_array_equal(is_low[1 - start::2], False)
   with pytest.raises(ValueError, match="allow no token"):
-    sample.Constraint.create(np.zeros((1, VOCAB)), np.zeros((1, VOCAB)))
+    sampler_lib.Constraint.create(np.zeros((1, VOCAB)), np.zeros((1, VOCAB)))
 
 
 def test_sharded_over_a_mesh_matches_one_device():
@@ -242,7 +245,7 @@ def test_sharded_over_a_mesh_matches_one_device():
                            jnp.zeros((1, 8), jnp.int32))["params"]
   shardings = sharding.logical_shardings(boxed, mesh)
   sharded = jax.device_put(params, shardings)
-  s = sample.Sampler(model, eos_id=EOS, pad_id=PAD, mesh=mesh,
+  s = sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD, mesh=mesh,
                      cache_dtype="float32")
   assert s.batch_multiple == 4
   got = s(sharded, PROMPTS[:3], GREEDY)
@@ -252,7 +255,7 @@ def test_sharded_over_a_mesh_matches_one_device():
 
 def test_bf16_cache_is_the_default_and_tracks_fp32():
   model, params = model_and_params()
-  s = sample.Sampler(model, eos_id=EOS, pad_id=PAD)
+  s = sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD)
   assert s.cache_dtype == jnp.bfloat16
   got = s(params, PROMPTS, GREEDY)
   want = run()
@@ -309,7 +312,7 @@ def workdir():
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")
 def test_restore_params_matches_the_saved_state(workdir):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  loaded = sample.load(workdir, step=1, mesh_shape=(2, 2, 2))
+  loaded = workdir_lib.load(workdir, step=1, mesh_shape=(2, 2, 2))
   assert loaded.step == 1
   saved = ocp.PyTreeCheckpointer().restore(
       os.path.join(workdir, "checkpoints", "1", "state"))
@@ -327,13 +330,13 @@ def test_restore_params_matches_the_saved_state(workdir):
   head = loaded.params["head"]  # Laid out by the training rules.
   assert head.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   with pytest.raises(FileNotFoundError, match=r"committed steps \[1\]"):
-    sample.load(workdir, step=99)
+    workdir_lib.load(workdir, step=99)
 
 
 def test_sample_command_writes_images_and_reports(workdir, tmp_path):
   images = photo_files(tmp_path)
   out = tmp_path / "out"
-  summary = sample.run(sample_config(images=",".join(images),
+  summary = files.run(sample_config(images=",".join(images),
                                      out_dir=str(out)), workdir)
   loaded_codec = codecs.from_settings(json.load(open(
       os.path.join(workdir, "manifest.json")))["codec"])
@@ -364,12 +367,12 @@ def test_sample_command_writes_images_and_reports(workdir, tmp_path):
 
 
 def test_tensorboard_sampler(workdir):
-  loaded = sample.load(workdir, mesh_shape=(1, 1, 1))
+  loaded = workdir_lib.load(workdir, mesh_shape=(1, 1, 1))
   config = ml_collections.ConfigDict(json.load(open(
       os.path.join(workdir, "config.json"))))
   config.sample = sample_config(tb_every=5, tb_samples=3, tb_images=2,
                                 max_new_tokens=40)
-  tb = sample.TensorBoardSampler(
+  tb = tensorboard.TensorBoardSampler(
       config, loaded.model, loaded.mesh, loaded.rules, loaded.tokenizer,
       loaded.codec, os.path.join(workdir, "data"))
   assert tb.due(10) and not tb.due(7)

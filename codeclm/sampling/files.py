@@ -1,0 +1,208 @@
+r"""Requests -> samples -> files and grids: the sample command.
+
+Unconditional samples from [BOS] and completions of image (or video) files
+whose prompt is the first `ratio` of the MCU rows (frames), decoded with the
+codec into .jpg / .png (.mp4 / .gif) files, a JSON report per sample and grids
+of prompt | completions | original:
+
+  python -m codeclm.sample --workdir=/tmp/jpeg_demo \
+      --sample.images=cat.png,dog.jpg --sample.ratios='(0.5,)'
+  python -m codeclm.main --config=configs/jpeg_lm.py:demo \
+      --workdir=/tmp/jpeg_demo --mode=sample --config.sample.num_samples=8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from codeclm.sampling import sampler as sampler_lib
+from codeclm.sampling import workdir as workdir_lib
+
+@dataclasses.dataclass
+class Request:
+  """One sample to draw: a prompt (codec bytes; b"" = unconditional)."""
+  name: str                # file name stem of its outputs
+  prompt: bytes = b""
+  ratio: float = 0.0
+  image: str = ""          # name of the image completed
+  source: str = ""         # where that image came from
+
+
+@dataclasses.dataclass
+class Result:
+  request: Request
+  data: bytes              # prompt + generated codec bytes
+  pixels: np.ndarray
+  report: Any              # the codec's DecodeReport
+  sample: sampler_lib.Sample
+
+
+def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
+         requests: Sequence[Request], settings: sampler_lib.Settings, *, seed: int,
+         batch_size: int, first_id: int = 0) -> list[Result]:
+  """Samples every request (in batches) and decodes the bytes to pixels.
+
+  Request i uses sample id first_id + i, so results do not depend on
+  batch_size. settings.max_new_tokens is lowered where a prompt would not
+  fit the model's max_len.
+  """
+  prompts = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(r.prompt)])
+             .astype(np.int32) for r in requests]
+  longest = max(len(x) for x in prompts)
+  room = sampler.model.config.max_len - longest
+  if room < 1:
+    raise ValueError(f"A prompt of {longest} tokens leaves no room in the "
+                     f"model's max_len={sampler.model.config.max_len}; use a "
+                     "smaller prompt ratio.")
+  settings = dataclasses.replace(
+      settings, max_new_tokens=min(settings.max_new_tokens, room))
+  results = []
+  for start in range(0, len(requests), batch_size):
+    chunk = slice(start, start + batch_size)
+    samples = sampler(params, prompts[chunk], settings, seed=seed,
+                      sample_ids=np.arange(len(requests))[chunk] + first_id)
+    for request, sample in zip(requests[chunk], samples):
+      data = request.prompt + tokenizer.decode(sample.tokens)
+      pixels, report = codec.decode(data)
+      results.append(Result(request, data, pixels, report, sample))
+  return results
+
+
+def grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> np.ndarray:
+  """Images laid out in rows (all the same size), white gaps between.
+
+  Wide images (a video's frame strip) go one per row instead, in order.
+  """
+  h, w = rows[0][0].shape[:2]
+  if w > 2 * h:
+    rows = [[image] for row in rows for image in row]
+  cols = max(len(r) for r in rows)
+  out = np.full((len(rows) * (h + gap) - gap, cols * (w + gap) - gap, 3), 255,
+                np.uint8)
+  for i, row in enumerate(rows):
+    for j, image in enumerate(row):
+      out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = (
+          image)
+  return out
+
+
+def completion_requests(codec, images, ratios: Sequence[float],
+                        per_prompt: int) -> tuple[list[Request], dict]:
+  """Requests for `per_prompt` completions of each image at each ratio.
+
+  images: file paths (named by their base names) or {name: image} with any
+  image the codec loads (a path, PIL image, array or file bytes). Returns the
+  requests and {name: the image's canonical codec bytes}.
+  """
+  if not isinstance(images, dict):
+    named = {}
+    for path in images:
+      name = os.path.splitext(os.path.basename(path))[0]
+      named[name if name not in named else f"{name}_{len(named)}"] = path
+    images = named
+  requests, originals = [], {}
+  for name, image in images.items():
+    full = codec.encode(image)
+    originals[name] = full
+    source = image if isinstance(image, (str, os.PathLike)) else name
+    for ratio in ratios:
+      prompt = codec.prompt(full, ratio)
+      for j in range(per_prompt):
+        requests.append(Request(f"{name}_r{round(ratio * 100):02d}_{j}",
+                                prompt, ratio, name, os.fspath(source)))
+  return requests, originals
+
+
+def completion_grid(codec, results: Sequence[Result],
+                    original: bytes) -> np.ndarray:
+  """One row per ratio: prompt | completions | original (codec previews)."""
+  by_ratio: dict[float, list[Result]] = {}
+  for r in results:
+    by_ratio.setdefault(r.request.ratio, []).append(r)
+  picture = preview_bytes(codec, original)
+  rows = []
+  for _, group in sorted(by_ratio.items()):
+    rows.append([preview_bytes(codec, group[0].request.prompt)]
+                + [codec.preview(r.pixels) for r in group] + [picture])
+  return grid(rows)
+
+
+def preview_bytes(codec, data: bytes) -> np.ndarray:
+  return codec.preview(codec.decode(data)[0])
+
+
+def _write(out_dir: str, result: Result, codec, info: dict) -> None:
+  """The codec's files for <name> (e.g. .jpg and .png) and <name>.json."""
+  name = os.path.join(out_dir, result.request.name)
+  files = codec.save(name, result.data)
+  with open(name + ".json", "w") as f:
+    json.dump(dict(info, name=result.request.name, image=result.request.image,
+                   source=result.request.source, ratio=result.request.ratio,
+                   prompt_tokens=result.sample.prompt_len,
+                   new_tokens=len(result.sample.tokens),
+                   ended_with_eos=result.sample.ended, bytes=len(result.data),
+                   files=[os.path.basename(x) for x in files],
+                   report=result.report.to_dict()), f, indent=1)
+
+
+def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The sample command: writes samples, completions and grids; returns a
+  summary {out_dir, step, samples: {name: decode report dict}}."""
+  loaded = workdir_lib.load(workdir, sample_cfg.step or None,
+                sample_cfg.mesh_shape or None)
+  out_dir = sample_cfg.out_dir or os.path.join(
+      workdir, "samples", f"step_{loaded.step}")
+  os.makedirs(out_dir, exist_ok=True)
+  sampler = workdir_lib.sampler_of(sample_cfg, loaded.model, loaded.tokenizer,
+                       loaded.mesh, loaded.rules)
+  max_new = sample_cfg.max_new_tokens or loaded.model.config.max_len
+  settings = workdir_lib.settings_of(sample_cfg, max_new)
+  info = dict(step=loaded.step, seed=sample_cfg.seed,
+              settings=dataclasses.asdict(settings))
+  draw_ = functools.partial(draw, sampler, loaded.params, loaded.tokenizer,
+                            loaded.codec, seed=sample_cfg.seed,
+                            batch_size=sample_cfg.batch_size)
+  codec, summary = loaded.codec, {}
+  write = jax.process_index() == 0
+
+  requests = [Request(f"sample_{i:04d}")
+              for i in range(sample_cfg.num_samples)]
+  if requests:
+    results = draw_(requests, settings)
+    if write:
+      for r in results:
+        _write(out_dir, r, codec, info)
+      cols = math.ceil(math.sqrt(len(results)))
+      pics = [codec.preview(r.pixels) for r in results]
+      Image.fromarray(grid([pics[i:i + cols] for i in range(
+          0, len(pics), cols)])).save(os.path.join(out_dir, "samples.png"))
+    summary.update({r.request.name: r.report.to_dict() for r in results})
+
+  images = [x for x in sample_cfg.images.split(",") if x]
+  if images:
+    requests, originals = completion_requests(
+        codec, images, sample_cfg.ratios, sample_cfg.completions)
+    # Ids after the unconditional ones: each sample has its own stream.
+    results = draw_(requests, settings, first_id=sample_cfg.num_samples)
+    for name, original in originals.items():
+      mine = [r for r in results if r.request.image == name]
+      if write:
+        for r in mine:
+          _write(out_dir, r, codec, info)
+        codec.save(os.path.join(out_dir, f"{name}_original"), original)
+        Image.fromarray(completion_grid(codec, mine, original)).save(
+            os.path.join(out_dir, f"{name}_grid.png"))
+      summary.update({r.request.name: r.report.to_dict() for r in mine})
+  logging.info("Wrote %d samples to %s.", len(summary), out_dir)
+  return dict(out_dir=out_dir, step=loaded.step, samples=summary)

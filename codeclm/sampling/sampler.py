@@ -1,0 +1,340 @@
+r"""The jitted KV-cache sampler: token prompts -> new tokens.
+
+Jitted once per (batch, prompt length, cache length) bucket. The right-padded
+prompts are prefilled in one forward pass into a KV cache; then one token per
+row is drawn and fed back inside a `lax.while_loop` until every row has
+emitted EOS or `max_new_tokens` is reached. Each step masks the logits in this
+order: the constraint (if any), temperature, top-k, top-p; temperature 0 is
+greedy. Settings, seed, `max_new_tokens` and the EOS/PAD ids are traced
+values, so changing them never recompiles. Params keep the shardings they
+were restored with (as trained); prompts and outputs split over the mesh's
+batch axes.
+
+Reproducibility: row b draws step i with the key
+fold_in(fold_in(key(seed), sample_id[b]), i), so a sample depends on its
+seed and global sample index, not on the batch it was drawn in or on the
+number of processes.
+
+Constraint hook: a per-row automaton state is carried through the loop; each
+step keeps only `allowed[state_b]` and then moves to
+`next_state[state_b, token_b]`. The JPEG grammar
+(codeclm/sampling/jpeg_grammar.py) plugs in here as a state x token table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+from codeclm.model import llama
+from codeclm.model import sharding
+
+# -- settings and the constraint hook ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How tokens are drawn (the paper: top-p 0.9 or 1, top-k 40 or 80)."""
+  temperature: float = 1.0   # 0 = greedy (argmax)
+  top_k: int = 0             # keep the k most likely tokens; 0 = off
+  top_p: float = 1.0         # keep the smallest set with this mass; 1 = off
+  max_new_tokens: int = 256
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is "
+                       "greedy).")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be >= 0 (0 turns it off).")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p={self.top_p} must lie in (0, 1] (1 turns it "
+                       "off).")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
+
+
+@flax.struct.dataclass
+class Constraint:
+  """A token automaton: states x vocabulary tables, applied every step.
+
+  allowed: bool [S, V]; a row in state s may only draw tokens allowed[s]
+    (every state must allow at least one token).
+  next_state: int32 [S, V]; the state after drawing a token.
+  initial_state: int32 scalar; every row's state after its prompt.
+  """
+  allowed: jax.Array
+  next_state: jax.Array
+  initial_state: jax.Array
+
+  @classmethod
+  def create(cls, allowed, next_state, initial_state: int = 0) -> Constraint:
+    allowed = np.asarray(allowed, bool)
+    next_state = np.asarray(next_state, np.int32)
+    if allowed.ndim != 2 or allowed.shape != next_state.shape:
+      raise ValueError(
+          f"Constraint tables must both be [states, vocab]; got allowed "
+          f"{allowed.shape} and next_state {next_state.shape}.")
+    if not allowed.any(axis=1).all():
+      raise ValueError(
+          "Constraint states "
+          f"{np.flatnonzero(~allowed.any(axis=1)).tolist()[:10]} allow no "
+          "token; every state must allow at least one.")
+    s = allowed.shape[0]
+    if next_state.min() < 0 or next_state.max() >= s or not (
+        0 <= initial_state < s):
+      raise ValueError(f"Constraint states must lie in [0, {s}); check "
+                       "next_state and initial_state.")
+    return cls(jnp.asarray(allowed), jnp.asarray(next_state),
+               jnp.asarray(initial_state, jnp.int32))
+
+
+# -- the masks -----------------------------------------------------------------
+
+
+def _ranks(logits: jax.Array) -> jax.Array:
+  """Each token's rank in descending order (ties: the lower id first)."""
+  order = jnp.argsort(-logits, axis=-1, stable=True)
+  return jnp.argsort(order, axis=-1)
+
+
+def top_k_mask(logits: jax.Array, k) -> jax.Array:
+  """True for the k largest logits of each row (exactly k, ties by id); k <= 0
+  keeps all."""
+  return (_ranks(logits) < k) | (k <= 0)
+
+
+def top_p_mask(logits: jax.Array, p) -> jax.Array:
+  """True for the smallest prefix (by probability) whose mass reaches p.
+
+  A token is kept when the mass of the tokens ranked above it is < p, so the
+  most likely token is always kept and p = 1 keeps every token with nonzero
+  probability (as Hugging Face's TopPLogitsWarper).
+  """
+  ranks = _ranks(logits)
+  sorted_logits = -jnp.sort(-logits, axis=-1)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < p
+  return jnp.take_along_axis(keep_sorted, ranks, axis=-1) | (p >= 1)
+
+
+def choose(logits: jax.Array, keys: jax.Array, temperature, top_k,
+           top_p) -> jax.Array:
+  """One token per row of fp32 logits [B, V] with per-row keys [B]."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+  keep = top_k_mask(scaled, top_k) & top_p_mask(scaled, top_p)
+  scaled = jnp.where(keep, scaled, -jnp.inf)
+  drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+  return jnp.where(temperature > 0, drawn, greedy)
+
+
+# -- the jitted loop -----------------------------------------------------------
+
+
+@flax.struct.dataclass
+class _Loop:
+  """What the while_loop carries."""
+  step: jax.Array          # int32: new tokens drawn so far
+  tokens: jax.Array        # int32 [B, C]: prompt then new tokens, PAD after
+  logits: jax.Array        # fp32 [B, V]: the next token's logits
+  cache: llama.KVCache
+  done: jax.Array          # bool [B]: drew EOS (or a padding row)
+  state: jax.Array         # int32 [B]: constraint state
+
+
+def _generate(params, prompts, lengths, active, sample_ids, seed,
+              max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
+              constraint, *, model: llama.Llama, cache_len: int, cache_dtype,
+              trace_counter: list[int]):
+  """Prefill + decode loop; returns tokens [B, cache_len] (see _Loop)."""
+  trace_counter.append(1)  # Runs once per compilation.
+  b, p = prompts.shape
+  apply = functools.partial(model.apply, {"params": params})
+  cache = llama.init_cache(model.config, b, cache_len, cache_dtype)
+  # No positions: every row from 0, the model's causal prefill fast path.
+  logits, cache = apply(prompts, cache=cache)
+  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
+  tokens = jnp.full((b, cache_len), pad_id, jnp.int32)
+  tokens = jax.lax.dynamic_update_slice(tokens, prompts, (0, 0))
+  tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
+  row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+      jax.random.key(seed), sample_ids)
+  state0 = jnp.zeros((b,), jnp.int32)
+  if constraint is not None:
+    state0 = state0 + constraint.initial_state
+  rows = jnp.arange(b)
+
+  def cond(s: _Loop):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  def body(s: _Loop) -> _Loop:
+    logits = s.logits
+    if constraint is not None:
+      logits = jnp.where(constraint.allowed[s.state], logits, -jnp.inf)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, s.step)
+    token = choose(logits, keys, temperature, top_k, top_p)
+    token = jnp.where(s.done, pad_id, token)
+    pos = lengths + s.step
+    state = s.state
+    if constraint is not None:
+      state = jnp.where(s.done, state, constraint.next_state[state, token])
+    new_logits, cache = apply(token[:, None], pos[:, None], cache=s.cache)
+    return _Loop(step=s.step + 1, tokens=s.tokens.at[rows, pos].set(token),
+                 logits=new_logits[:, 0], cache=cache,
+                 done=s.done | (token == eos_id), state=state)
+
+  init = _Loop(step=jnp.zeros((), jnp.int32), tokens=tokens, logits=last[:, 0],
+               cache=cache, done=~active, state=state0)
+  return jax.lax.while_loop(cond, body, init).tokens
+
+
+@functools.lru_cache(maxsize=16)
+def _loop_for(model: llama.Llama, mesh: jax.sharding.Mesh, rules: tuple,
+              cache_dtype) -> tuple[Any, list[int]]:
+  """The jitted loop and its trace log, shared by equal Samplers.
+
+  A Sampler re-created for the same model, mesh, rules and cache dtype (a
+  notebook cell run again, a second command in one process) reuses the
+  compiled buckets. The rules are part of the key because flax reads them
+  at trace time and jit's own cache does not see them.
+  """
+  del mesh, rules  # Keys only: the caller traces under them.
+  traces: list[int] = []
+  fn = jax.jit(functools.partial(_generate, model=model,
+                                 cache_dtype=cache_dtype,
+                                 trace_counter=traces),
+               static_argnames=("cache_len",))
+  return fn, traces
+
+
+def bucket(n: int, minimum: int) -> int:
+  """The next power of two >= max(n, minimum)."""
+  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """One row's result: new tokens (EOS and padding dropped)."""
+  tokens: np.ndarray
+  ended: bool              # drew EOS (else stopped at max_new_tokens)
+  prompt_len: int
+
+
+class Sampler:
+  """Draws continuations of token prompts with a model on a mesh.
+
+  Params are used where they lie (restore them with the training shardings,
+  see `load`); prompts and outputs are split over the mesh's batch axes by
+  the logical rules. Batches are padded to a power of two (a multiple of the
+  data-parallel size); prompts to a power of two >= `min_bucket`; the cache
+  to a power of two >= prompt + max_new_tokens, capped at the model's max_len.
+  Settings, seed, EOS and PAD are traced, so only a new bucket compiles;
+  `num_compilations` counts the traces.
+  """
+
+  def __init__(self, model: llama.Llama, *, eos_id: int, pad_id: int,
+               mesh: jax.sharding.Mesh | None = None,
+               rules: Sequence = sharding.DEFAULT_RULES,
+               cache_dtype=jnp.bfloat16, min_bucket: int = 64):
+    self.model = model
+    self.eos_id, self.pad_id = int(eos_id), int(pad_id)
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(
+        (-1, 1, 1), jax.devices()[:1])
+    self.rules = tuple(rules)
+    self.cache_dtype = jnp.dtype(cache_dtype)
+    self.min_bucket = int(min_bucket)
+    with self._context():
+      spec = nn.logical_to_mesh_axes(("batch", "length"), self.rules)
+    self._batch_sharding = jax.sharding.NamedSharding(self.mesh, spec)
+    self._row_sharding = jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec(spec[0]))
+    batch_axes = spec[0] if isinstance(spec[0], tuple) else (
+        () if spec[0] is None else (spec[0],))
+    self.batch_multiple = math.prod(self.mesh.shape[a] for a in batch_axes)
+    self._jitted, self._traces = _loop_for(model, self.mesh, self.rules,
+                                           self.cache_dtype)
+
+  @property
+  def num_compilations(self) -> int:
+    """Traces of the jitted loop (shared by equal Samplers, see _loop_for)."""
+    return len(self._traces)
+
+  def _context(self):
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def shapes(self, num_rows: int, longest_prompt: int,
+             max_new_tokens: int) -> tuple[int, int, int]:
+    """(batch, prompt length, cache length) buckets for a request."""
+    max_len = self.model.config.max_len
+    if longest_prompt + max_new_tokens > max_len:
+      raise ValueError(
+          f"A prompt of {longest_prompt} tokens + max_new_tokens="
+          f"{max_new_tokens} exceeds the model's max_len={max_len} (the "
+          "training seq_len); lower max_new_tokens or shorten the prompt.")
+    b = bucket(num_rows, 1)
+    b = -(-b // self.batch_multiple) * self.batch_multiple
+    cache_len = min(bucket(longest_prompt + max_new_tokens, self.min_bucket),
+                    max_len)
+    return b, min(bucket(longest_prompt, self.min_bucket), cache_len), cache_len
+
+  def __call__(self, params, prompts: Sequence[Sequence[int]],
+               settings: Settings, *, seed: int = 0,
+               sample_ids: Sequence[int] | None = None,
+               constraint: Constraint | None = None) -> list[Sample]:
+    """Continues each prompt (token ids, BOS included; none may be empty)."""
+    prompts = [np.asarray(x, np.int32).reshape(-1) for x in prompts]
+    if not prompts or any(not len(x) for x in prompts):
+      raise ValueError("Sampler needs at least one prompt and no empty one; "
+                       "an unconditional sample starts from [BOS].")
+    vocab = self.model.config.vocab_size
+    for i, x in enumerate(prompts):
+      if x.min() < 0 or x.max() >= vocab:
+        raise ValueError(f"Prompt {i} holds token ids outside [0, {vocab}); "
+                         "was it encoded with this model's tokenizer?")
+    n = len(prompts)
+    sample_ids = np.arange(n) if sample_ids is None else np.asarray(
+        sample_ids)
+    if sample_ids.shape != (n,):
+      raise ValueError(f"sample_ids has shape {sample_ids.shape}; give one "
+                       f"id per prompt ({n}).")
+    lengths = np.array([len(x) for x in prompts], np.int32)
+    b, p, cache_len = self.shapes(n, int(lengths.max()),
+                                  settings.max_new_tokens)
+    batch = np.full((b, p), self.pad_id, np.int32)
+    for i, x in enumerate(prompts):
+      batch[i, :len(x)] = x
+    rows = lambda x: np.concatenate([x, np.ones(b - n, x.dtype)])
+    put = lambda x, s: jax.make_array_from_callback(
+        x.shape, s, lambda idx: x[idx])
+    with self._context():
+      out = self._jitted(
+          params, put(batch, self._batch_sharding),
+          put(rows(lengths), self._row_sharding),
+          put(np.arange(b) < n, self._row_sharding),
+          put(rows(sample_ids.astype(np.uint32)), self._row_sharding),
+          np.uint32(seed), np.int32(settings.max_new_tokens),
+          np.float32(settings.temperature), np.int32(settings.top_k),
+          np.float32(settings.top_p), np.int32(self.eos_id),
+          np.int32(self.pad_id), constraint, cache_len=cache_len)
+    out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
+    results = []
+    for i, length in enumerate(lengths):
+      new = out[i, length:length + settings.max_new_tokens]
+      stop = np.flatnonzero(new == self.eos_id)
+      ended = bool(len(stop))
+      results.append(Sample(new[:stop[0]] if ended else new, ended,
+                            int(length)))
+    return results
