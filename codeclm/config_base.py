@@ -115,6 +115,11 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       top_k=40,                   # paper: 40 or 80; 0 = off
       top_p=0.9,                  # paper: 0.9 or 1.0
       max_new_tokens=0,           # 0 = up to the model's max_len (seq_len)
+      # JPEG: draw only bytes the stream's grammar allows, so every sample
+      # that ends decodes with every MCU clean (codeclm/sampling/
+      # token_grammar.py); False = the paper's unconstrained sampling.
+      # Ignored for AVC (no grammar for H.264 slices).
+      constrained=True,
       seed=0,
       batch_size=8,               # rows per sampler call
       cache_dtype="bfloat16",

@@ -250,13 +250,14 @@ class Completion:
 def complete(sampler: sampler_lib.Sampler, params, tokenizer, codec,
              prompts: Sequence[bytes], ids: Sequence[int],
              settings: sampler_lib.Settings, *, seed: int, batch_size: int,
-             progress: Callable[[int], Any] = lambda n: None
-             ) -> list[Completion]:
+             progress: Callable[[int], Any] = lambda n: None,
+             grammar=None) -> list[Completion]:
   """Samples and decodes each prompt (b"" = from [BOS] alone).
 
   Row r draws min(settings.max_new_tokens, max_len - its prompt) tokens at
   most; rows are batched with others of the same budget, so what a row draws
-  depends only on its prompt, its id and the seed.
+  depends only on its prompt, its id and the seed. grammar: a
+  token_grammar.TokenGrammar constraining every row (None: unconstrained).
   """
   max_len = sampler.model.config.max_len
   tokens = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(p)])
@@ -281,9 +282,11 @@ def complete(sampler: sampler_lib.Sampler, params, tokenizer, codec,
   for budget, rows in sorted(groups.items(), reverse=True):
     for start in range(0, len(rows), batch_size):
       chunk = rows[start:start + batch_size]
+      extra = grammar.sampler_args([prompts[r] for r in chunk]) if (
+          grammar) else {}
       drawn = sampler(params, [tokens[r] for r in chunk],
                       dataclasses.replace(settings, max_new_tokens=budget),
-                      seed=seed, sample_ids=[ids[r] for r in chunk])
+                      seed=seed, sample_ids=[ids[r] for r in chunk], **extra)
       for r, s in zip(chunk, drawn):
         data = prompts[r] + tokenizer.decode(s.tokens)
         pixels, report = codec.decode(data)
@@ -304,7 +307,7 @@ def max_new_tokens(sample_cfg, slot: Slot, max_len: int) -> int:
 
 
 def _settings(config, *, step: int, spec: str, codec, max_len: int,
-              weights_hash: str) -> dict:
+              weights_hash: str, constrained: bool) -> dict:
   """What a slice's numbers depend on: equal settings, mergeable slices."""
   ec, sc = config.eval, config.sample
   return json.loads(json.dumps(dict(
@@ -317,6 +320,7 @@ def _settings(config, *, step: int, spec: str, codec, max_len: int,
       sampler=dict(temperature=sc.temperature, top_k=sc.top_k,
                    top_p=sc.top_p, max_new_tokens=sc.max_new_tokens,
                    max_len=max_len, cache_dtype=sc.cache_dtype,
+                   constrained=constrained,
                    sample_ids=f"round(ratio*{_RATIO_SCALE})*{_ID_STRIDE}+index"),
       codec=codec.settings(),
       images=dict(
@@ -337,7 +341,8 @@ def _evaluate_slice(config, loaded: workdir_lib.Loaded, extractor, source,
   codec, tokenizer = loaded.codec, loaded.tokenizer
   slots = slots_of(ec.ratios, ec.unconditional)
   sampler = workdir_lib.sampler_of(config.sample, loaded.model, tokenizer,
-                              loaded.mesh, loaded.rules)
+                                   loaded.mesh, loaded.rules)
+  grammar = workdir_lib.grammar_of(config.sample, codec, tokenizer)
   max_len = loaded.model.config.max_len
   model_inputs = []
   for i in indices:
@@ -367,7 +372,8 @@ def _evaluate_slice(config, loaded: workdir_lib.Loaded, extractor, source,
                                                      max_len))
         done = complete(sampler, loaded.params, tokenizer, codec, prompts,
                         sample_ids(slot, indices), settings, seed=seed,
-                        batch_size=ec.batch_size, progress=bar.update)
+                        batch_size=ec.batch_size, progress=bar.update,
+                        grammar=grammar)
         shown = [fid_view(c.pixels, ec.downscale) for c in done]
         arrays["generated"][a, b] = extractor(np.stack(shown))
         arrays["sample_sha256"][a, b] = [_digest(c.data) for c in done]
@@ -616,7 +622,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   extractor = _extractor(ec)
   spec = reference_spec(config)
   settings = _settings(config, step=step, spec=spec, codec=codec,
-                       max_len=max_len, weights_hash=extractor.weights_hash)
+                       max_len=max_len, weights_hash=extractor.weights_hash,
+                       constrained=bool(config.sample.constrained))
   name = slice_name(p, count)
   lo, hi = slice_bounds(ec.num_examples, p, count)
   if _finished_slice(out_dir, name, settings):

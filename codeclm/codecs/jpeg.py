@@ -465,14 +465,14 @@ def _layout(width: int, height: int, quality: int, subsampling: str) -> _Layout:
   """
   image = Image.new("RGB", (width, height), (_GREY,) * 3)
   reference = _save(image, quality, subsampling, 0)
-  segments = dict(_segments(reference))
+  by_marker = dict(segments(reference))
   start, end = _entropy_span(reference)
   grey = _RST_RE.split(reference[start:end])[0]
   tables = {}
-  for marker, payload in _segments(_header(quality, subsampling)):
+  for marker, payload in segments(_header(quality, subsampling)):
     if marker == 0xC4:
       tables.update(_parse_dht(payload))
-  sof, sos = segments[0xC0], segments[0xDA]
+  sof, sos = by_marker[0xC0], by_marker[0xDA]
   sampling = {sof[6 + 3 * i]: sof[7 + 3 * i] for i in range(sof[5])}
   blocks = []
   for i in range(sos[0]):
@@ -482,7 +482,7 @@ def _layout(width: int, height: int, quality: int, subsampling: str) -> _Layout:
   return _Layout(reference[:start], grey, tuple(blocks))
 
 
-def _segments(jpeg: bytes):
+def segments(jpeg: bytes):
   """(marker, payload) of a well-formed JPEG's segments, up to SOS (trusted)."""
   i = 2
   while i + 4 <= len(jpeg) and jpeg[i] == 0xFF:

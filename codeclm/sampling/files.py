@@ -49,13 +49,15 @@ class Result:
 
 
 def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
-         requests: Sequence[Request], settings: sampler_lib.Settings, *, seed: int,
-         batch_size: int, first_id: int = 0) -> list[Result]:
+         requests: Sequence[Request], settings: sampler_lib.Settings, *,
+         seed: int, batch_size: int, first_id: int = 0,
+         grammar=None) -> list[Result]:
   """Samples every request (in batches) and decodes the bytes to pixels.
 
   Request i uses sample id first_id + i, so results do not depend on
   batch_size. settings.max_new_tokens is lowered where a prompt would not
-  fit the model's max_len.
+  fit the model's max_len. grammar: a token_grammar.TokenGrammar that
+  constrains every row (None: unconstrained).
   """
   prompts = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(r.prompt)])
              .astype(np.int32) for r in requests]
@@ -70,8 +72,12 @@ def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
   results = []
   for start in range(0, len(requests), batch_size):
     chunk = slice(start, start + batch_size)
+    extra = grammar.sampler_args(
+        [r.prompt for r in requests[chunk]],
+        [r.name for r in requests[chunk]]) if grammar else {}
     samples = sampler(params, prompts[chunk], settings, seed=seed,
-                      sample_ids=np.arange(len(requests))[chunk] + first_id)
+                      sample_ids=np.arange(len(requests))[chunk] + first_id,
+                      **extra)
     for request, sample in zip(requests[chunk], samples):
       data = request.prompt + tokenizer.decode(sample.tokens)
       pixels, report = codec.decode(data)
@@ -158,7 +164,7 @@ def _write(out_dir: str, result: Result, codec, info: dict) -> None:
 
 def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """The sample command: writes samples, completions and grids; returns a
-  summary {out_dir, step, samples: {name: decode report dict}}."""
+  summary {out_dir, step, constrained, samples: {name: decode report dict}}."""
   loaded = workdir_lib.load(workdir, sample_cfg.step or None,
                 sample_cfg.mesh_shape or None)
   out_dir = sample_cfg.out_dir or os.path.join(
@@ -168,11 +174,13 @@ def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                        loaded.mesh, loaded.rules)
   max_new = sample_cfg.max_new_tokens or loaded.model.config.max_len
   settings = workdir_lib.settings_of(sample_cfg, max_new)
+  grammar = workdir_lib.grammar_of(sample_cfg, loaded.codec, loaded.tokenizer)
   info = dict(step=loaded.step, seed=sample_cfg.seed,
-              settings=dataclasses.asdict(settings))
+              settings=dataclasses.asdict(settings),
+              constrained=grammar is not None)
   draw_ = functools.partial(draw, sampler, loaded.params, loaded.tokenizer,
                             loaded.codec, seed=sample_cfg.seed,
-                            batch_size=sample_cfg.batch_size)
+                            batch_size=sample_cfg.batch_size, grammar=grammar)
   codec, summary = loaded.codec, {}
   write = jax.process_index() == 0
 
@@ -205,4 +213,5 @@ def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             os.path.join(out_dir, f"{name}_grid.png"))
       summary.update({r.request.name: r.report.to_dict() for r in mine})
   logging.info("Wrote %d samples to %s.", len(summary), out_dir)
-  return dict(out_dir=out_dir, step=loaded.step, samples=summary)
+  return dict(out_dir=out_dir, step=loaded.step,
+              constrained=grammar is not None, samples=summary)

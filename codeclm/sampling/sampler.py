@@ -64,38 +64,86 @@ class Settings:
 
 
 @flax.struct.dataclass
-class Constraint:
-  """A token automaton: states x vocabulary tables, applied every step.
+class Counter:
+  """A per-row count carried beside the automaton state.
 
-  allowed: bool [S, V]; a row in state s may only draw tokens allowed[s]
-    (every state must allow at least one token).
-  next_state: int32 [S, V]; the state after drawing a token.
-  initial_state: int32 scalar; every row's state after its prompt.
+  For a grammar whose one non-regular part is a count (JPEG: which restart
+  marker comes next, and EOI only after the last MCU). A token's kind is 1
+  in `state` (JPEG: right after a marker's FF) and 0 elsewhere. Drawing token
+  t adds step[kind, t] to the count; t is allowed only where ok[kind, t],
+  first[kind, t] < 0 or == count % modulus, and count + step <= limit, with
+  equality where final[kind, t].
   """
-  allowed: jax.Array
+  state: jax.Array     # int32 scalar
+  limit: jax.Array     # int32 scalar
+  modulus: jax.Array   # int32 scalar
+  step: jax.Array      # int32 [2, V]
+  first: jax.Array     # int32 [2, V]
+  final: jax.Array     # bool [2, V]
+  ok: jax.Array        # bool [2, V]
+
+  def allows(self, state: jax.Array, count: jax.Array) -> jax.Array:
+    """bool [B, V]: the tokens the counts of rows in `state` [B] allow."""
+    kind = (state == self.state).astype(jnp.int32)
+    step, first = self.step[kind], self.first[kind]
+    after = count[:, None] + step
+    return (self.ok[kind] & ((first < 0) | (first == count[:, None]
+                                             % self.modulus))
+            & (after <= self.limit)
+            & (~self.final[kind] | (after == self.limit)))
+
+  def advance(self, state: jax.Array, count: jax.Array,
+              token: jax.Array) -> jax.Array:
+    kind = (state == self.state).astype(jnp.int32)
+    return count + self.step[kind, token]
+
+
+@flax.struct.dataclass
+class Constraint:
+  """A token automaton: a states x vocabulary table, applied every step.
+
+  next_state: int32 [S, V]; the state after drawing a token, -1 where the
+    token is not allowed (every state must allow at least one token).
+  initial_state: int32 scalar; a row's state after its prompt unless the
+    call gives per-row `starts`.
+  counter: an optional per-row count that further restricts tokens.
+  """
   next_state: jax.Array
   initial_state: jax.Array
+  counter: Counter | None = None
 
   @classmethod
-  def create(cls, allowed, next_state, initial_state: int = 0) -> Constraint:
+  def create(cls, allowed, next_state, initial_state: int = 0,
+             counter: Counter | None = None) -> Constraint:
+    """From separate tables: allowed bool [S, V], next_state int [S, V]."""
     allowed = np.asarray(allowed, bool)
     next_state = np.asarray(next_state, np.int32)
     if allowed.ndim != 2 or allowed.shape != next_state.shape:
       raise ValueError(
           f"Constraint tables must both be [states, vocab]; got allowed "
           f"{allowed.shape} and next_state {next_state.shape}.")
-    if not allowed.any(axis=1).all():
+    return cls.from_table(np.where(allowed, next_state, -1), initial_state,
+                          counter)
+
+  @classmethod
+  def from_table(cls, next_state, initial_state: int = 0,
+                 counter: Counter | None = None) -> Constraint:
+    """From one table: int [S, V] with -1 where a token is not allowed."""
+    next_state = np.asarray(next_state, np.int32)
+    if next_state.ndim != 2:
+      raise ValueError(f"Constraint table must be [states, vocab]; got "
+                       f"{next_state.shape}.")
+    s = next_state.shape[0]
+    empty = (next_state < 0).all(axis=1)
+    if empty.any():
       raise ValueError(
-          "Constraint states "
-          f"{np.flatnonzero(~allowed.any(axis=1)).tolist()[:10]} allow no "
+          f"Constraint states {np.flatnonzero(empty).tolist()[:10]} allow no "
           "token; every state must allow at least one.")
-    s = allowed.shape[0]
-    if next_state.min() < 0 or next_state.max() >= s or not (
-        0 <= initial_state < s):
+    if next_state.max() >= s or not 0 <= initial_state < s:
       raise ValueError(f"Constraint states must lie in [0, {s}); check "
                        "next_state and initial_state.")
-    return cls(jnp.asarray(allowed), jnp.asarray(next_state),
-               jnp.asarray(initial_state, jnp.int32))
+    return cls(jnp.asarray(next_state), jnp.asarray(initial_state, jnp.int32),
+               counter)
 
 
 # -- the masks -----------------------------------------------------------------
@@ -150,10 +198,11 @@ class _Loop:
   cache: llama.KVCache
   done: jax.Array          # bool [B]: drew EOS (or a padding row)
   state: jax.Array         # int32 [B]: constraint state
+  count: jax.Array         # int32 [B]: constraint counter
 
 
-def _generate(params, prompts, lengths, active, sample_ids, seed,
-              max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
+def _generate(params, prompts, lengths, active, sample_ids, states, counts,
+              seed, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
               constraint, *, model: llama.Llama, cache_len: int, cache_dtype,
               trace_counter: list[int]):
   """Prefill + decode loop; returns tokens [B, cache_len] (see _Loop)."""
@@ -169,32 +218,36 @@ def _generate(params, prompts, lengths, active, sample_ids, seed,
   tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
   row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
       jax.random.key(seed), sample_ids)
-  state0 = jnp.zeros((b,), jnp.int32)
-  if constraint is not None:
-    state0 = state0 + constraint.initial_state
   rows = jnp.arange(b)
 
   def cond(s: _Loop):
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
   def body(s: _Loop) -> _Loop:
-    logits = s.logits
+    logits, state, count = s.logits, s.state, s.count
     if constraint is not None:
-      logits = jnp.where(constraint.allowed[s.state], logits, -jnp.inf)
+      row = constraint.next_state[state]                      # [B, V]
+      allowed = row >= 0
+      if constraint.counter is not None:
+        allowed &= constraint.counter.allows(state, count)
+      logits = jnp.where(allowed, logits, -jnp.inf)
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, s.step)
     token = choose(logits, keys, temperature, top_k, top_p)
     token = jnp.where(s.done, pad_id, token)
     pos = lengths + s.step
-    state = s.state
     if constraint is not None:
-      state = jnp.where(s.done, state, constraint.next_state[state, token])
+      moved = jnp.take_along_axis(row, token[:, None], axis=1)[:, 0]
+      if constraint.counter is not None:
+        count = jnp.where(s.done, count,
+                          constraint.counter.advance(state, count, token))
+      state = jnp.where(s.done, state, moved)
     new_logits, cache = apply(token[:, None], pos[:, None], cache=s.cache)
     return _Loop(step=s.step + 1, tokens=s.tokens.at[rows, pos].set(token),
                  logits=new_logits[:, 0], cache=cache,
-                 done=s.done | (token == eos_id), state=state)
+                 done=s.done | (token == eos_id), state=state, count=count)
 
   init = _Loop(step=jnp.zeros((), jnp.int32), tokens=tokens, logits=last[:, 0],
-               cache=cache, done=~active, state=state0)
+               cache=cache, done=~active, state=states, count=counts)
   return jax.lax.while_loop(cond, body, init).tokens
 
 
@@ -293,8 +346,14 @@ class Sampler:
   def __call__(self, params, prompts: Sequence[Sequence[int]],
                settings: Settings, *, seed: int = 0,
                sample_ids: Sequence[int] | None = None,
-               constraint: Constraint | None = None) -> list[Sample]:
-    """Continues each prompt (token ids, BOS included; none may be empty)."""
+               constraint: Constraint | None = None,
+               starts: Sequence[tuple[int, int]] | None = None
+               ) -> list[Sample]:
+    """Continues each prompt (token ids, BOS included; none may be empty).
+
+    starts: each row's (constraint state, counter) after its prompt; default
+    (constraint.initial_state, 0).
+    """
     prompts = [np.asarray(x, np.int32).reshape(-1) for x in prompts]
     if not prompts or any(not len(x) for x in prompts):
       raise ValueError("Sampler needs at least one prompt and no empty one; "
@@ -311,6 +370,13 @@ class Sampler:
       raise ValueError(f"sample_ids has shape {sample_ids.shape}; give one "
                        f"id per prompt ({n}).")
     lengths = np.array([len(x) for x in prompts], np.int32)
+    if starts is None:
+      first = int(constraint.initial_state) if constraint is not None else 0
+      starts = [(first, 0)] * n
+    starts = np.asarray(starts, np.int32).reshape(-1, 2)
+    if starts.shape != (n, 2):
+      raise ValueError(f"starts has {len(starts)} entries; give one (state, "
+                       f"count) per prompt ({n}).")
     b, p, cache_len = self.shapes(n, int(lengths.max()),
                                   settings.max_new_tokens)
     batch = np.full((b, p), self.pad_id, np.int32)
@@ -325,6 +391,10 @@ class Sampler:
           put(rows(lengths), self._row_sharding),
           put(np.arange(b) < n, self._row_sharding),
           put(rows(sample_ids.astype(np.uint32)), self._row_sharding),
+          put(np.concatenate([starts[:, 0], np.full(b - n, starts[0, 0],
+                                                    np.int32)]),
+              self._row_sharding),
+          put(rows(starts[:, 1]), self._row_sharding),
           np.uint32(seed), np.int32(settings.max_new_tokens),
           np.float32(settings.temperature), np.int32(settings.top_k),
           np.float32(settings.top_p), np.int32(self.eos_id),

@@ -44,6 +44,7 @@ class TensorBoardSampler:
                data_dir: str):
     self.cfg = config.sample
     self.tokenizer, self.codec = tokenizer, codec
+    self.grammar = workdir_lib.grammar_of(self.cfg, codec, tokenizer)
     self.sampler = workdir_lib.sampler_of(self.cfg, model, tokenizer, mesh, rules)
     # Held-out examples whose prompt leaves room to generate in max_len (a
     # long video's 10-frame prompt may not): skipped with a warning rather
@@ -67,7 +68,8 @@ class TensorBoardSampler:
   def __call__(self, params) -> dict[str, np.ndarray]:
     draw_ = functools.partial(files.draw, self.sampler, params, self.tokenizer,
                               self.codec, seed=self.cfg.seed,
-                              batch_size=self.cfg.batch_size)
+                              batch_size=self.cfg.batch_size,
+                              grammar=self.grammar)
     n = self.cfg.tb_samples
     out = {}
     if n:

@@ -96,3 +96,16 @@ def sampler_of(sample_cfg, model, tokenizer, mesh, rules) -> sampler_lib.Sampler
   return sampler_lib.Sampler(model, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                  mesh=mesh, rules=rules, cache_dtype=sample_cfg.cache_dtype,
                  min_bucket=sample_cfg.min_bucket)
+
+
+def grammar_of(sample_cfg, codec, tokenizer):
+  """The token grammar sampling uses, or None (unconstrained, or AVC)."""
+  if not sample_cfg.constrained:
+    return None
+  if codec.name != "jpeg":
+    logging.info("sample.constrained is ignored for %s: only JPEG has a "
+                 "grammar.", codec.name)
+    return None
+  from codeclm.sampling import jpeg_grammar  # pylint: disable=g-import-not-at-top
+  from codeclm.sampling import token_grammar  # pylint: disable=g-import-not-at-top
+  return token_grammar.build(jpeg_grammar.build(codec), tokenizer)
