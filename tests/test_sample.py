@@ -343,8 +343,10 @@ def test_sample_command_writes_images_and_reports(workdir, tmp_path):
   names = [f"sample_{i:04d}" for i in range(4)] + [
       f"{n}_r50_{j}" for n in ("astronaut", "coffee") for j in (0, 1)]
   assert sorted(summary["samples"]) == sorted(names)
+  assert summary["constrained"] is True  # The default for JPEG.
   for name in names:
     info = json.load(open(out / f"{name}.json"))
+    assert info["constrained"] is True
     assert info["report"]["expected"] == loaded_codec.num_mcus
     assert info["report"] == summary["samples"][name]
     with Image.open(out / f"{name}.jpg") as im:  # A standalone JPEG file.
