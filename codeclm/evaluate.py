@@ -342,7 +342,8 @@ def _evaluate_slice(config, loaded: workdir_lib.Loaded, extractor, source,
   slots = slots_of(ec.ratios, ec.unconditional)
   sampler = workdir_lib.sampler_of(config.sample, loaded.model, tokenizer,
                                    loaded.mesh, loaded.rules)
-  grammar = workdir_lib.grammar_of(config.sample, codec, tokenizer)
+  grammar = workdir_lib.grammar_of(config.sample.constrained, codec,
+                                     tokenizer)
   max_len = loaded.model.config.max_len
   model_inputs = []
   for i in indices:

@@ -27,7 +27,8 @@ def loaded_and_sampler():
   cfg = test_sample.sample_config(cache_dtype="float32", min_bucket=MAX_LEN)
   sampler = workdir_lib.sampler_of(cfg, model, loaded.tokenizer, loaded.mesh,
                                    loaded.rules)
-  grammar = workdir_lib.grammar_of(cfg, loaded.codec, loaded.tokenizer)
+  grammar = workdir_lib.grammar_of(cfg.constrained, loaded.codec,
+                                   loaded.tokenizer)
   return loaded, sampler, grammar
 
 

@@ -174,7 +174,8 @@ def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                        loaded.mesh, loaded.rules)
   max_new = sample_cfg.max_new_tokens or loaded.model.config.max_len
   settings = workdir_lib.settings_of(sample_cfg, max_new)
-  grammar = workdir_lib.grammar_of(sample_cfg, loaded.codec, loaded.tokenizer)
+  grammar = workdir_lib.grammar_of(sample_cfg.constrained, loaded.codec,
+                                     loaded.tokenizer)
   info = dict(step=loaded.step, seed=sample_cfg.seed,
               settings=dataclasses.asdict(settings),
               constrained=grammar is not None)

@@ -44,7 +44,8 @@ class TensorBoardSampler:
                data_dir: str):
     self.cfg = config.sample
     self.tokenizer, self.codec = tokenizer, codec
-    self.grammar = workdir_lib.grammar_of(self.cfg, codec, tokenizer)
+    self.grammar = workdir_lib.grammar_of(self.cfg.constrained, codec,
+                                          tokenizer)
     self.sampler = workdir_lib.sampler_of(self.cfg, model, tokenizer, mesh, rules)
     # Held-out examples whose prompt leaves room to generate in max_len (a
     # long video's 10-frame prompt may not): skipped with a warning rather

@@ -98,9 +98,10 @@ def sampler_of(sample_cfg, model, tokenizer, mesh, rules) -> sampler_lib.Sampler
                  min_bucket=sample_cfg.min_bucket)
 
 
-def grammar_of(sample_cfg, codec, tokenizer):
-  """The token grammar sampling uses, or None (unconstrained, or AVC)."""
-  if not sample_cfg.constrained:
+def grammar_of(constrained: bool, codec, tokenizer):
+  """The token grammar sampling uses (sample.constrained), or None
+  (unconstrained, or AVC)."""
+  if not constrained:
     return None
   if codec.name != "jpeg":
     logging.info("sample.constrained is ignored for %s: only JPEG has a "
