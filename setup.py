@@ -5,6 +5,8 @@ import setuptools
 # torch is pinned to the CPU build that ships with the project's machines; an
 # unpinned torch pulls a multi-GB CUDA build. It is only a test reference.
 TORCH = "torch==2.13.0"
+# The jax release the project is tested with; libtpu must match it exactly.
+JAX = "0.10.2"
 
 setuptools.setup(
     name="codeclm",
@@ -47,5 +49,8 @@ setuptools.setup(
         # tests only. The index's torchvision is a CUDA build whose ops do not
         # load on the CPU torch: tests/conftest.py makes it importable.
         "reference": [TORCH, "torchvision==0.28.0", "pytorch-fid==0.3.0"],
+        # libtpu (~700 MB): TPU runs, and --mode=compile for TPU slices on any
+        # machine (codeclm/compile.py).
+        "tpu": [f"jax[tpu]=={JAX}"],
     },
 )

@@ -59,7 +59,7 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       param_dtype="float32",
       scan_layers=True,
       remat_policy="full",
-      attention_impl="xla",       # "cudnn" for the flash kernel on GPU
+      attention_impl="auto",      # splash on TPU, cuDNN on GPU, XLA on CPU
       qk_norm=False,
   ))
 
@@ -128,6 +128,14 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       tb_samples=4,               # unconditional samples in the TB grid
       tb_images=2,                # held-out images completed in the TB grid
       tb_ratio=0.5,
+  ))
+
+  # Ahead-of-time compilation for a TPU slice (codeclm/compile.py):
+  # --mode=compile.
+  c.compile = ml_collections.ConfigDict(dict(
+      topology="",                # v5e-16 (= v5litepod-16), v5p-128, v4-32, v6e-64
+      steps=("train", "eval", "sample"),  # sample: its prefill and decode
+      sample_prompt_len=0,        # the sampler prefill compiled; 0 = seq_len/2
   ))
 
   # FID evaluation (codeclm/evaluate.py): --mode=eval. Sampler settings

@@ -4,8 +4,28 @@ Grain worker processes and prepare's encoder pool never call this: only
 `codeclm.main` does, before anything touches a device.
 """
 
+import importlib.util
+
 from absl import logging
 import jax
+
+
+def skip_absent_tpu() -> None:
+  """CPU only when libtpu is installed but no TPU (nor GPU) is on this host.
+
+  With the [tpu] extra installed, JAX otherwise loads libtpu and tries a TPU
+  client on every start: ~3 s and a screen of warnings before it falls back
+  to the CPU. A platform chosen by the user (JAX_PLATFORMS) is kept. Call it
+  before anything touches a device.
+  """
+  if jax.config.jax_platforms or importlib.util.find_spec("libtpu") is None:
+    return
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  if (hardware_utils.num_available_tpu_chips_and_device_id()[0]
+      or hardware_utils.has_visible_nvidia_gpu()
+      or hardware_utils.num_available_amd_gpus(stop_at=1)):
+    return
+  jax.config.update("jax_platforms", "cpu")
 
 
 def initialize(cfg) -> None:

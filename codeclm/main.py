@@ -5,9 +5,12 @@ r"""codeclm's entry point: parses flags and dispatches; nothing else.
       --mode=prepare
   python -m codeclm.main --config=configs/jpeg_lm.py:1b --workdir=DIR \
       --config.train.steps=1000 --config.mesh.shape='(1,-1,1)'
+  python -m codeclm.main --config=configs/jpeg_lm.py:7b --workdir=DIR \
+      --mode=compile --config.compile.topology=v5p-128
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -20,11 +23,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints, metrics and run files go here.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["prepare", "train", "sample", "eval"],
+    "mode", "train", ["prepare", "train", "sample", "eval", "compile"],
     "prepare: encode the source into byte shards and train the BPE; "
     "train: train (preparing built-in synthetic data if absent); "
     "sample: images from the workdir's checkpoint (see config.sample); "
-    "eval: this process's slice of the FID evaluation (see config.eval).")
+    "eval: this process's slice of the FID evaluation (see config.eval); "
+    "compile: compile every step for config.compile.topology (a TPU slice) "
+    "and report memory, FLOPs and collectives (needs the [tpu] extra).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,6 +39,12 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   # Imported here so --help is fast and flags parse before JAX starts.
   from codeclm import distributed  # pylint: disable=g-import-not-at-top
+  distributed.skip_absent_tpu()
+  if _MODE.value == "compile":  # One process on a host with no TPU.
+    from codeclm import compile as aot  # pylint: disable=g-import-not-at-top
+    if not aot.run(config, workdir)["verdict"]["fits"]:
+      sys.exit(2)  # Launchers stop here (launch/tpu_pod.sh).
+    return
   distributed.initialize(config.distributed)
 
   if _MODE.value == "prepare":

@@ -82,8 +82,9 @@ def loss_terms(model, params, batch, use_segments: bool, z_loss: float,
   mask = batch["loss_mask"].astype(jnp.float32)
   nll = jnp.sum((logz - target_logit) * mask)
   objective = nll + z_loss * jnp.sum(jnp.square(logz) * mask)
+  target_bytes = jnp.asarray(token_bytes)[batch["targets"]]
   return objective, dict(nll=nll, tokens=jnp.sum(mask),
-                         bytes=jnp.sum(token_bytes[batch["targets"]] * mask))
+                         bytes=jnp.sum(target_bytes * mask))
 
 
 def summarize(sums) -> dict:
@@ -193,13 +194,19 @@ class Setup:
 
 def build(config, vocab_size: int, token_bytes: np.ndarray,
           devices=None) -> Setup:
-  """Mesh, shapes by eval_shape, shardings, and the jitted functions."""
+  """Mesh, shapes by eval_shape, shardings, and the jitted functions.
+
+  Nothing concrete is made here (token_bytes stays numpy and becomes a
+  constant when traced): `devices` may be a TPU topology's unattached devices
+  (codeclm/compile.py), where no array can be placed.
+  """
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   check_config(config, mesh)
   model = llama.Llama(config_base.model_config(config, vocab_size))
   tx, schedule = make_optimizer(config.train)
-  token_bytes = jnp.asarray(token_bytes)
+  token_bytes = np.asarray(token_bytes, np.float32)
+  rng_shape = jax.eval_shape(lambda: jax.random.key(0))
 
   def init_state(rng):
     tokens = jnp.zeros((1, config.seq_len), jnp.int32)
@@ -207,7 +214,7 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(init_state, jax.random.key(0))
+    boxed = jax.eval_shape(init_state, rng_shape)
     state_shardings = sharding.logical_shardings(boxed, mesh, rules)
     data_sharding = jax.sharding.NamedSharding(
         mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))

@@ -65,6 +65,12 @@ TINY = {
         _AVC_DEMO_DATA + _TRAIN_TINY,
     ("codeclm.main", "configs/avc_lm.py:demo", "sample"): [
         f"--config.sample.{o}" for o in _SAMPLE_TINY],
+    # The 7B's shapes shrunk to a 1-layer, width-64 model (needs libtpu).
+    ("codeclm.main", "configs/jpeg_lm.py:7b", "compile"): [
+        "--config.model.num_layers=1", "--config.model.emb_dim=64",
+        "--config.model.num_heads=2", "--config.model.num_kv_heads=2",
+        "--config.model.mlp_dim=128", "--config.seq_len=512",
+        "--config.batch_size=64", "--config.compile.steps=('train',)"],
 }
 
 # Files each key must leave, as globs under the command's --workdir.
@@ -84,6 +90,8 @@ OUTPUTS = {
         "data/manifest.json", "data/tokenizer.json"],
     ("codeclm.main", "configs/avc_lm.py:demo", "train"): [
         "checkpoints/2/commit_success.txt", "config.json", "manifest.json"],
+    ("codeclm.main", "configs/jpeg_lm.py:7b", "compile"): [
+        "compile_report.json"],
     ("codeclm.main", "configs/avc_lm.py:demo", "sample"): [
         "samples/step_2/sample_0000.json", "samples/step_2/samples.png",
         "samples/step_2/clip_r67_0.mp4", "samples/step_2/clip_grid.png"],
@@ -142,7 +150,9 @@ INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp4", ".mkv",
                     ".webm", ".avi", ".mov", ".npz", ".pth")
 
 # (regex on the command, why it cannot run here). Keep it short and honest.
-DOCUMENTED_ONLY = []
+DOCUMENTED_ONLY = [
+    (r"launch/tpu_pod\.sh", "needs gcloud and a Cloud TPU slice"),
+]
 
 
 # -- Parsing. ------------------------------------------------------------------

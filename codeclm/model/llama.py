@@ -53,6 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from codeclm.model import attention
+
 # One size table. Vocabulary size comes from the tokenizer, not from here.
 # "1b" uses 16 heads of 128 (Llama-2's head dim, the fast path of the flash
 # kernels) and an MLP of 4 * width, so it has 1.07B parameters (+ embeddings).
@@ -80,7 +82,7 @@ REMAT_POLICIES: dict[str, Any] = {
     "qkv_proj": jax.checkpoint_policies.save_only_these_names(*_PROJ_NAMES),
     "all_proj": jax.checkpoint_policies.save_only_these_names(*_ALL_NAMES),
 }
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = attention.IMPLS
 # Logical names of a KVCache's k and v arrays [L, B, K, S, F].
 CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
@@ -102,7 +104,7 @@ class LlamaConfig:
   param_dtype: str = "float32"       # storage
   scan_layers: bool = True
   remat_policy: str = "full"
-  attention_impl: str | None = "xla"  # jax.nn.dot_product_attention's choice
+  attention_impl: str | None = "auto"  # see attention.py
   qk_norm: bool = False
 
   def __post_init__(self):
@@ -123,7 +125,7 @@ class LlamaConfig:
                        f"of {sorted(REMAT_POLICIES)}.")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"Unknown attention_impl={self.attention_impl!r}; use "
-                       "None, 'xla' or 'cudnn' (GPU only).")
+                       f"one of {ATTENTION_IMPLS} (see attention.py).")
     for field in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, field))
@@ -319,7 +321,7 @@ class Attention(nn.Module):
     keys = nn.with_logical_constraint(keys, kv_names)
     values = nn.with_logical_constraint(values, kv_names)
 
-    new_kv, mask, is_causal, impl = None, None, True, c.attention_impl
+    new_kv, mask, is_causal = None, None, True
     if cache_kv is not None:
       stored = lambda new: _bits(new.astype(cache_kv.dtype))
       if self.prefill:
@@ -350,17 +352,13 @@ class Attention(nn.Module):
         mask = (jnp.arange(keys.shape[1])[None, None, :]
                 <= positions[:, :, None])[:, None]         # [B, 1, T, S]
         is_causal = False
-        if q.shape[1] == 1:
-          impl = "xla"  # One query per row: nothing for a flash kernel to tile.
-    elif segment_ids is not None:
-      # Packed rows: attend within the same segment (and causally). Padding
-      # (id 0) attends to padding, so no row is fully masked; the loss mask
-      # drops it.
-      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
-    out = jax.nn.dot_product_attention(
-        q, keys, values, mask=mask, is_causal=is_causal,
-        implementation=impl)                               # [B, T, H, F]
+    # Packed rows (segment_ids) attend within the same segment, causally.
+    # Padding (id 0) attends to padding, so no row is fully masked; the loss
+    # mask drops it.
+    out = attention.attend(q, keys, values, impl=c.attention_impl,
+                           segment_ids=segment_ids, mask=mask,
+                           is_causal=is_causal)            # [B, T, H, F]
     out = checkpoint_name(out, "attention_out")
     out = jnp.einsum("BTHF,HFD->BTD", out, wo.astype(dt))
     return nn.with_logical_constraint(out, ("batch", "length", "embed")), new_kv

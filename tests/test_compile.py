@@ -1,0 +1,136 @@
+"""--mode=compile: TPU topologies compiled on this CPU host through libtpu.
+
+The compile tests need libtpu (the [tpu] extra, which CI installs); the name,
+mesh and missing-libtpu checks run everywhere. Models are 1-layer and narrow
+so that each compile takes seconds.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+from codeclm import compile as aot
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="needs libtpu: pip install -e '.[tpu]' (CI installs it)")
+
+
+def small_config(topology, attention, seq_len=512, batch_size=8,
+                 steps=("train",)):
+  c = tiny_config.get_config()
+  c.model.num_layers = 1
+  c.model.dtype = "bfloat16"
+  c.model.remat_policy = "full"
+  c.model.attention_impl = attention
+  c.seq_len = seq_len
+  c.batch_size = batch_size
+  c.mesh.shape = (1, -1, 1)
+  c.compile.topology = topology
+  c.compile.steps = steps
+  return c
+
+
+@pytest.mark.parametrize("name,libtpu_name,chips", [
+    ("v4-32", "v4:2x2x4", 16),
+    ("v5litepod-256", "v5e:16x16", 256),
+    ("v5e-256", "v5e:16x16", 256),
+    ("v5e-4", "v5e:2x2", 4),
+    ("v5e-8", "v5e:2x4", 8),
+    ("v5p-8", "v5p:2x2x1", 4),
+    ("v5p-64", "v5p:2x4x4", 32),
+    ("v5p-128", "v5p:4x4x4", 64),
+    ("v6e-64", "v6e:8x8", 64),
+    ("v6e-1", "v6e:1x1", 1),
+])
+def test_cloud_names_translate_for_libtpu(name, libtpu_name, chips):
+  t = aot.parse_topology(name)
+  assert (t.libtpu_name, t.chips) == (libtpu_name, chips)
+
+
+def test_unknown_topology_lists_the_known_ones():
+  with pytest.raises(ValueError, match=r"Unknown TPU topology 'v9-8'.*v5e-N"):
+    aot.parse_topology("v9-8")
+  with pytest.raises(ValueError, match=r"v5e slices come in sizes \[1, 4, 8"):
+    aot.parse_topology("v5e-3")
+
+
+def test_mesh_that_does_not_divide_names_the_axis():
+  v5e16 = aot.parse_topology("v5e-16")
+  with pytest.raises(ValueError, match="the fsdp axis \\(3\\) does not divide"):
+    aot.check_mesh((1, 3, -1), v5e16)
+  with pytest.raises(ValueError, match="covers 8 devices.*put -1"):
+    aot.check_mesh((2, 4, 1), v5e16)
+  aot.check_mesh((2, -1, 2), v5e16)  # Fine.
+
+
+def test_without_libtpu_says_which_extra(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda n, *a: None if n == "libtpu" else real(n, *a))
+  with pytest.raises(RuntimeError, match=r"pip install -e '\.\[tpu\]'"):
+    aot.topology_devices(aot.parse_topology("v5e-4"))
+
+
+@needs_libtpu
+def test_report_of_every_step(tmp_path, capsys):
+  config = small_config("v5e-4", "splash",
+                        steps=("train", "eval", "sample"))
+  report = aot.run(config, str(tmp_path))
+  assert json.loads((tmp_path / "compile_report.json").read_text()) == (
+      json.loads(json.dumps(report)))
+  assert report["libtpu_topology"] == "v5e:2x2"
+  assert report["device_kind"] == "TPU v5 lite"
+  assert report["config"]["attention_resolved"] == "splash"
+  assert [p["name"].split(" (")[0] for p in report["programs"]] == [
+      "train step", "eval step", "sample prefill", "sample decode"]
+  for program in report["programs"]:
+    assert program["fits"]
+    assert set(program["memory"]) == {"argument", "output", "alias",
+                                      "temporary", "code", "total"}
+    assert program["memory"]["argument"] > 0
+  train = report["programs"][0]
+  # fsdp over 4 chips: the step gathers the weights (bf16, layer by layer).
+  assert train["collectives"]["all-gather"]["bytes"] > 0
+  assert report["flops"]["xla_per_chip"] > 0
+  assert report["flops"]["model_per_chip"] > 0
+  assert report["verdict"]["fits"] and report["verdict"]["need_bytes"] < (
+      report["hbm_bytes_per_chip"])
+  assert "FITS" in capsys.readouterr().out
+
+
+@needs_libtpu
+def test_splash_temporaries_are_a_fraction_of_xla(tmp_path):
+  """At 4,096 tokens XLA stores [rows, heads, T, T] logits; splash does not.
+
+  Measured (v5p-8, 1 row per chip, 4 heads): splash ~1/20 of XLA's
+  temporaries; asserted < 1/5.
+  """
+  temps = {}
+  for impl in ("splash", "xla"):
+    report = aot.run(small_config("v5p-8", impl, seq_len=4096, batch_size=4),
+                     str(tmp_path / impl))
+    assert report["config"]["attention_resolved"] == impl
+    temps[impl] = report["programs"][0]["memory"]["temporary"]
+  print(f"splash / xla temporaries: {temps['splash'] / temps['xla']:.3f}")
+  assert temps["splash"] < temps["xla"] / 5, temps
+
+
+@needs_libtpu
+def test_a_config_that_cannot_fit_gets_the_verdict(tmp_path):
+  # XLA attention at 16K tokens, 4 rows per v5e chip (data-only mesh): the
+  # logits alone are 4 x 4 heads x 16K^2 x 4 bytes = 17 GiB per chip.
+  config = small_config("v5e-4", "xla", seq_len=16384, batch_size=16)
+  config.mesh.shape = (-1, 1, 1)
+  report = aot.run(config, str(tmp_path))
+  verdict = report["verdict"]
+  assert not verdict["fits"]
+  assert verdict["over_bytes"] > 0
+  assert "attention_impl='splash'" in verdict["knobs"][0]
+  assert "RESOURCE_EXHAUSTED" in report["programs"][0]["error"]
