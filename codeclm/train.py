@@ -29,6 +29,7 @@ from codeclm import checkpoint
 from codeclm import codecs
 from codeclm import config_base
 from codeclm import mfu
+from codeclm import optimizer
 from codeclm import sample
 from codeclm.data import loader
 from codeclm.data import prepare
@@ -45,22 +46,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-def make_optimizer(tc) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (b2 0.95), global-norm clipping, linear warmup + cosine decay."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
-      decay_steps=max(tc.steps, tc.warmup_steps + 1),
-      end_value=tc.lr * tc.end_lr_ratio)
-  # No weight decay on norms (1-d parameters), as in Llama.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  tx = optax.chain(
-      optax.clip_by_global_norm(tc.grad_clip),
-      optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                  weight_decay=tc.weight_decay, mask=decay_mask),
-  )
-  return tx, schedule
 
 
 def token_byte_lengths(tokenizer: ByteBPE) -> np.ndarray:
@@ -198,15 +183,17 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
   rules = tuple(tuple(r) for r in config.mesh.rules)
   check_config(config, mesh)
   model = llama.Llama(config_base.model_config(config, vocab_size))
-  tx, schedule = make_optimizer(config.train)
   token_bytes = jnp.asarray(token_bytes)
+  init_params = lambda rng: model.init(
+      rng, jnp.zeros((1, config.seq_len), jnp.int32))["params"]
 
   def init_state(rng):
-    tokens = jnp.zeros((1, config.seq_len), jnp.int32)
-    params = model.init(rng, tokens)["params"]
+    params = init_params(rng)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    tx, schedule = optimizer.make_optimizer(config.train, optimizer.decay_mask(
+        jax.eval_shape(init_params, jax.random.key(0))))
     boxed = jax.eval_shape(init_state, jax.random.key(0))
     state_shardings = sharding.logical_shardings(boxed, mesh, rules)
     data_sharding = jax.sharding.NamedSharding(
