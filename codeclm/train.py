@@ -214,6 +214,10 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
   abstract_state = nn.meta.unbox(boxed)
   sharding.check_large_params_sharded(state_shardings.params, mesh,
                                       shapes=abstract_state.params)
+  sharding.check_state_fits(
+      sharding.bytes_per_device(abstract_state, state_shardings), mesh,
+      config.mesh.max_state_fraction,
+      sharding.device_memory(mesh.devices.flat[0]))
   return Setup(mesh, rules, model, abstract_state, state_shardings,
                data_sharding, init_fn, step_fn, eval_fn,
                llama.flops_per_token(model.config, config.seq_len))
@@ -222,18 +226,18 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
 def report(config, setup: Setup) -> None:
   """The start-up facts a user checks before waiting for a compile."""
   n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
-  state_bytes = sum(x.size * x.dtype.itemsize
-                    for x in jax.tree.leaves(setup.abstract_state))
+  state_bytes = sharding.bytes_per_device(setup.abstract_state,
+                                          setup.state_shardings)
   logging.info(
       "Mesh %s over %d devices (%s), %d processes. Model %.2fM params, "
       "%.3g FLOPs/token. Batch %d x %d = %d tokens/step (%d rows per "
-      "process, %d per device). Params+optimizer ~%.2f GiB per device.",
+      "process, %d per device). Params+optimizer ~%.3g GiB per device.",
       dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind,
       jax.process_count(), n_params / 1e6, setup.flops_per_token,
       config.batch_size, config.seq_len, config.batch_size * config.seq_len,
       config.batch_size // jax.process_count(),
       max(1, config.batch_size // setup.mesh.size),
-      state_bytes / setup.mesh.size / 2**30)
+      state_bytes / 2**30)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
