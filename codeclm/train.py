@@ -92,8 +92,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config,
     return (jax.tree.map(jnp.add, grads, g),
             jax.tree.map(jnp.add, sums, aux)), None
 
-  micro = jax.tree.map(
-      lambda x: x.reshape(tc.grad_accum, -1, *x.shape[1:]), batch)
+  micro = jax.tree.map(lambda x: micro_batches(x, tc.grad_accum), batch)
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   sums0 = dict(nll=0.0, tokens=0.0, bytes=0.0)
   (grads, sums), _ = jax.lax.scan(micro_step, (zeros, sums0), micro)
@@ -103,6 +102,18 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config,
   metrics = dict(summarize(sums), grad_norm=optax.global_norm(grads),
                  learning_rate=schedule(state.step))
   return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def micro_batches(x: jax.Array, n: int) -> jax.Array:
+  """[B, S] -> [n, B/n, S]; micro-batch i is rows i, i + n, i + 2n, ...
+
+  Strided, not contiguous blocks: each device's block of rows holds its
+  share of every micro-batch, so a micro-batch keeps the batch's sharding
+  over all devices and hosts (contiguous blocks would live on a few devices
+  and be all-gathered into every step of the loop).
+  """
+  strided = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+  return nn.with_logical_constraint(strided, (None, "batch", "length"))
 
 
 def eval_step(params, batch, *, model, config, token_bytes):
@@ -217,7 +228,7 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
   sharding.check_state_fits(
       sharding.bytes_per_device(abstract_state, state_shardings), mesh,
       config.mesh.max_state_fraction,
-      sharding.device_memory(mesh.devices.flat[0]))
+      sharding.device_memory(mesh))
   return Setup(mesh, rules, model, abstract_state, state_shardings,
                data_sharding, init_fn, step_fn, eval_fn,
                llama.flops_per_token(model.config, config.seq_len))

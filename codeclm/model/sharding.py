@@ -172,9 +172,11 @@ def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
           shardings, is_leaf=lambda x: isinstance(x, NamedSharding))))
 
 
-def device_memory(device) -> int | None:
-  """A device's memory in bytes, or None where JAX does not say (CPU)."""
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+def device_memory(mesh: Mesh) -> int | None:
+  """Memory in bytes of this process's first mesh device; None where JAX
+  does not say (CPU) or no device is local (an AOT topology)."""
+  local = mesh.local_devices
+  stats = local[0].memory_stats() if local else None
   return (stats or {}).get("bytes_limit")
 
 
