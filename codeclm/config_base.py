@@ -88,6 +88,8 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       ckpt_every=1_000,
       keep_last=3,
       keep_every=0,               # also keep every K steps; 0 = off
+      restore_tries=2,            # a failed restore is retried (transient
+      restore_retry_s=2.0,        # read errors) before its step is skipped
       async_checkpoints=True,
       compilation_cache=True,     # JAX's persistent cache in <workdir>/jax_cache
       profile=False,              # a profiler trace of a few steps in workdir

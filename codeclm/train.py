@@ -30,6 +30,7 @@ from codeclm import codecs
 from codeclm import config_base
 from codeclm import mfu
 from codeclm import optimizer
+from codeclm import preemption
 from codeclm import sample
 from codeclm.data import loader
 from codeclm.data import prepare
@@ -301,8 +302,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if tc.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
                                           first_profile=start + 10))
-  preempted = []
-  previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(1))
+  preempt = preemption.PreemptionWatch()
   peak = mfu.peak_flops()
   tb_samples = None
   if config.sample.tb_every:  # Every process joins: params are sharded.
@@ -360,7 +360,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         writer.write_images(step, tb_samples(state.params))
       paused += time.perf_counter() - t_aside
 
-      stop = bool(preempted) or ckpt.reached_preemption(step)
+      stop = preempt.reached(step)  # The same step on every process.
       if step % tc.ckpt_every == 0 or step == tc.steps or stop:
         check_finite(step, jax.device_get(metrics))
         ckpt.save(step, state, train_iter, force=True)
@@ -373,7 +373,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if pending is not None:
       check_finite(*pending)
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    preempt.close()
     ckpt.close()  # Never exit before async saves finish.
     writer.flush()
   return last
