@@ -11,17 +11,21 @@ step left damaged (commit marker or metadata gone, arrays truncated, emptied)
 would be "the latest" and break every resume. Resume and sampling therefore
 walk the steps newest first and take the newest one that is complete and
 restores, warning about each one skipped; resume moves the skipped ones to
-`damaged_checkpoints/` so that Orbax can write those steps again.
+`damaged_checkpoints/` so that Orbax can write those steps again. On several
+processes resume decides together: a step is taken only if it restores on
+every process, so all resume from the same step.
 """
 
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 from absl import logging
 import grain
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -32,6 +36,8 @@ DAMAGED = "damaged_checkpoints"  # Workdir folder for steps resume skipped.
 _COMMIT_FILES = ("commit_success.txt", "_CHECKPOINT_METADATA")
 _TMP_MARK = ".orbax-checkpoint-tmp"  # In the names of unfinished saves.
 _ITEMS = ("state", "data")
+# The barrier that ends Orbax's Checkpointer.restore (no key prefix is set).
+_RESTORE_BARRIER = "Checkpointer:restore"
 
 
 class RestoreError(RuntimeError):
@@ -65,6 +71,7 @@ class Checkpointer:
         create=True,
     )
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._train_cfg = train_cfg
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data"))
 
@@ -84,29 +91,34 @@ class Checkpointer:
   def restore_latest(self, abstract_state, iterator):
     """(state, step) of the newest step that restores; (None, None) if none.
 
-    Incomplete steps and steps whose restore raises are skipped with a
-    warning. Once an older step has restored, the skipped ones are moved to
+    Every process takes the same step: the candidates are process 0's list,
+    and a step is taken only when it is complete and restores on every
+    process (a collective vote per step), so a stale view or a damaged file
+    on one host moves all of them to an older step together. A restore that
+    fails is tried again after a pause (train.restore_tries,
+    train.restore_retry_s): a transient read error is not damage. Once an
+    older step has restored, the skipped ones are moved to
     `<workdir>/damaged_checkpoints/` (Orbax would otherwise still count them
     and refuse to save those steps again); incomplete ones are moved in any
-    case. If steps are complete but none restores, that is a config that does
-    not fit the checkpoints rather than damage: RestoreError, nothing moved.
+    case. If steps are complete but none restores, that is a config that
+    does not fit the checkpoints rather than damage:
+    RestoreError, nothing moved.
     """
     _warn_tmp_dirs(self.directory)
     incomplete, unrestorable = [], []
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    for step in _same_everywhere(sorted(self.manager.all_steps(),
+                                        reverse=True)):
       path = os.path.join(self.directory, str(step))
       reason = incomplete_reason(path, _ITEMS)
-      if reason:
-        logging.warning("Skipping checkpoint %s: %s.", path, reason)
+      if not _true_everywhere(reason is None):
+        logging.warning("Skipping checkpoint %s: %s.", path,
+                        reason or "incomplete on another process")
         incomplete.append(path)
         continue
-      try:
-        state = self.restore(step, abstract_state, iterator)
-      except Exception as e:  # pylint: disable=broad-except
-        # Orbax and TensorStore raise many types for damaged files.
-        reason = _describe(e)
-        logging.warning("Skipping checkpoint %s: it does not restore (%s).",
-                        path, reason)
+      state, reason = self._try_restore(step, abstract_state, iterator)
+      if not _true_everywhere(reason is None):
+        reason = reason or "it does not restore on another process"
+        logging.warning("Skipping checkpoint %s: %s.", path, reason)
         unrestorable.append((path, reason))
         continue
       self._set_aside(incomplete + [p for p, _ in unrestorable])
@@ -121,6 +133,36 @@ class Checkpointer:
           "config the checkpoints were written with; if the files are damaged, "
           "move those steps out of the checkpoints folder.")
     return None, None
+
+  def _try_restore(self, step: int, abstract_state, iterator):
+    """(state, None) once every process restored `step`, else (None, why).
+
+    Collective: every process makes the same number of tries (a try that
+    succeeded here is repeated if it failed on another process).
+    """
+    tries = max(1, self._train_cfg.restore_tries)
+    for attempt in range(tries):
+      state, reason = self._restore_or_reason(step, abstract_state, iterator)
+      if _true_everywhere(reason is None):
+        return state, None
+      reason = reason or "it does not restore on another process"
+      if attempt + 1 < tries:
+        pause = self._train_cfg.restore_retry_s
+        logging.warning("Checkpoint step %d: %s; trying again in %ss.",
+                        step, reason, pause)
+        time.sleep(pause)
+    return None, reason
+
+  def _restore_or_reason(self, step: int, abstract_state, iterator):
+    try:
+      return self.restore(step, abstract_state, iterator), None
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and TensorStore raise many types for damaged files. Orbax's
+      # restore ends at a barrier that the other processes now wait at.
+      if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(
+            ocp.multihost.unique_barrier_key(_RESTORE_BARRIER))
+      return None, f"it does not restore ({_describe(e)})"
 
   def _set_aside(self, paths: list[str]) -> None:
     """Moves step directories to damaged_checkpoints/ (process 0 does it)."""
@@ -151,9 +193,6 @@ class Checkpointer:
         ),
     )
     return restored["state"]
-
-  def reached_preemption(self, step: int) -> bool:
-    return self.manager.reached_preemption(step)
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -339,6 +378,23 @@ def _describe(error: Exception) -> str:
   lines = str(error).strip().splitlines()
   first = lines[0] if lines else ""
   return f"{type(error).__name__}: {first[:300]}"
+
+
+def _same_everywhere(steps: list[int]) -> list[int]:
+  """Process 0's list of steps, on every process (views can differ)."""
+  if jax.process_count() == 1:
+    return steps
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+  mine = np.zeros(n, np.int64)
+  mine[:min(n, len(steps))] = steps[:n]
+  return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)]
+
+
+def _true_everywhere(flag: bool) -> bool:
+  """Whether `flag` holds on every process (a collective: all must call)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _check_same_step_everywhere(step: int) -> None:

@@ -12,11 +12,18 @@ from codeclm.model import sharding
 
 # Per size: model dims come from llama.SIZES; these are the training shapes.
 # Batch is global (all hosts); tokens per step = batch_size * seq_len.
+# Mesh (data, fsdp, tensor): data parallelism while a replicated fp32 state
+# (params + two Adam moments, 12 bytes a parameter) fits a device (100M:
+# 1.0 GiB); fsdp over every device from 1B (12 GiB replicated, 7B 72 GiB).
 TRAIN_SHAPES = {
-    "demo": dict(batch_size=8, steps=100, warmup_steps=10, lr=3e-3),
-    "100m": dict(batch_size=64, steps=20_000, warmup_steps=500, lr=6e-4),
-    "1b": dict(batch_size=128, steps=50_000, warmup_steps=1_000, lr=3e-4),
-    "7b": dict(batch_size=256, steps=100_000, warmup_steps=2_000, lr=3e-4),
+    "demo": dict(batch_size=8, steps=100, warmup_steps=10, lr=3e-3,
+                 mesh=(-1, 1, 1)),
+    "100m": dict(batch_size=64, steps=20_000, warmup_steps=500, lr=6e-4,
+                 mesh=(-1, 1, 1)),
+    "1b": dict(batch_size=128, steps=50_000, warmup_steps=1_000, lr=3e-4,
+               mesh=(1, -1, 1)),
+    "7b": dict(batch_size=256, steps=100_000, warmup_steps=2_000, lr=3e-4,
+               mesh=(1, -1, 1)),
 }
 
 
@@ -81,6 +88,8 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       ckpt_every=1_000,
       keep_last=3,
       keep_every=0,               # also keep every K steps; 0 = off
+      restore_tries=2,            # a failed restore is retried (transient
+      restore_retry_s=2.0,        # read errors) before its step is skipped
       async_checkpoints=True,
       compilation_cache=True,     # JAX's persistent cache in <workdir>/jax_cache
       profile=False,              # a profiler trace of a few steps in workdir
@@ -88,7 +97,8 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
-      shape=(-1, 1, 1),           # (data, fsdp, tensor); -1 = the rest
+      shape=shapes["mesh"],       # (data, fsdp, tensor); -1 = the rest
+      max_state_fraction=0.5,     # params+optimizer per device / its memory
       # Logical axis -> mesh axes (the table in codeclm/model/sharding.py):
       # parameters over fsdp (ZeRO-3) and tensor, the batch over data+fsdp.
       rules=sharding.DEFAULT_RULES,

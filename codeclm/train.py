@@ -29,6 +29,8 @@ from codeclm import checkpoint
 from codeclm import codecs
 from codeclm import config_base
 from codeclm import mfu
+from codeclm import optimizer
+from codeclm import preemption
 from codeclm.data import loader
 from codeclm.data import prepare
 from codeclm.model import llama
@@ -45,22 +47,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-def make_optimizer(tc) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (b2 0.95), global-norm clipping, linear warmup + cosine decay."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
-      decay_steps=max(tc.steps, tc.warmup_steps + 1),
-      end_value=tc.lr * tc.end_lr_ratio)
-  # No weight decay on norms (1-d parameters), as in Llama.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  tx = optax.chain(
-      optax.clip_by_global_norm(tc.grad_clip),
-      optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                  weight_decay=tc.weight_decay, mask=decay_mask),
-  )
-  return tx, schedule
 
 
 def token_byte_lengths(tokenizer: ByteBPE) -> np.ndarray:
@@ -108,8 +94,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config,
     return (jax.tree.map(jnp.add, grads, g),
             jax.tree.map(jnp.add, sums, aux)), None
 
-  micro = jax.tree.map(
-      lambda x: x.reshape(tc.grad_accum, -1, *x.shape[1:]), batch)
+  micro = jax.tree.map(lambda x: micro_batches(x, tc.grad_accum), batch)
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   sums0 = dict(nll=0.0, tokens=0.0, bytes=0.0)
   (grads, sums), _ = jax.lax.scan(micro_step, (zeros, sums0), micro)
@@ -119,6 +104,18 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config,
   metrics = dict(summarize(sums), grad_norm=optax.global_norm(grads),
                  learning_rate=schedule(state.step))
   return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def micro_batches(x: jax.Array, n: int) -> jax.Array:
+  """[B, S] -> [n, B/n, S]; micro-batch i is rows i, i + n, i + 2n, ...
+
+  Strided, not contiguous blocks: each device's block of rows holds its
+  share of every micro-batch, so a micro-batch keeps the batch's sharding
+  over all devices and hosts (contiguous blocks would live on a few devices
+  and be all-gathered into every step of the loop).
+  """
+  strided = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+  return nn.with_logical_constraint(strided, (None, "batch", "length"))
 
 
 def eval_step(params, batch, *, model, config, token_bytes):
@@ -204,16 +201,18 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
   rules = tuple(tuple(r) for r in config.mesh.rules)
   check_config(config, mesh)
   model = llama.Llama(config_base.model_config(config, vocab_size))
-  tx, schedule = make_optimizer(config.train)
   token_bytes = np.asarray(token_bytes, np.float32)
   rng_shape = jax.eval_shape(lambda: jax.random.key(0))
+  init_params = lambda rng: model.init(
+      rng, jnp.zeros((1, config.seq_len), jnp.int32))["params"]
 
   def init_state(rng):
-    tokens = jnp.zeros((1, config.seq_len), jnp.int32)
-    params = model.init(rng, tokens)["params"]
+    params = init_params(rng)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    tx, schedule = optimizer.make_optimizer(config.train, optimizer.decay_mask(
+        jax.eval_shape(init_params, rng_shape)))
     boxed = jax.eval_shape(init_state, rng_shape)
     state_shardings = sharding.logical_shardings(boxed, mesh, rules)
     data_sharding = jax.sharding.NamedSharding(
@@ -234,6 +233,10 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
   abstract_state = nn.meta.unbox(boxed)
   sharding.check_large_params_sharded(state_shardings.params, mesh,
                                       shapes=abstract_state.params)
+  sharding.check_state_fits(
+      sharding.bytes_per_device(abstract_state, state_shardings), mesh,
+      config.mesh.max_state_fraction,
+      sharding.device_memory(mesh))
   return Setup(mesh, rules, model, abstract_state, state_shardings,
                data_sharding, init_fn, step_fn, eval_fn,
                llama.flops_per_token(model.config, config.seq_len))
@@ -242,18 +245,18 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
 def report(config, setup: Setup) -> None:
   """The start-up facts a user checks before waiting for a compile."""
   n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
-  state_bytes = sum(x.size * x.dtype.itemsize
-                    for x in jax.tree.leaves(setup.abstract_state))
+  state_bytes = sharding.bytes_per_device(setup.abstract_state,
+                                          setup.state_shardings)
   logging.info(
       "Mesh %s over %d devices (%s), %d processes. Model %.2fM params, "
       "%.3g FLOPs/token. Batch %d x %d = %d tokens/step (%d rows per "
-      "process, %d per device). Params+optimizer ~%.2f GiB per device.",
+      "process, %d per device). Params+optimizer ~%.3g GiB per device.",
       dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind,
       jax.process_count(), n_params / 1e6, setup.flops_per_token,
       config.batch_size, config.seq_len, config.batch_size * config.seq_len,
       config.batch_size // jax.process_count(),
       max(1, config.batch_size // setup.mesh.size),
-      state_bytes / setup.mesh.size / 2**30)
+      state_bytes / 2**30)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -306,8 +309,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if tc.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
                                           first_profile=start + 10))
-  preempted = []
-  previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(1))
+  preempt = preemption.PreemptionWatch()
   peak = mfu.peak_flops()
   tb_samples = None
   if config.sample.tb_every:  # Every process joins: params are sharded.
@@ -365,7 +367,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         writer.write_images(step, tb_samples(state.params))
       paused += time.perf_counter() - t_aside
 
-      stop = bool(preempted) or ckpt.reached_preemption(step)
+      stop = preempt.reached(step)  # The same step on every process.
       if step % tc.ckpt_every == 0 or step == tc.steps or stop:
         check_finite(step, jax.device_get(metrics))
         ckpt.save(step, state, train_iter, force=True)
@@ -378,7 +380,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if pending is not None:
       check_finite(*pending)
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    preempt.close()
     ckpt.close()  # Never exit before async saves finish.
     writer.flush()
   return last

@@ -20,8 +20,7 @@ where it can download (6.5 GB; TFDS needs ffmpeg to cut the clips):
   # UCF101, 1B, on a pod slice: prepare once, then train.
   python -m codeclm.main --config=configs/avc_lm.py:1b --workdir=gs://b/avc1b \
       --mode=prepare
-  python -m codeclm.main --config=configs/avc_lm.py:1b --workdir=gs://b/avc1b \
-      --config.mesh.shape='(1,-1,1)'
+  python -m codeclm.main --config=configs/avc_lm.py:1b --workdir=gs://b/avc1b
 
   # A folder of video files (.mp4 .mov .mkv .webm ...; each file's own rate).
   python -m codeclm.main --config=configs/avc_lm.py:100m --workdir=/tmp/avc \

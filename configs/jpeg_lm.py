@@ -9,7 +9,7 @@ windows of 12,288 tokens; peak LR 3e-4.
 
   # ImageNet, 1B, on a pod slice (data prepared once with --mode=prepare).
   python -m codeclm.main --config=configs/jpeg_lm.py:1b --workdir=gs://b/jpeg1b \
-      --config.data.source=tfds:imagenet2012 --config.mesh.shape='(1,-1,1)'
+      --config.data.source=tfds:imagenet2012
 
   # FID (paper protocol: 5,000 ImageNet validation images, ratios
   # 0.25/0.5/0.75 and unconditional, 3 seeds); see codeclm/evaluate.py.

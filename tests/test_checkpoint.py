@@ -36,7 +36,7 @@ def tiny(data_dir, **train_overrides):
   c.data.dir = data_dir
   c.model.dtype = "float32"
   c.mesh.shape = (1, 1, 1)
-  c.train.update(steps=STEPS, ckpt_every=1, keep_last=10)
+  c.train.update(steps=STEPS, ckpt_every=1, keep_last=10, restore_retry_s=0.1)
   c.train.update(train_overrides)
   return c
 
@@ -183,6 +183,37 @@ def test_checkpointer_restores_the_newest_good_step(data_dir, workdir, damage,
   assert step == 4 and int(state.step) == 4
   assert step_dir(workdir, 5) in warnings_of(caplog)
   assert ckpt.latest_step() == 4
+
+
+class FlakyCheckpointer(checkpoint.Checkpointer):
+  """A read error on the first restore of each step, as a network file
+  system or an object store can give; the files themselves are intact."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.failed = set()
+
+  def restore(self, step, abstract_state, iterator):
+    if step not in self.failed:
+      self.failed.add(step)
+      raise OSError(f"transient read error at step {step}")
+    return super().restore(step, abstract_state, iterator)
+
+
+def test_a_transient_read_error_is_retried_not_called_damage(
+    data_dir, workdir, caplog):
+  config = tiny(data_dir)
+  setup, abstract, iterator = restore_target(config, data_dir)
+  ckpt = FlakyCheckpointer(str(workdir), config.train)
+  try:
+    with setup.context(), caplog.at_level(logging.WARNING):
+      state, step = ckpt.restore_latest(abstract, iterator)
+  finally:
+    ckpt.close()
+  assert step == 5 and int(state.step) == 5
+  assert "transient read error at step 5); trying again" in warnings_of(caplog)
+  assert not os.path.exists(workdir / checkpoint.DAMAGED)
+  assert checkpoint.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
 
 
 def test_no_restorable_step_raises_and_moves_nothing(data_dir, workdir):

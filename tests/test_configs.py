@@ -7,7 +7,7 @@ import pytest
 
 from codeclm import codecs
 from codeclm import config_base
-from codeclm import train
+from codeclm import optimizer
 from codeclm.model import llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,9 +30,9 @@ def test_jpeg_configs_build(arg):
   assert c.codec.name == "jpeg" and c.data.vocab_size == 320
   assert c.batch_size % c.train.grad_accum == 0
   assert c.train.warmup_steps < c.train.steps
-  tx, schedule = train.make_optimizer(c.train)
-  assert float(schedule(c.train.warmup_steps)) == pytest.approx(c.train.lr)
-  assert tx is not None
+  schedule = optimizer.make_schedule(c.train)  # The update at count c.
+  assert float(schedule(c.train.warmup_steps - 1)) == pytest.approx(c.train.lr)
+  assert 0 < float(schedule(0)) < c.train.lr
 
 
 def test_default_is_the_paper_setup():

@@ -140,3 +140,69 @@ def test_make_mesh_errors_name_the_fix():
     sharding.make_mesh((-1, -1, 1))
   assert dict(sharding.make_mesh((-1, 2, 2)).shape) == dict(
       data=2, fsdp=2, tensor=2)
+
+
+# -- Bytes per device and the default meshes (train.build: shapes only). ------
+
+
+def _setup(config, devices=None):
+  from codeclm import train  # pylint: disable=g-import-not-at-top
+  return train.build(config, 322, np.ones(322, np.float32), devices)
+
+
+def _config(size):
+  from tests import tiny_config  # pylint: disable=g-import-not-at-top
+  if size == "tiny":
+    return tiny_config.get_config()
+  from codeclm import config_base  # pylint: disable=g-import-not-at-top
+  return config_base.lm_config(size)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 4, 2)])
+def test_bytes_per_device_is_one_devices_shards(shape, caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  from codeclm import train  # pylint: disable=g-import-not-at-top
+  config = _config("tiny")
+  config.mesh.shape = shape
+  setup = _setup(config)
+  got = sharding.bytes_per_device(setup.abstract_state, setup.state_shardings)
+  state = setup.init_fn(jax.random.key(0, impl="rbg"))
+  device = setup.mesh.devices.flat[3]
+  held = sum(s.data.nbytes for x in jax.tree.leaves(state)
+             for s in x.addressable_shards if s.device == device)
+  assert got == held
+  total = sum(x.nbytes for x in jax.tree.leaves(state))
+  assert (got == total) == (shape == (8, 1, 1))  # Replicated, or split.
+  with caplog.at_level(logging.INFO):
+    train.report(config, setup)
+  assert f"~{got / 2**30:.3g} GiB per device" in caplog.text
+
+
+def test_default_meshes_shard_1b_and_7b():
+  for size in ("demo", "100m"):
+    assert tuple(_config(size).mesh.shape) == (-1, 1, 1)
+  for size in ("1b", "7b"):
+    config = _config(size)
+    assert tuple(config.mesh.shape) == (1, -1, 1)
+    setup = _setup(config)  # eval_shape only: nothing is allocated.
+    per_device = sharding.bytes_per_device(setup.abstract_state,
+                                           setup.state_shardings)
+    total = sum(x.size * x.dtype.itemsize
+                for x in jax.tree.leaves(setup.abstract_state))
+    assert abs(per_device - total / 8) < 1024  # All but a few scalars split.
+  assert 9.5e9 < per_device < 10.5e9  # 7B: 12 bytes a parameter / 8.
+
+
+def test_a_state_that_does_not_fit_names_the_mesh():
+  config = _config("7b")
+  config.mesh.shape = (-1, 1, 1)  # Replicated: 81 GB on every device.
+  setup = _setup(config)
+  state = sharding.bytes_per_device(setup.abstract_state, setup.state_shardings)
+  with pytest.raises(ValueError, match=r"mesh\.shape=\(8, 1, 1\).*fsdp"):
+    sharding.check_state_fits(state, setup.mesh, 0.5, 80 * 2**30)
+  sharding.check_state_fits(state, setup.mesh, 0.5, None)  # CPU: unknown.
+  config.mesh.shape = (1, -1, 1)
+  setup = _setup(config)
+  sharding.check_state_fits(
+      sharding.bytes_per_device(setup.abstract_state, setup.state_shardings),
+      setup.mesh, 0.5, 80 * 2**30)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from codeclm import checkpoint
 from codeclm import train
 from codeclm.data import prepare
 from codeclm.model import sharding
@@ -111,6 +112,32 @@ def test_grad_accum_matches(data_dir, tmp_path, one_device_losses):
   np.testing.assert_allclose([got[s] for s in (1, 2, 3)],
                              [one_device_losses[s] for s in (1, 2, 3)],
                              rtol=2e-5)
+
+
+def test_grad_accum_micro_batches_stay_sharded(data_dir):
+  """No rows move between devices: every micro-batch spans all of them.
+
+  The compiled step on a (data 2, fsdp 4) mesh all-gathers weights (fsdp)
+  but no collective carries token-batch data ([., seq_len] shapes).
+  """
+  c = tiny(data_dir, grad_accum=2)
+  c.batch_size, c.mesh.shape = 16, (2, 4, 1)
+  setup = train.build(c, 300, np.ones(300, np.float32))
+  batch = {k: jax.ShapeDtypeStruct((16, c.seq_len), np.float32 if k ==
+                                   "loss_mask" else np.int32,
+                                   sharding=setup.data_sharding)
+           for k in ("inputs", "targets", "segment_ids", "positions",
+                     "loss_mask")}
+  state = checkpoint.abstract_with_shardings(setup.abstract_state,
+                                             setup.state_shardings)
+  with setup.context():
+    hlo = setup.step_fn.lower(state, batch).compile().as_text()
+  collectives = re.findall(
+      r"= (\S+) (all-gather|all-to-all|collective-permute)\(", hlo)
+  assert any(op == "all-gather" for _, op in collectives)  # The weights.
+  moved = [t for t, _ in collectives
+           if t.startswith("s32") or re.search(rf"\b{c.seq_len}\b", t)]
+  assert not moved, moved
 
 
 def _devices(shape):

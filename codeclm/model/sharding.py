@@ -109,7 +109,9 @@ def check_large_params_sharded(shardings_or_params: Any, mesh: Mesh,
   """Start-up check that no large parameter is replicated on every device.
 
   On a mesh with fsdp or tensor > 1, every parameter with >= min_size elements
-  must be split over at least one mesh axis of size > 1. Leaves may be arrays
+  must be split over at least one mesh axis of size > 1. A pure data-parallel
+  mesh replicates parameters by design; there `check_state_fits` is the guard
+  (a replicated 7B state does not fit a device). Leaves may be arrays
   or ShapeDtypeStructs that carry a NamedSharding, or NamedShardings with
   `shapes` a matching tree of shaped leaves (e.g. the abstract params). Bare
   NamedShardings without `shapes` carry no sizes: then every parameter counts
@@ -155,3 +157,42 @@ def check_large_params_sharded(shardings_or_params: Any, mesh: Mesh,
         f"{dict(mesh.shape)}: {', '.join(offenders[:10])}. Check mesh.rules "
         "maps their logical axes onto fsdp or tensor (given bare shardings, "
         "pass shapes= to exempt small parameters).")
+
+
+def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
+  """Bytes one device holds of a tree laid out by `shardings`.
+
+  From each leaf's shard shape (what a device actually stores: whole when
+  replicated, a slice when split), not total bytes / device count. Shardings
+  from `logical_shardings` split evenly, so every device holds the same.
+  """
+  return sum(
+      math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+      for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
+          shardings, is_leaf=lambda x: isinstance(x, NamedSharding))))
+
+
+def device_memory(mesh: Mesh) -> int | None:
+  """Memory in bytes of this process's first mesh device; None where JAX
+  does not say (CPU) or no device is local (an AOT topology)."""
+  local = mesh.local_devices
+  stats = local[0].memory_stats() if local else None
+  return (stats or {}).get("bytes_limit")
+
+
+def check_state_fits(state_bytes: int, mesh: Mesh, max_fraction: float,
+                     memory: int | None) -> None:
+  """A state (params + optimizer) over max_fraction of a device fails here.
+
+  `state_bytes` is per device (`bytes_per_device`); activations need the
+  rest of the memory. `memory` None (CPU, unknown) skips the check.
+  """
+  if memory is None or state_bytes <= max_fraction * memory:
+    return
+  raise ValueError(
+      f"Params + optimizer state take {state_bytes / 2**30:.1f} GiB per device "
+      f"on mesh.shape={tuple(mesh.shape.values())} {dict(mesh.shape)}, over "
+      f"mesh.max_state_fraction={max_fraction} of the device's "
+      f"{memory / 2**30:.1f} GiB. Shard the state over more devices with "
+      "fsdp, e.g. --config.mesh.shape='(1,-1,1)', or raise "
+      "mesh.max_state_fraction if activations need less.")
