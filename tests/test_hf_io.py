@@ -333,6 +333,64 @@ def test_exported_tokenizer_round_trips_arbitrary_bytes(trained, exported):
     assert back.decode(ids) == data
 
 
+# -- train.init_from ------------------------------------------------------------
+
+
+def _finetune_config(imported, **train):
+  """The tiny config with the imported model's shapes and tokenizer."""
+  c = tiny_config.get_config()
+  source = json.load(open(os.path.join(imported, "config.json")))
+  c.model.update({k: source["model"][k] for k in (
+      "num_layers", "emb_dim", "num_heads", "num_kv_heads", "mlp_dim",
+      "norm_eps", "rope_theta")}, dtype="float32", remat_policy="none")
+  c.data.tokenizer = os.path.join(imported, "tokenizer.json")
+  c.data.num_examples = 24
+  c.data.examples_per_shard = 24
+  c.train.update(steps=1, log_every=1, ckpt_every=1, async_checkpoints=False,
+                 compilation_cache=False, init_from=imported, **train)
+  return c
+
+
+def test_init_from_first_loss_is_the_imported_models_loss(foreign, imported,
+                                                           tmp_path):
+  from codeclm import train  # pylint: disable=g-import-not-at-top
+  from codeclm.data import loader  # pylint: disable=g-import-not-at-top
+  c = _finetune_config(imported)
+  workdir = str(tmp_path / "finetune")
+  metrics = train.train(c, workdir)
+  data_dir = train.data_dir_of(c, workdir)
+  tok = tokenizer_lib.load(os.path.join(data_dir, "tokenizer.json"))
+  assert isinstance(tok, tokenizer_lib.ByteCharTokenizer)
+  batch = next(iter(loader.train_dataset(c, data_dir, tok)))
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      foreign, dtype=torch.float32).eval()
+  with torch.no_grad():
+    logits = model(torch.from_numpy(batch["inputs"]).long(), position_ids=
+                   torch.from_numpy(batch["positions"]).long()).logits
+  nll = torch.nn.functional.cross_entropy(
+      logits.flatten(0, 1), torch.from_numpy(batch["targets"]).long().flatten(),
+      reduction="none").numpy()
+  mask = batch["loss_mask"].reshape(-1).astype(bool)
+  want = nll[mask].mean()
+  assert metrics["loss"] == pytest.approx(want, rel=1e-4)
+  # Step 0 was not a restore: the run started its own count and optimizer.
+  assert checkpoint.committed_steps(workdir) == [1]
+
+
+def test_init_from_with_another_vocabulary_names_both_sizes(imported,
+                                                           tmp_path):
+  from codeclm import train  # pylint: disable=g-import-not-at-top
+  c = _finetune_config(imported)
+  c.data.tokenizer = ""  # A BPE trained on the new data: 300 + BOS/EOS ids.
+  imported_vocab = tokenizer_lib.load(
+      os.path.join(imported, "tokenizer.json")).vocab_size
+  with pytest.raises(ValueError) as info:
+    train.train(c, str(tmp_path / "w"))
+  assert f"vocab_size {imported_vocab}" in str(info.value)
+  assert "vocab_size 302" in str(info.value)
+  assert not os.path.isdir(tmp_path / "w" / "checkpoints" / "1")
+
+
 def test_sentencepiece_tokenizer_model_is_converted(tmp_path):
   """A tokenizer.model (no tokenizer.json) gives SentencePiece's own ids."""
   spm = pytest.importorskip("sentencepiece")
