@@ -2,13 +2,9 @@
 
 import setuptools
 
-# torch and torchvision are pinned as a pair that loads together (torchvision's
-# C++ ops are built against one torch release); both wheels lie on the
-# project's machines, so pip installs them without downloading. torch is a
-# reference in tests and the reader/writer of Hugging Face checkpoints; the
-# JAX model never needs it.
-TORCH = "torch==2.14.1"
-TORCHVISION = "torchvision==0.29.1"
+# torch is pinned to the CPU build that ships with the project's machines; an
+# unpinned torch pulls a multi-GB CUDA build. It is only a test reference.
+TORCH = "torch==2.13.0"
 
 setuptools.setup(
     name="codeclm",
@@ -51,7 +47,8 @@ setuptools.setup(
         "hf": [TORCH, "transformers", "safetensors", "huggingface-hub",
                "sentencepiece", "protobuf"],
         # pytorch-fid (and the torchvision it needs) is the FID reference in
-        # tests only.
-        "reference": [TORCH, TORCHVISION, "pytorch-fid==0.3.0"],
+        # tests only. The index's torchvision is a CUDA build whose ops do not
+        # load on the CPU torch: tests/conftest.py makes it importable.
+        "reference": [TORCH, "torchvision==0.28.0", "pytorch-fid==0.3.0"],
     },
 )

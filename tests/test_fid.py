@@ -27,7 +27,10 @@ _WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
 @functools.cache
 def _pytorch_fid():
-  """Imports pytorch-fid (the `[reference]` extra) or skips."""
+  """Imports pytorch-fid (the `[reference]` extra) or skips.
+
+  tests/conftest.py has made the index's CUDA-only torchvision importable.
+  """
   pytorch_fid = pytest.importorskip("pytorch_fid")
   import pytorch_fid.fid_score  # pylint: disable=g-import-not-at-top
   import pytorch_fid.inception  # pylint: disable=g-import-not-at-top
