@@ -44,7 +44,10 @@ setuptools.setup(
             "scipy",
         ],
         "video": ["av"],
-        "hf": [TORCH, "transformers"],
+        # Import/export of Hugging Face checkpoints (codeclm.import_hf,
+        # codeclm.export_hf) and the transformers reference in tests.
+        "hf": [TORCH, "transformers", "safetensors", "huggingface-hub",
+               "sentencepiece", "protobuf"],
         # pytorch-fid (and the torchvision it needs) is the FID reference in
         # tests only. The index's torchvision is a CUDA build whose ops do not
         # load on the CPU torch: tests/conftest.py makes it importable.

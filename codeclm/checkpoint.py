@@ -293,6 +293,54 @@ def restore_workdir_params(workdir: str, abstract_params: Any,
       "(--mode=train) or pass a step directory.")
 
 
+def init_params_from(workdir: str, params: Any, config,
+                     vocab_size: int) -> Any:
+  """The params of `workdir`'s newest step, placed like `params` (train.init_from).
+
+  The source's model (its config.json and tokenizer) must have this run's
+  vocabulary and shapes; the error names both sides of each difference.
+  """
+  from codeclm import config_base  # pylint: disable=g-import-not-at-top
+  from codeclm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      source_config = json.load(f)
+  except OSError as e:
+    raise FileNotFoundError(
+        f"train.init_from={workdir} has no config.json ({e}); point it at a "
+        "training workdir or one written by codeclm.import_hf.") from e
+  source_vocab = tokenizer_lib.load(
+      os.path.join(workdir, "tokenizer.json")).vocab_size
+  if source_vocab != vocab_size:
+    raise ValueError(
+        f"train.init_from={workdir} has vocab_size {source_vocab} (its "
+        f"tokenizer.json) but this run's tokenizer has vocab_size "
+        f"{vocab_size}; fine-tune with the source's tokenizer: "
+        f"--config.data.tokenizer={os.path.join(workdir, 'tokenizer.json')} "
+        "and a new data dir.")
+  ours = config_base.model_config(config, vocab_size)
+  model = dict(source_config["model"], vocab_size=source_vocab)
+  theirs = config_base.model_config(
+      type(config)(dict(model=model, seq_len=source_config["seq_len"])),
+      source_vocab)
+  fields = ("num_layers", "emb_dim", "num_heads", "num_kv_heads", "mlp_dim",
+            "head_dim", "qk_norm", "scan_layers", "param_dtype")
+  diff = {f: (getattr(theirs, f), getattr(ours, f)) for f in fields
+          if getattr(theirs, f) != getattr(ours, f)}
+  if diff:
+    raise ValueError(
+        f"train.init_from={workdir} has a different model: " + ", ".join(
+            f"{f} {a} there vs {b} here" for f, (a, b) in diff.items())
+        + "; set --config.model.* to the source's values.")
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      params)
+  restored, step = restore_workdir_params(workdir, abstract)
+  logging.info("Initialised params from %s step %d.", workdir, step)
+  return restored
+
+
 def export_params(path: str, params: Any) -> None:
   """Writes a params-only checkpoint (for sampling and evaluation)."""
   ckptr = ocp.PyTreeCheckpointer()

@@ -94,6 +94,8 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       compilation_cache=True,     # JAX's persistent cache in <workdir>/jax_cache
       profile=False,              # a profiler trace of a few steps in workdir
       fault_kill_at_step=0,       # tests only: SIGKILL ourselves at this step
+      init_from="",               # workdir (e.g. an import_hf one) whose params
+                                  # start a new run: fresh optimizer, step 0
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

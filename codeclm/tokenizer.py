@@ -41,6 +41,7 @@ import numpy as np
 from tokenizers import AddedToken
 from tokenizers import decoders
 from tokenizers import models
+from tokenizers import processors
 from tokenizers import Tokenizer
 from tokenizers import trainers
 
@@ -132,17 +133,11 @@ class ByteBPE:
           "ByteBPE.save or train a new one with ByteBPE.train.") from e
     return cls(tokenizer, source)
 
-  @classmethod
-  def load(cls, path: str | os.PathLike) -> ByteBPE:
-    """Reads a tokenizer.json written by `save`."""
-    try:
-      with open(path, encoding="utf-8") as f:
-        s = f.read()
-    except OSError as e:
-      raise ValueError(
-          f"Cannot read tokenizer file {os.fspath(path)!r} ({e}); point at the "
-          "tokenizer.json that data preparation wrote.") from e
-    return cls.from_json(s, source=repr(os.fspath(path)))
+  @staticmethod
+  def load(path: str | os.PathLike):
+    """Reads a workdir's tokenizer.json: a ByteBPE, or the ByteCharTokenizer
+    of an imported model (the same interface); see `load` below."""
+    return load(path)
 
   def to_json(self) -> str:
     """The whole tokenizer as tokenizer.json text (deterministic)."""
@@ -223,3 +218,199 @@ def _batches(examples: Iterable[bytes]) -> Iterator[list[str]]:
       batch = []
   if batch:
     yield batch
+
+
+# -- Hugging Face tokenizers over byte characters (Jpeg-LM) --------------------
+#
+# The released Jpeg-LM checkpoints read each byte b as the character
+# chr(BRAILLE + b) (the Braille block) and run their own Llama-style tokenizer
+# over that text. `ByteCharTokenizer` wraps such a tokenizer behind the same
+# interface as ByteBPE (encode, encode_batch, decode, bos_id, eos_id, pad_id,
+# vocab_size); a workdir stores it as a tokenizer.json that holds the Hugging
+# Face tokenizer.json with the ids codeclm needs beside it. `load` reads either
+# kind of file, and `to_hf` / `from_hf` turn a ByteBPE into a Hugging Face
+# tokenizer over the same characters and back, exactly.
+
+BRAILLE = 0x2800  # chr(BRAILLE + b) is byte b's character.
+_FORMAT = "codeclm.ByteCharTokenizer"  # Key that marks the wrapper file.
+
+
+def to_chars(data) -> str:
+  """Bytes as Braille text: byte b -> chr(0x2800 + b)."""
+  codes = np.frombuffer(_text(data).encode("latin-1"), np.uint8)
+  return (codes.astype("<u4") + BRAILLE).tobytes().decode("utf-32-le")
+
+
+def from_chars(text: str) -> bytes:
+  """The bytes of Braille text; characters outside the 256 are dropped."""
+  codes = np.frombuffer(text.encode("utf-32-le"), "<u4") - np.uint32(BRAILLE)
+  return codes[codes < NUM_BYTES].astype(np.uint8).tobytes()
+
+
+class ByteCharTokenizer:
+  """A Hugging Face tokenizer over byte characters, with codeclm's interface.
+
+  encode(bytes) -> ids without BOS/EOS; decode(ids) -> bytes, dropping special
+  ids, ids past the tokenizer (a model's padded vocabulary) and any text that
+  is not a byte character, so model output never fails to decode.
+
+  Attributes:
+    vocab_size: the model's embedding rows (may exceed the tokenizer's ids).
+    bos_id, eos_id, pad_id: pad is EOS, as in ByteBPE.
+  """
+
+  def __init__(self, tokenizer: Tokenizer, *, bos_id: int, eos_id: int,
+               vocab_size: int, source: str = "tokenizer"):
+    self._tokenizer = tokenizer
+    self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, eos_id
+    self.vocab_size = vocab_size
+    self.num_entries = tokenizer.get_vocab_size(with_added_tokens=True)
+    if self.num_entries > vocab_size:
+      raise ValueError(
+          f"{source} has {self.num_entries} ids but the model has "
+          f"vocab_size={vocab_size} embedding rows; use the tokenizer the "
+          "model was trained with.")
+    for name, i in (("bos_id", bos_id), ("eos_id", eos_id)):
+      if not 0 <= i < self.num_entries:
+        raise ValueError(f"{source}: {name}={i} is not an id of the tokenizer "
+                         f"(0..{self.num_entries - 1}).")
+    self._specials = {bos_id, eos_id} | {
+        i for i, t in tokenizer.get_added_tokens_decoder().items()
+        if t.special}
+    self._check_covers_bytes(source)
+
+  def _check_covers_bytes(self, source: str) -> None:
+    """Raises unless every byte encodes to known ids and decodes back."""
+    unk = self._tokenizer.model.unk_token if hasattr(
+        self._tokenizer.model, "unk_token") else None
+    unk_id = self._tokenizer.token_to_id(unk) if unk else None
+    chars = [to_chars(bytes([b])) for b in range(NUM_BYTES)]
+    encs = self._tokenizer.encode_batch_fast(chars, add_special_tokens=False)
+    bad = [b for b, e in enumerate(encs)
+           if not e.ids or unk_id in e.ids or self.decode(e.ids) != bytes([b])]
+    if bad:
+      raise ValueError(
+          f"{source} cannot encode {len(bad)} of the 256 byte characters "
+          f"chr(0x2800 + b) (first: byte {bad[0]:#04x}, character "
+          f"{chars[bad[0]]!r}): they map to the unknown token or do not decode "
+          "back. A Jpeg-LM tokenizer must cover the whole Braille block "
+          "U+2800..U+28FF (or fall back to bytes).")
+
+  @classmethod
+  def from_json(cls, s: str, source: str = "tokenizer JSON"):
+    wrapper = json.loads(s)
+    try:
+      tokenizer = Tokenizer.from_str(json.dumps(wrapper["tokenizer"]))
+    except Exception as e:  # tokenizers raises a bare Exception.
+      raise ValueError(f"{source} holds no valid Hugging Face tokenizer "
+                       f"({e}); import the model again.") from e
+    return cls(tokenizer, bos_id=wrapper["bos_id"], eos_id=wrapper["eos_id"],
+               vocab_size=wrapper["vocab_size"], source=source)
+
+  def to_json(self) -> str:
+    return json.dumps(dict(
+        format=_FORMAT, bos_id=self.bos_id, eos_id=self.eos_id,
+        vocab_size=self.vocab_size,
+        tokenizer=json.loads(self._tokenizer.to_str())), indent=1,
+                      ensure_ascii=False)
+
+  def save(self, path: str | os.PathLike) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(self.to_json())
+
+  def hf_json(self) -> str:
+    """The Hugging Face tokenizer.json inside."""
+    return self._tokenizer.to_str(pretty=True)
+
+  def encode(self, data: bytes) -> np.ndarray:
+    """int32 token ids of a byte string, without BOS/EOS."""
+    return self.encode_batch([data])[0]
+
+  def encode_batch(self, datas: Sequence[bytes]) -> list[np.ndarray]:
+    encs = self._tokenizer.encode_batch_fast([to_chars(d) for d in datas],
+                                             add_special_tokens=False)
+    return [np.array(e.ids, np.int32) for e in encs]
+
+  def decode(self, ids) -> bytes:
+    """The bytes of ids; specials, padding ids and non-byte text dropped."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not (ids.size == 0 or
+                             np.issubdtype(ids.dtype, np.integer)):
+      raise ValueError(f"decode() takes a 1-D sequence of int ids; got shape "
+                       f"{ids.shape} dtype {ids.dtype}. Decode rows one by one.")
+    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+      raise ValueError(f"decode() got ids outside [0, {self.vocab_size}): "
+                       "they were not made by this model.")
+    keep = [i for i in ids.tolist()
+            if i < self.num_entries and i not in self._specials]
+    return from_chars(self._tokenizer.decode(keep, skip_special_tokens=True))
+
+  def __repr__(self) -> str:
+    return (f"ByteCharTokenizer(ids={self.num_entries}, bos_id={self.bos_id}, "
+            f"eos_id={self.eos_id}, vocab_size={self.vocab_size})")
+
+
+def load(path: str | os.PathLike):
+  """The tokenizer in a codeclm tokenizer.json: a ByteBPE or ByteCharTokenizer."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      s = f.read()
+  except OSError as e:
+    raise ValueError(
+        f"Cannot read tokenizer file {os.fspath(path)!r} ({e}); point at the "
+        "tokenizer.json that data preparation (or import_hf) wrote.") from e
+  return from_json(s, repr(os.fspath(path)))
+
+
+def from_json(s: str, source: str = "tokenizer JSON"):
+  try:
+    is_wrapper = json.loads(s).get("format") == _FORMAT
+  except (ValueError, AttributeError):
+    is_wrapper = False
+  if is_wrapper:
+    return ByteCharTokenizer.from_json(s, source)
+  return ByteBPE.from_json(s, source)
+
+
+# -- ByteBPE <-> a Hugging Face tokenizer over byte characters ----------------
+
+
+def _map_tokens(config: dict, fn) -> dict:
+  """A tokenizer.json dict with every BPE vocab entry and merge mapped by fn."""
+  model = dict(config["model"])
+  model["vocab"] = {fn(t): i for t, i in model["vocab"].items()}
+  # Pairs, as tokenizers writes them ("a b" strings would be ambiguous here).
+  model["merges"] = [[fn(a), fn(b)] for a, b in model["merges"]]
+  return {**config, "model": model}
+
+
+def to_hf(tokenizer: ByteBPE) -> Tokenizer:
+  """The ByteBPE as a Hugging Face tokenizer over byte characters.
+
+  Same ids; entries spelled in Braille characters (byte b -> chr(0x2800 + b)),
+  as the Jpeg-LM releases read bytes; a post-processor puts BOS first, so
+  `tokenizer(to_chars(prompt))` gives codeclm's prompt ids.
+  """
+  config = _map_tokens(json.loads(tokenizer.to_json()),
+                       lambda t: to_chars(t.encode("latin-1")))
+  hf = Tokenizer.from_str(json.dumps(config))
+  hf.post_processor = processors.TemplateProcessing(
+      single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+      special_tokens=[(BOS, tokenizer.bos_id)])
+  return hf
+
+
+def from_hf(tokenizer: Tokenizer) -> ByteBPE | None:
+  """The ByteBPE that `to_hf` made this tokenizer from, or None if it is not one."""
+  config = json.loads(tokenizer.to_str())
+  vocab = config.get("model", {}).get("vocab", {})
+  if (config["model"].get("type") != "BPE" or not isinstance(vocab, dict) or
+      any(any(not BRAILLE <= ord(c) < BRAILLE + NUM_BYTES for c in t)
+          for t in vocab)):
+    return None
+  config = _map_tokens(config, lambda t: from_chars(t).decode("latin-1"))
+  config["post_processor"] = None
+  try:
+    return ByteBPE.from_json(json.dumps(config))
+  except ValueError:
+    return None

@@ -295,6 +295,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         setup.abstract_state, setup.state_shardings), train_iter)
     if state is None:
       state, start = setup.init_fn(rng), 0
+      if tc.init_from:  # Params only: the optimizer and data start afresh.
+        state = state.replace(params=checkpoint.init_params_from(
+            tc.init_from, state.params, config, tokenizer.vocab_size))
     else:
       logging.info("Resuming from step %d.", start)
 

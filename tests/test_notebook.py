@@ -17,25 +17,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "sample.ipynb")
 
 
-def test_sample_notebook_runs(tmp_path, monkeypatch):
-  workdir = test_sample.tiny_workdir()
-  image = test_sample.photo_files(tmp_path)[1]
-  # The kernel inherits this environment: the checkpoint and image to use,
-  # codeclm from this checkout, and one CPU device (not the 8 simulated ones).
-  monkeypatch.setenv("CODECLM_WORKDIR", workdir)
-  monkeypatch.setenv("CODECLM_IMAGE", image)
+def run_notebook(tmp_path, monkeypatch, **env) -> list:
+  """Executes the notebook headless; returns its code cells' outputs.
+
+  The kernel inherits this environment: `env` (CODECLM_* settings), codeclm
+  from this checkout, and one CPU device (not the 8 simulated ones).
+  """
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
   monkeypatch.setenv("PYTHONPATH", ROOT)
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(nb)
   nbclient.NotebookClient(
-      nb, timeout=120, kernel_name="python3",
+      nb, timeout=180, kernel_name="python3",
       resources={"metadata": {"path": str(tmp_path)}}).execute()
-
   outputs = [o for cell in nb.cells if cell.cell_type == "code"
              for o in cell.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
+  return outputs
+
+
+def test_sample_notebook_runs(tmp_path, monkeypatch):
+  outputs = run_notebook(
+      tmp_path, monkeypatch, CODECLM_WORKDIR=test_sample.tiny_workdir(),
+      CODECLM_IMAGE=test_sample.photo_files(tmp_path)[1])
   text = "".join(o.get("text", "") for o in outputs)
   assert "Step 1:" in text and "MCUs expected 4" in text
   pngs = [Image.open(io.BytesIO(base64.b64decode(o.data["image/png"])))
@@ -48,3 +55,21 @@ def test_sample_notebook_runs(tmp_path, monkeypatch):
   saved = sorted(os.listdir(tmp_path / "samples"))
   assert saved == sorted([f"coffee_r50_{i}.jpg" for i in range(3)]
                          + [f"sample_{i}.jpg" for i in range(4)])
+
+
+def test_sample_notebook_runs_on_an_imported_model(tmp_path, monkeypatch):
+  """The notebook's HF_MODEL cell imports a Jpeg-LM-style folder and samples."""
+  pytest.importorskip("transformers")
+  from tests import test_hf_io  # pylint: disable=g-import-not-at-top
+  foreign = test_hf_io.save_foreign(str(tmp_path / "hf"),
+                                    test_hf_io.llama_style_tokenizer())
+  outputs = run_notebook(
+      tmp_path, monkeypatch, CODECLM_HF_MODEL=foreign,
+      CODECLM_IMPORT_CONFIG=os.path.join(ROOT, "tests", "tiny_config.py"),
+      CODECLM_WORKDIR=str(tmp_path / "imported"),
+      CODECLM_IMAGE=test_sample.photo_files(tmp_path)[0])
+  text = "".join(o.get("text", "") for o in outputs)
+  assert "Step 0:" in text and "ByteCharTokenizer(" in text
+  assert "MCUs expected 4" in text  # 32x32 images: the tiny config's codec.
+  assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 2
+  assert (tmp_path / "imported" / "checkpoints" / "0").is_dir()

@@ -71,6 +71,8 @@ TINY = {
         "--config.model.num_heads=2", "--config.model.num_kv_heads=2",
         "--config.model.mlp_dim=128", "--config.seq_len=512",
         "--config.batch_size=64", "--config.compile.steps=('train',)"],
+    ("codeclm.export_hf", None, None): [],
+    ("codeclm.import_hf", "configs/jpeg_lm.py:demo", None): [],
 }
 
 # Files each key must leave, as globs under the command's --workdir.
@@ -95,6 +97,12 @@ OUTPUTS = {
     ("codeclm.main", "configs/avc_lm.py:demo", "sample"): [
         "samples/step_2/sample_0000.json", "samples/step_2/samples.png",
         "samples/step_2/clip_r67_0.mp4", "samples/step_2/clip_grid.png"],
+    ("codeclm.export_hf", None, None): [  # --dst is beside the workdir.
+        "../jpeg_demo_hf/model.safetensors.index.json",
+        "../jpeg_demo_hf/tokenizer.json", "../jpeg_demo_hf/README.md"],
+    ("codeclm.import_hf", "configs/jpeg_lm.py:demo", None): [
+        "checkpoints/0/commit_success.txt", "config.json", "tokenizer.json",
+        "manifest.json"],
 }
 
 
@@ -128,6 +136,13 @@ def _random_inception_pth(path: str) -> None:
   torch.save(state, path)
 
 
+def _foreign_llama(path: str) -> None:
+  """A tiny Jpeg-LM-style HF folder (bf16 shards, Braille tokenizer)."""
+  from tests import test_hf_io  # pylint: disable=g-import-not-at-top
+  test_hf_io.save_foreign(path, test_hf_io.llama_style_tokenizer(),
+                          max_len=2048)
+
+
 def _synthetic_clip(path: str) -> None:
   """A real .mp4 (H.264 in MP4) of one of the built-in synthetic videos."""
   from codeclm.codecs import avc  # pylint: disable=g-import-not-at-top
@@ -143,6 +158,7 @@ FILES = {
     "cat.png": _skimage_picture("chelsea"),
     "dog.jpg": _skimage_picture("coffee"),
     "fid_inception.npz": _random_inception,
+    "jpeg_lm_hf": _foreign_llama,
     "pt_inception-2015-12-05-6726825d.pth": _random_inception_pth,
 }
 OUTPUT_FLAGS = ("--dst",)  # Flags that name a file the command writes.
@@ -152,6 +168,8 @@ INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp4", ".mkv",
 # (regex on the command, why it cannot run here). Keep it short and honest.
 DOCUMENTED_ONLY = [
     (r"launch/tpu_pod\.sh", "needs gcloud and a Cloud TPU slice"),
+    (r"init_from=", "a 7B fine-tune; tests/test_hf_io.py runs train.init_from "
+     "from an imported tiny model"),
 ]
 
 

@@ -87,6 +87,66 @@ def _layer_keys(config: llama.LlamaConfig) -> dict:
   return {**_LAYER_KEYS, **(_QK_NORM_KEYS if config.qk_norm else {})}
 
 
+def hf_shape(name: str, kind: str, c: llama.LlamaConfig) -> tuple:
+  """The shape HF stores the tensor `name` (of `kind`) in."""
+  h, k, f, d = c.num_heads, c.num_kv_heads, c.head_dim, c.emb_dim
+  if kind == "vector":
+    return (f,) if "q_norm" in name or "k_norm" in name else (d,)
+  if kind == "in_heads":
+    return (h * f, d)
+  if kind == "in_kv_heads":
+    return (k * f, d)
+  if kind == "out_heads":
+    return (d, h * f)
+  return (d, c.mlp_dim) if "down_proj" in name else (c.mlp_dim, d)
+
+
+def from_hf_tensor(x: np.ndarray, name: str, shape: tuple,
+                   dtype) -> np.ndarray:
+  """Checks a HF tensor's shape and casts it to the params' dtype."""
+  if x.shape != shape:
+    raise ValueError(f"{name} has shape {x.shape}, expected {shape} from the "
+                     "config; build the config with config_from_hf.")
+  return x.astype(dtype)
+
+
+def convert_from_hf(x: np.ndarray, kind: str,
+                    c: llama.LlamaConfig) -> np.ndarray:
+  """One HF layer tensor (torch [out, in] layout) -> codeclm's layout."""
+  h, k, f, d = c.num_heads, c.num_kv_heads, c.head_dim, c.emb_dim
+  if kind == "vector":
+    return x
+  if kind == "in_heads":
+    return x.T.reshape(d, h, f)
+  if kind == "in_kv_heads":
+    return x.T.reshape(d, k, f)
+  if kind == "out_heads":
+    return x.T.reshape(h, f, d)
+  return x.T
+
+
+def convert_to_hf(x: np.ndarray, kind: str,
+                  c: llama.LlamaConfig) -> np.ndarray:
+  """The inverse of convert_from_hf (a contiguous array)."""
+  h, k, f, d = c.num_heads, c.num_kv_heads, c.head_dim, c.emb_dim
+  if kind == "vector":
+    return np.ascontiguousarray(x)
+  if kind == "in_heads":
+    x = x.reshape(d, h * f).T
+  elif kind == "in_kv_heads":
+    x = x.reshape(d, k * f).T
+  elif kind == "out_heads":
+    x = x.reshape(h * f, d).T
+  else:
+    x = x.T
+  return np.ascontiguousarray(x)
+
+
+def layer_keys(config: llama.LlamaConfig) -> dict:
+  """HF per-layer tensor name -> (path inside a codeclm layer, kind)."""
+  return _layer_keys(config)
+
+
 def params_from_hf(state_dict: Mapping[str, Any],
                    config: llama.LlamaConfig) -> dict:
   """codeclm params (numpy, param_dtype) from a LlamaForCausalLM state_dict.
@@ -113,24 +173,10 @@ def params_from_hf(state_dict: Mapping[str, Any],
         f"{sorted(unexpected)[:8]}. Build the config with config_from_hf.")
 
   def get(name, shape):
-    x = _to_numpy(sd[name])
-    if x.shape != shape:
-      raise ValueError(f"{name} has shape {x.shape}, expected {shape} from the "
-                       "config; build the config with config_from_hf.")
-    return x.astype(dtype)
+    return from_hf_tensor(_to_numpy(sd[name]), name, shape, dtype)
 
   def convert(name, kind):
-    if kind == "vector":
-      return get(name, (f,) if "q_norm" in name or "k_norm" in name else (d,))
-    if kind == "in_heads":
-      return get(name, (h * f, d)).T.reshape(d, h, f)
-    if kind == "in_kv_heads":
-      return get(name, (k * f, d)).T.reshape(d, k, f)
-    if kind == "out_heads":
-      return get(name, (d, h * f)).T.reshape(h, f, d)
-    out_dim, in_dim = ((d, c.mlp_dim) if "down_proj" in name
-                       else (c.mlp_dim, d))
-    return get(name, (out_dim, in_dim)).T
+    return convert_from_hf(get(name, hf_shape(name, kind, c)), kind, c)
 
   layers = []
   for i in range(c.num_layers):
@@ -175,26 +221,13 @@ def params_to_hf(params: Mapping[str, Any], config: llama.LlamaConfig,
   else:
     layers = [params[f"layers_{i}"] for i in range(c.num_layers)]
 
-  def convert(x, kind):
-    x = cast(x)
-    if kind == "vector":
-      return x
-    if kind == "in_heads":
-      return x.reshape(d, h * f).T
-    if kind == "in_kv_heads":
-      return x.reshape(d, k * f).T
-    if kind == "out_heads":
-      return x.reshape(h * f, d).T
-    return x.T
-
   sd = {"model.embed_tokens.weight": cast(params["embedding"])}
   for i, layer in enumerate(layers):
     for name, (path, kind) in _layer_keys(c).items():
       node = layer
       for p in path:
         node = node[p]
-      sd[f"model.layers.{i}.{name}"] = np.ascontiguousarray(
-          convert(node, kind))
+      sd[f"model.layers.{i}.{name}"] = convert_to_hf(cast(node), kind, c)
   sd["model.norm.weight"] = cast(params["final_norm"]["scale"])
   sd["lm_head.weight"] = np.ascontiguousarray(cast(params["head"]).T)
   return sd
