@@ -13,7 +13,7 @@ per decode step, and the clean-MCU share of a checkpoint's samples.
            mean clean-MCU share and EOS share.
 
   python benchmarks/constrained_sampling.py --sizes=demo,100m --batches=1,8 \
-      --workdir=/tmp/jpeg_demo
+      --workdir=/tmp/jpeg_demo --parts=tables,step,clean
 """
 
 import json
@@ -45,6 +45,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs (best is kept).")
 _VOCABS = flags.DEFINE_list("vocabs", ["320", "1024"], "BPE entries.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "A trained JPEG workdir.")
 _SAMPLES = flags.DEFINE_integer("samples", 8, "Samples per kind (clean).")
+_PARTS = flags.DEFINE_list("parts", ["tables", "step", "clean"],
+                           "What to measure (clean needs --workdir).")
 
 PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "coffee", "coins",
           "grass", "gravel", "hubble_deep_field", "immunohistochemistry",
@@ -179,9 +181,11 @@ def main(argv):
   del argv
   print(json.dumps(dict(device=jax.devices()[0].device_kind,
                         cpu=platform.processor())), flush=True)
-  parts = [tables(), steps()] + ([clean()] if _WORKDIR.value else [])
-  for part in parts:
-    for row in part:
+  parts = dict(tables=tables, step=steps, clean=clean)
+  for name in _PARTS.value:
+    if name == "clean" and not _WORKDIR.value:
+      continue
+    for row in parts[name]():
       print(json.dumps(row), flush=True)
 
 
