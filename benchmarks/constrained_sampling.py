@@ -4,6 +4,9 @@ per decode step, and the clean-MCU share of a checkpoint's samples.
   tables   byte automaton and token tables (codeclm/sampling/jpeg_grammar.py,
            token_grammar.py) for a 64 and a 256 px codec and BPEs of 320 and
            1,024 entries trained on scikit-image photographs.
+  mask     the constraint's own work per step (row gather, counter mask,
+           state update) around choose(), jitted, 200 calls, best of
+           --repeats: robust where whole decode steps are too noisy.
   step     the Sampler decoding with random weights, constrained and not, in
            the same process, interleaved; decode time per step =
            (time(new_tokens) - time(1)) / (new_tokens - 1), best of
@@ -13,7 +16,7 @@ per decode step, and the clean-MCU share of a checkpoint's samples.
            mean clean-MCU share and EOS share.
 
   python benchmarks/constrained_sampling.py --sizes=demo,100m --batches=1,8 \
-      --workdir=/tmp/jpeg_demo
+      --workdir=/tmp/jpeg_demo --parts=tables,step,clean
 """
 
 import json
@@ -45,6 +48,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs (best is kept).")
 _VOCABS = flags.DEFINE_list("vocabs", ["320", "1024"], "BPE entries.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "A trained JPEG workdir.")
 _SAMPLES = flags.DEFINE_integer("samples", 8, "Samples per kind (clean).")
+_PARTS = flags.DEFINE_list("parts", ["tables", "step", "mask", "clean"],
+                           "What to measure (clean needs --workdir).")
 
 PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "coffee", "coins",
           "grass", "gravel", "hubble_deep_field", "immunohistochemistry",
@@ -145,6 +150,51 @@ def steps():
                  ratio=round(step["constrained"] / step["free"], 3))
 
 
+def mask():
+  """The constraint's own cost per step: choose() with and without the
+  table row gather, counter mask and state update, jitted, many calls."""
+  codec = jpeg.JpegCodec(64, 64)
+  tokenizer = ByteBPE.train(photos(codec), 320)
+  grammar = token_grammar.build(jpeg_grammar.build(codec), tokenizer)
+  constraint = grammar.constraint
+  v = tokenizer.vocab_size
+
+  @jax.jit
+  def free(logits, keys, state, count):
+    return sampler_lib.choose(logits, keys, 1.0, 40, 0.9), state, count
+
+  @jax.jit
+  def constrained(logits, keys, state, count):
+    row = constraint.next_state[state]
+    allowed = (row >= 0) & constraint.counter.allows(state, count)
+    token = sampler_lib.choose(jnp.where(allowed, logits, -jnp.inf), keys,
+                               1.0, 40, 0.9)
+    count = constraint.counter.advance(state, count, token)
+    return token, jnp.take_along_axis(row, token[:, None], 1)[:, 0], count
+
+  calls = 200
+  for b in map(int, _BATCHES.value):
+    logits = jax.random.normal(jax.random.key(0), (b, v))
+    keys = jax.random.split(jax.random.key(1), b)
+    state = jnp.full((b,), jpeg_grammar.build(codec).mcu_start, jnp.int32)
+    count = jnp.zeros((b,), jnp.int32)
+    best = {}
+    for _ in range(_REPEATS.value):
+      for name, fn in (("free", free), ("constrained", constrained)):
+        jax.block_until_ready(fn(logits, keys, state, count))
+        start = time.perf_counter()
+        for _ in range(calls):
+          out = fn(logits, keys, state, count)
+        jax.block_until_ready(out)
+        best[name] = min(best.get(name, 1e9),
+                         (time.perf_counter() - start) / calls)
+    yield dict(kind="mask", batch=b, vocab=v,
+               choose_us=round(best["free"] * 1e6, 1),
+               constrained_choose_us=round(best["constrained"] * 1e6, 1),
+               overhead_us=round((best["constrained"] - best["free"]) * 1e6,
+                                 1))
+
+
 def clean():
   loaded = workdir_lib.load(_WORKDIR.value, mesh_shape=(1, 1, 1))
   cfg = loaded.config.sample
@@ -179,9 +229,11 @@ def main(argv):
   del argv
   print(json.dumps(dict(device=jax.devices()[0].device_kind,
                         cpu=platform.processor())), flush=True)
-  parts = [tables(), steps()] + ([clean()] if _WORKDIR.value else [])
-  for part in parts:
-    for row in part:
+  parts = dict(tables=tables, step=steps, mask=mask, clean=clean)
+  for name in _PARTS.value:
+    if name == "clean" and not _WORKDIR.value:
+      continue
+    for row in parts[name]():
       print(json.dumps(row), flush=True)
 
 

@@ -10,10 +10,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from codeclm import config_base
 from codeclm import train
-from codeclm.sampling import files
 from codeclm.codecs import avc
 from codeclm.data import sources
+from codeclm.sampling import files
 from tests import tiny_avc_config
 
 RATIO = 0.2  # 3 of 15 frames: short prompts keep the test's windows small.
@@ -65,7 +66,7 @@ def test_sample_command_writes_videos_and_reports(workdir, tmp_path):
   clip = str(tmp_path / "clip")
   codec.save(clip, codec.encode(sources.synthetic_video(3, 32, 32)))
   out = tmp_path / "out"
-  cfg = sample.config_base.lm_config("demo").sample
+  cfg = config_base.lm_config("demo").sample
   cfg.update(num_samples=1, images=clip + ".mp4", ratios=(RATIO,),
              completions=1, max_new_tokens=64, mesh_shape=(1, 1, 1),
              min_bucket=512, out_dir=str(out))

@@ -408,7 +408,7 @@ def test_command_lines(workdir, tmp_path):
                                stderr=subprocess.STDOUT, text=True)
            for k, v in cmds.items()}
   for name, proc in procs.items():
-    output = proc.communicate(timeout=120)[0]
+    output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output[-3000:]
     info = json.load(open(tmp_path / name / "sample_0000.json"))
     assert info["new_tokens"] <= 16 and info["step"] == 1

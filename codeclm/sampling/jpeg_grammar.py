@@ -43,6 +43,7 @@ from codeclm.codecs import jpeg
 
 _RST0, _EOI = 0xD0, 0xD9
 REJECT = -1
+_NONE = -(1 << 20)  # In a Huffman tree: no code continues this way.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +57,8 @@ class Layout:
 def _tree(counts: bytes, symbols: bytes) -> np.ndarray:
   """A canonical Huffman code as a binary tree: child[node, bit].
 
-  >= 0: an inner node; < 0: the leaf -1 - symbol; the all-ones path (never a
-  code in JPEG) and other unused paths lead to node-free REJECT... encoded as
-  a dedicated large negative value.
+  >= 0: an inner node; -1 - symbol: a leaf; _NONE: no code continues this
+  way (the all-ones path, never a code in JPEG).
   """
   child = [[_NONE, _NONE]]
   code, n = 0, 0
@@ -78,9 +78,6 @@ def _tree(counts: bytes, symbols: bytes) -> np.ndarray:
       n += 1
     code <<= 1
   return np.array(child, np.int64)
-
-
-_NONE = -(1 << 20)  # No code continues this way.
 
 
 def layout_of(codec: jpeg.JpegCodec) -> Layout:
