@@ -30,6 +30,7 @@ from codeclm.model import llama  # pylint: disable=g-import-not-at-top,wrong-imp
 
 _SIZE = flags.DEFINE_string("size", "1b", "A key of llama.SIZES.")
 _DIR = flags.DEFINE_string("dir", "/tmp/import_memory", "Scratch folder.")
+_EXPORT = flags.DEFINE_bool("export", True, "Also measure export_hf.")
 
 
 def write_hf(directory: str, size: str) -> int:
@@ -103,14 +104,15 @@ def main(argv):
       sys.executable, "-m", "codeclm.import_hf", f"--src={src}",
       f"--workdir={workdir}", "--config=configs/jpeg_lm.py:demo",
       "--mesh_shape=(1,1,1)"])
-  rss_out, t_out = child_peak_rss([
-      sys.executable, "-m", "codeclm.export_hf", f"--workdir={workdir}",
-      f"--dst={os.path.join(_DIR.value, 'export')}", "--dtype=bfloat16"])
   n = ckpt_bytes // 2
   print(f"size={_SIZE.value}: {n / 1e9:.2f}B params; bf16 safetensors "
         f"{ckpt_bytes / 2**30:.2f} GiB, float32 params {4 * n / 2**30:.2f} GiB")
   print(f"import_hf: peak RSS {rss_in:.2f} GiB in {t_in:.0f} s")
-  print(f"export_hf: peak RSS {rss_out:.2f} GiB in {t_out:.0f} s")
+  if _EXPORT.value:
+    rss_out, t_out = child_peak_rss([
+        sys.executable, "-m", "codeclm.export_hf", f"--workdir={workdir}",
+        f"--dst={os.path.join(_DIR.value, 'export')}", "--dtype=bfloat16"])
+    print(f"export_hf: peak RSS {rss_out:.2f} GiB in {t_out:.0f} s")
   print(f"(this process, writing the random checkpoint: "
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
   shutil.rmtree(_DIR.value, ignore_errors=True)

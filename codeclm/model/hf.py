@@ -156,7 +156,7 @@ def params_from_hf(state_dict: Mapping[str, Any],
   embedding, as HF does.
   """
   c = config
-  h, k, f, d = c.num_heads, c.num_kv_heads, c.head_dim, c.emb_dim
+  d = c.emb_dim
   dtype = np.dtype(c.param_dtype)
   sd = {n: v for n, v in state_dict.items() if not _IGNORED.match(n)}
   if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
@@ -209,7 +209,6 @@ def params_to_hf(params: Mapping[str, Any], config: llama.LlamaConfig,
   `{k: torch.from_numpy(v) for ...}` and `load_state_dict`.
   """
   c = config
-  h, k, f, d = c.num_heads, c.num_kv_heads, c.head_dim, c.emb_dim
   cast = lambda x: np.array(x, dtype)  # a writable copy (torch.from_numpy)
   if c.scan_layers:
     if "layers" not in params:
