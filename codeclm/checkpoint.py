@@ -36,8 +36,6 @@ DAMAGED = "damaged_checkpoints"  # Workdir folder for steps resume skipped.
 _COMMIT_FILES = ("commit_success.txt", "_CHECKPOINT_METADATA")
 _TMP_MARK = ".orbax-checkpoint-tmp"  # In the names of unfinished saves.
 _ITEMS = ("state", "data")
-# The barrier that ends Orbax's Checkpointer.restore (no key prefix is set).
-_RESTORE_BARRIER = "Checkpointer:restore"
 
 
 class RestoreError(RuntimeError):
@@ -91,33 +89,41 @@ class Checkpointer:
   def restore_latest(self, abstract_state, iterator):
     """(state, step) of the newest step that restores; (None, None) if none.
 
-    Every process takes the same step: the candidates are process 0's list,
-    and a step is taken only when it is complete and restores on every
-    process (a collective vote per step), so a stale view or a damaged file
-    on one host moves all of them to an older step together. A restore that
-    fails is tried again after a pause (train.restore_tries,
-    train.restore_retry_s): a transient read error is not damage. Once an
-    older step has restored, the skipped ones are moved to
-    `<workdir>/damaged_checkpoints/` (Orbax would otherwise still count them
-    and refuse to save those steps again); incomplete ones are moved in any
-    case. If steps are complete but none restores, that is a config that
-    does not fit the checkpoints rather than damage:
-    RestoreError, nothing moved.
+    Every process takes the same step. The candidates are process 0's list;
+    each process checks without any collective that a step is complete and
+    that the files it will read (the state metadata, its own iterator
+    position) are there and parse, and the processes vote on the result, so
+    a stale view or a damaged file on one host moves all of them to an older
+    step together. A check or restore that fails is tried again after a
+    pause (train.restore_tries, train.restore_retry_s): a transient read
+    error is not damage. Once an older step has restored, the skipped ones
+    are moved to `<workdir>/damaged_checkpoints/` (Orbax would otherwise
+    still count them and refuse to save those steps again); incomplete ones
+    are moved in any case. If steps are complete but none restores, that is
+    a config that does not fit the checkpoints rather than damage:
+    RestoreError, nothing moved. On several processes Orbax's restore is
+    itself collective, so a step that passes the vote and then fails to
+    restore (arrays damaged on one host) stops every process with that error.
     """
     _warn_tmp_dirs(self.directory)
     incomplete, unrestorable = [], []
     for step in _same_everywhere(sorted(self.manager.all_steps(),
                                         reverse=True)):
       path = os.path.join(self.directory, str(step))
-      reason = incomplete_reason(path, _ITEMS)
+      _, reason = self._retried(step, lambda: (None,
+                                               _unreadable_reason(path)))
       if not _true_everywhere(reason is None):
         logging.warning("Skipping checkpoint %s: %s.", path,
-                        reason or "incomplete on another process")
+                        reason or "unreadable on another process")
         incomplete.append(path)
         continue
-      state, reason = self._try_restore(step, abstract_state, iterator)
-      if not _true_everywhere(reason is None):
-        reason = reason or "it does not restore on another process"
+      if jax.process_count() > 1:
+        state, reason = self.restore(step, abstract_state, iterator), None
+      else:
+        state, reason = self._retried(
+            step, lambda: self._restore_or_reason(step, abstract_state,
+                                                  iterator))
+      if reason is not None:
         logging.warning("Skipping checkpoint %s: %s.", path, reason)
         unrestorable.append((path, reason))
         continue
@@ -134,34 +140,24 @@ class Checkpointer:
           "move those steps out of the checkpoints folder.")
     return None, None
 
-  def _try_restore(self, step: int, abstract_state, iterator):
-    """(state, None) once every process restored `step`, else (None, why).
-
-    Collective: every process makes the same number of tries (a try that
-    succeeded here is repeated if it failed on another process).
-    """
+  def _retried(self, step: int, attempt):
+    """Runs attempt() -> (value, why it failed or None) until it succeeds or
+    the tries are spent; returns the last (value, reason)."""
     tries = max(1, self._train_cfg.restore_tries)
-    for attempt in range(tries):
-      state, reason = self._restore_or_reason(step, abstract_state, iterator)
-      if _true_everywhere(reason is None):
-        return state, None
-      reason = reason or "it does not restore on another process"
-      if attempt + 1 < tries:
-        pause = self._train_cfg.restore_retry_s
-        logging.warning("Checkpoint step %d: %s; trying again in %ss.",
-                        step, reason, pause)
-        time.sleep(pause)
-    return None, reason
+    for i in range(tries):
+      value, reason = attempt()
+      if reason is None or i + 1 == tries:
+        return value, reason
+      pause = self._train_cfg.restore_retry_s
+      logging.warning("Checkpoint step %d: %s; trying again in %ss.", step,
+                      reason, pause)
+      time.sleep(pause)
 
   def _restore_or_reason(self, step: int, abstract_state, iterator):
     try:
       return self.restore(step, abstract_state, iterator), None
     except Exception as e:  # pylint: disable=broad-except
-      # Orbax and TensorStore raise many types for damaged files. Orbax's
-      # restore ends at a barrier that the other processes now wait at.
-      if jax.process_count() > 1:
-        ocp.multihost.sync_global_processes(
-            ocp.multihost.unique_barrier_key(_RESTORE_BARRIER))
+      # Orbax and TensorStore raise many types for damaged files.
       return None, f"it does not restore ({_describe(e)})"
 
   def _set_aside(self, paths: list[str]) -> None:
@@ -390,6 +386,27 @@ def incomplete_reason(step_dir: str, items=_ITEMS) -> str | None:
   return None
 
 
+def _unreadable_reason(step_dir: str) -> str | None:
+  """Why this process cannot use a step (no collectives), or None.
+
+  Reads what this process's restore starts from: the commit files, the
+  state's metadata and its own iterator position (Grain writes one file per
+  process).
+  """
+  reason = incomplete_reason(step_dir, _ITEMS)
+  if reason:
+    return reason
+  own = (f"data/process_{jax.process_index()}-of-"
+         f"{jax.process_count()}.json")
+  for name in ("state/_METADATA", own):
+    try:
+      with open(os.path.join(step_dir, name)) as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      return f"{name} does not read ({_describe(e)})"
+  return None
+
+
 def _checkpoints_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -433,6 +450,8 @@ def _same_everywhere(steps: list[int]) -> list[int]:
   if jax.process_count() == 1:
     return steps
   n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+  if not n:
+    return []
   mine = np.zeros(n, np.int64)
   mine[:min(n, len(steps))] = steps[:n]
   return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)]

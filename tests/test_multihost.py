@@ -5,8 +5,10 @@ jax.distributed on localhost, as a two-host launch would; they are slow on a
 small CPU machine (each process compiles the step), hence marked.
 """
 
+import glob
 import os
 import re
+import shutil
 import signal
 
 import pytest
@@ -58,3 +60,24 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere(preempted):
   assert steps[0] and steps[0] == steps[1], steps
   saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
   assert saved == list(range(1, int(steps[0][0]) + 1))
+
+
+def test_damage_seen_by_one_process_resumes_all_from_the_same_step(
+    data_dir, preempted, tmp_path):
+  """Process 1's iterator state of the newest step is gone: process 0 could
+  restore that step, process 1 cannot; both must resume from the one before
+  (one hanging in a collective the other skipped is the failure)."""
+  workdir = tmp_path / "work"
+  shutil.copytree(preempted[0], workdir)
+  newest = max(int(s) for s in os.listdir(workdir / "checkpoints"))
+  for path in glob.glob(str(workdir / "checkpoints" / str(newest) / "data" /
+                            "process_1-of-2*")):
+    os.remove(path)
+  texts = multihost.run(2, workdir, [
+      f"--config.data.dir={data_dir}", f"--config.train.steps={newest + 1}",
+      "--config.train.ckpt_every=1", "--config.train.keep_last=100",
+      "--config.train.restore_retry_s=0.1"], timeout=400)
+  for text in texts:
+    assert f"Resuming from step {newest - 1}." in text, text[-3000:]
+  assert os.listdir(workdir / "damaged_checkpoints") == [str(newest)]
+  assert max(int(s) for s in os.listdir(workdir / "checkpoints")) == newest + 1
