@@ -99,15 +99,20 @@ def markdown(rows) -> str:
     prog, v = rep["programs"][0], rep["verdict"]
     m = prog["memory"]
     mesh = "x".join(str(rep["mesh"][a]) for a in ("data", "fsdp", "tensor"))
-    moved = sum(c["bytes"] for c in prog.get("collectives", {}).values())
+    if prog["fits"]:
+      need = f"{m['total'] / GIB:.1f} ({m['temporary'] / GIB:.1f})"
+      moved = sum(c["bytes"] for c in prog["collectives"].values())
+      moved = f"{moved / GIB:.1f}"
+    else:  # XLA stopped at its temporaries.
+      need, moved = f">= {m['temporary'] / GIB:.1f} (temporaries alone)", "-"
     fits = "yes" if v["fits"] else (
         f"no: over by {v.get('over_bytes', 0) / GIB:.1f} GiB")
     out.append(
         f"| {r['config'].split('/')[-1]} | {r['seq_len']:,} | {r['batch']} "
         f"({r['grad_accum']}) | {r['topology']} | {mesh} | full | "
-        f"{rep['config']['attention_resolved']} | {m['total'] / GIB:.1f} "
-        f"({m['temporary'] / GIB:.1f}) | {rep['hbm_bytes_per_chip'] / GIB:.0f}"
-        f" | {moved / GIB:.1f} | {fits} | {prog['compile_s']:.0f} |")
+        f"{rep['config']['attention_resolved']} | {need} | "
+        f"{rep['hbm_bytes_per_chip'] / GIB:.0f} | {moved} | {fits} | "
+        f"{prog['compile_s']:.0f} |")
   return "\n".join(out)
 
 

@@ -117,6 +117,9 @@ def topology_devices(topology: Topology) -> list:
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.name)
+  # Only topologies, no chip: other compiling processes (pytest -n 2) may
+  # hold libtpu too; without this the second one fails on its lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   return list(topologies.get_topology_desc(
       platform="tpu", topology_name=topology.libtpu_name).devices)

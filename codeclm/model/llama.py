@@ -428,8 +428,9 @@ class Llama(nn.Module):
   __call__(tokens, positions=None, segment_ids=None, cache=None):
     tokens, positions, segment_ids: int32 [B, T]; positions default arange(T).
     segment_ids None: plain causal attention (is_causal, no dense mask, so the
-      cuDNN flash kernel applies). Given: attend only within the same segment,
-      causally (0 = padding); a dense [B, 1, T, T] mask is built.
+      flash kernels apply). Given: attend only within the same segment,
+      causally (0 = padding): splash takes the ids, XLA and cuDNN a dense
+      [B, 1, T, T] mask (see attention.py).
     cache None: returns fp32 logits [B, T, V].
     cache (a KVCache): writes this call's K/V at `positions` (per row) and
       attends to every cached index <= the query's position; returns
