@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 from codeclm import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm import codecs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm import import_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from codeclm import sample  # pylint: disable=g-import-not-at-top,wrong-import-position
+from codeclm.sampling import sampler as sampling_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from codeclm.sampling import workdir as sampling_workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm.model import llama  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -129,7 +130,7 @@ def _hf_logits(directory, tokens):
 
 
 def _codeclm_logits(workdir, tokens):
-  loaded = sample.load(workdir, mesh_shape=(1, 1, 1))
+  loaded = sampling_workdir.load(workdir, mesh_shape=(1, 1, 1))
   return np.asarray(jax.jit(loaded.model.apply)(
       {"params": loaded.params}, np.asarray(tokens, np.int32)))
 
@@ -142,7 +143,7 @@ def test_foreign_checkpoint_is_sharded_bf16(foreign):
 
 
 def test_import_logits_equal_transformers(foreign, imported):
-  loaded = sample.load(imported, mesh_shape=(1, 1, 1))
+  loaded = sampling_workdir.load(imported, mesh_shape=(1, 1, 1))
   assert isinstance(loaded.tokenizer, tokenizer_lib.ByteCharTokenizer)
   assert (loaded.tokenizer.bos_id, loaded.tokenizer.eos_id) == (1, 2)
   cfg = loaded.model.config
@@ -174,7 +175,7 @@ def test_tokenizer_matches_the_hf_tokenizer_on_jpeg_bytes(foreign, imported):
 
 
 def test_greedy_continuation_equals_transformers_generate(foreign, imported):
-  loaded = sample.load(imported, mesh_shape=(1, 1, 1))
+  loaded = sampling_workdir.load(imported, mesh_shape=(1, 1, 1))
   tok, codec = loaded.tokenizer, loaded.codec
   full = _jpegs(1, seed=11)[0]
   prompt = codec.prompt(full, 0.5)  # Cut after whole MCUs, as released.
@@ -188,10 +189,10 @@ def test_greedy_continuation_equals_transformers_generate(foreign, imported):
                          pad_token_id=tok.eos_id)[0, len(ids):].numpy()
   want = out[:np.flatnonzero(out == tok.eos_id)[0]] if (
       out == tok.eos_id).any() else out
-  sampler = sample.Sampler(loaded.model, eos_id=tok.eos_id,
+  sampler = sampling_lib.Sampler(loaded.model, eos_id=tok.eos_id,
                            pad_id=tok.pad_id, cache_dtype="float32",
                            min_bucket=64)
-  got = sampler(loaded.params, [ids], sample.Settings(
+  got = sampler(loaded.params, [ids], sampling_lib.Settings(
       temperature=0.0, max_new_tokens=new))[0]
   assert len(want) >= 8
   np.testing.assert_array_equal(got.tokens, want)
@@ -296,7 +297,7 @@ def test_export_loads_in_transformers_with_equal_logits(trained, exported):
 
 
 def _codeclm_logits_f32(workdir, tokens):
-  loaded = sample.load(workdir, mesh_shape=(1, 1, 1))
+  loaded = sampling_workdir.load(workdir, mesh_shape=(1, 1, 1))
   model = llama.Llama(dataclasses.replace(loaded.model.config,
                                           dtype="float32"))
   return np.asarray(jax.jit(model.apply)({"params": loaded.params},
@@ -305,8 +306,8 @@ def _codeclm_logits_f32(workdir, tokens):
 
 def test_import_of_the_export_is_bit_identical(trained, exported, tmp_path):
   workdir = import_hf.run(exported, str(tmp_path / "w"), base_config())
-  before = sample.load(trained, mesh_shape=(1, 1, 1))
-  after = sample.load(workdir, mesh_shape=(1, 1, 1))
+  before = sampling_workdir.load(trained, mesh_shape=(1, 1, 1))
+  after = sampling_workdir.load(workdir, mesh_shape=(1, 1, 1))
   assert after.model.config == dataclasses.replace(
       before.model.config, dtype=after.model.config.dtype,
       remat_policy=after.model.config.remat_policy)

@@ -175,8 +175,9 @@ def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
 def device_memory(mesh: Mesh) -> int | None:
   """Memory in bytes of this process's first mesh device; None where JAX
   does not say (CPU) or no device is local (an AOT topology)."""
-  local = mesh.local_devices
-  stats = local[0].memory_stats() if local else None
+  local = set(jax.local_devices())
+  mine = [d for d in mesh.devices.flat if d in local]
+  stats = mine[0].memory_stats() if mine else None
   return (stats or {}).get("bytes_limit")
 
 
