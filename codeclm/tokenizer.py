@@ -67,6 +67,22 @@ def _text(data) -> str:
   return data.decode("latin-1")
 
 
+def _checked_ids(ids, vocab_size: int) -> np.ndarray:
+  """decode()'s input as a 1-D int array, or an error naming what is wrong."""
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or not (ids.size == 0 or
+                           np.issubdtype(ids.dtype, np.integer)):
+    raise ValueError(f"decode() takes a 1-D sequence of int ids; got shape "
+                     f"{ids.shape} dtype {ids.dtype}. Decode rows one by one.")
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    raise ValueError(
+        f"decode() got ids outside [0, {vocab_size}), e.g. "
+        f"{bad[:5].tolist()}: they were not made by this tokenizer (was the "
+        "model built with vocab_size=tokenizer.vocab_size?).")
+  return ids
+
+
 class ByteBPE:
   """A byte-level BPE with BOS/EOS (see the module docstring for the ids).
 
@@ -189,17 +205,7 @@ class ByteBPE:
 
   def decode(self, ids) -> bytes:
     """The bytes of a sequence of ids; BOS/EOS/PAD ids are dropped."""
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or not (ids.size == 0 or
-                             np.issubdtype(ids.dtype, np.integer)):
-      raise ValueError(f"decode() takes a 1-D sequence of int ids; got shape "
-                       f"{ids.shape} dtype {ids.dtype}. Decode rows one by one.")
-    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-      bad = ids[(ids < 0) | (ids >= self.vocab_size)]
-      raise ValueError(
-          f"decode() got ids outside [0, {self.vocab_size}), e.g. "
-          f"{bad[:5].tolist()}: they were not made by this tokenizer (was the "
-          "model built with vocab_size=tokenizer.vocab_size?).")
+    ids = _checked_ids(ids, self.vocab_size)
     pieces = self._pieces
     return b"".join([pieces[i] for i in ids.tolist()])
 
@@ -333,14 +339,7 @@ class ByteCharTokenizer:
 
   def decode(self, ids) -> bytes:
     """The bytes of ids; specials, padding ids and non-byte text dropped."""
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or not (ids.size == 0 or
-                             np.issubdtype(ids.dtype, np.integer)):
-      raise ValueError(f"decode() takes a 1-D sequence of int ids; got shape "
-                       f"{ids.shape} dtype {ids.dtype}. Decode rows one by one.")
-    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-      raise ValueError(f"decode() got ids outside [0, {self.vocab_size}): "
-                       "they were not made by this model.")
+    ids = _checked_ids(ids, self.vocab_size)
     keep = [i for i in ids.tolist()
             if i < self.num_entries and i not in self._specials]
     return from_chars(self._tokenizer.decode(keep, skip_special_tokens=True))

@@ -269,7 +269,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
 
-  if tc.compilation_cache:  # Restarts and resumes skip the compile.
+  # Restarts and resumes skip the compile; a JAX_COMPILATION_CACHE_DIR set by
+  # the user (one cache shared by many runs, as the tests do) wins.
+  if tc.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir",
                       os.path.join(workdir, "jax_cache"))
 

@@ -1,6 +1,8 @@
 """Tests run on CPU with 8 simulated devices (set before JAX is imported)."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
@@ -38,3 +40,29 @@ def _importable_torchvision() -> None:
 
 _KEEP_ALIVE = []
 _importable_torchvision()
+
+
+def _one_compilation_cache() -> None:
+  """One persistent JAX compilation cache for the whole test run.
+
+  Many tests, and the `python -m codeclm...` processes they start (which
+  inherit this environment), compile the same tiny steps; on CI's two cores
+  compiling is a large share of the run. The xdist controller imports this
+  file before it starts its workers, so they all share one directory, which
+  pytest_sessionfinish removes. A cache hit returns the same executable, so
+  no result depends on it.
+  """
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+        prefix="codeclm-tests-jax-cache-")
+    os.environ["CODECLM_TESTS_OWN_JAX_CACHE"] = "1"
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+_one_compilation_cache()
+
+
+def pytest_sessionfinish(session):
+  if (not hasattr(session.config, "workerinput")
+      and os.environ.get("CODECLM_TESTS_OWN_JAX_CACHE")):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

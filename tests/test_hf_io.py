@@ -416,3 +416,7 @@ def test_sentencepiece_tokenizer_model_is_converted(tmp_path):
     fallback += sum(sp.id_to_piece(i).startswith("<0x") for i in want)
     assert tok.decode(ids) == data
   assert fallback  # Some characters took the byte-fallback path.
+  with pytest.raises(ValueError, match=rf"outside \[0, {tok.vocab_size}\)"):
+    tok.decode([tok.vocab_size])
+  with pytest.raises(ValueError, match="1-D sequence of int"):
+    tok.decode([[1, 2]])
