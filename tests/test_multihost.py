@@ -6,13 +6,16 @@ small CPU machine (each process compiles the step), hence marked.
 """
 
 import glob
+import logging
 import os
 import re
 import shutil
 import signal
 
+import numpy as np
 import pytest
 
+from codeclm import train
 from codeclm.data import prepare
 from tests import multihost
 from tests import tiny_config
@@ -64,15 +67,15 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere(preempted):
 
 def test_damage_seen_by_one_process_resumes_all_from_the_same_step(
     data_dir, preempted, tmp_path):
-  """Process 1's iterator state of the newest step is gone: process 0 could
+  """Process 1's data position of the newest step is gone: process 0 could
   restore that step, process 1 cannot; both must resume from the one before
   (one hanging in a collective the other skipped is the failure)."""
   workdir = tmp_path / "work"
   shutil.copytree(preempted[0], workdir)
   newest = max(int(s) for s in os.listdir(workdir / "checkpoints"))
-  for path in glob.glob(str(workdir / "checkpoints" / str(newest) / "data" /
-                            "process_1-of-2*")):
-    os.remove(path)
+  # Batch 8, one loader stream per row: process 1 alone reads stream 7.
+  os.remove(workdir / "checkpoints" / str(newest) / "data" /
+            "stream_7-of-8.json")
   texts = multihost.run(2, workdir, [
       f"--config.data.dir={data_dir}", f"--config.train.steps={newest + 1}",
       "--config.train.ckpt_every=1", "--config.train.keep_last=100",
@@ -81,3 +84,78 @@ def test_damage_seen_by_one_process_resumes_all_from_the_same_step(
     assert f"Resuming from step {newest - 1}." in text, text[-3000:]
   assert os.listdir(workdir / "damaged_checkpoints") == [str(newest)]
   assert max(int(s) for s in os.listdir(workdir / "checkpoints")) == newest + 1
+
+
+def losses(text: str) -> dict[int, float]:
+  """step -> training loss, from the metric lines of a log."""
+  return {int(m[1]): float(m[2]) for m in re.finditer(
+      r"\[(\d+)\] bits_per_byte=.*?, loss=([-\d.e+]+)", text)}
+
+
+def keep_steps_up_to(workdir, last: int) -> None:
+  for name in os.listdir(workdir / "checkpoints"):
+    if int(name) > last:
+      shutil.rmtree(workdir / "checkpoints" / name)
+
+
+@pytest.fixture(scope="module")
+def resumed_on_one(data_dir, preempted, tmp_path_factory):
+  """The 2-process run's step 2 resumed on this one process (8 devices) to
+  step 4: (workdir, its log)."""
+  workdir = tmp_path_factory.mktemp("one") / "work"
+  shutil.copytree(preempted[0], workdir)
+  keep_steps_up_to(workdir, 2)
+  config = tiny_config.get_config()
+  config.data.dir = data_dir
+  config.train.update(steps=4, ckpt_every=1, keep_last=100, log_every=1)
+  root, handler = logging.getLogger(), _Capture()
+  level = root.level
+  root.addHandler(handler)
+  root.setLevel(logging.INFO)
+  try:
+    train.train(config, str(workdir))
+  finally:
+    root.removeHandler(handler)
+    root.setLevel(level)
+  return workdir, "\n".join(handler.lines)
+
+
+class _Capture(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
+def test_two_process_checkpoint_resumes_on_one_process(preempted,
+                                                       resumed_on_one):
+  """Same step, same data: the loss of step 3 (computed before its update,
+  so the schedule's length does not enter) equals the 2-process run's."""
+  log = resumed_on_one[1]
+  assert "Resuming from step 2." in log
+  two = losses(preempted[2][0])
+  one = losses(log)
+  assert sorted(one) == [3, 4]
+  np.testing.assert_allclose(one[3], two[3], rtol=2e-5)
+  assert abs(two[3] - two[4]) > 1e-3  # Another batch would show.
+
+
+def test_one_process_checkpoint_resumes_on_two_with_tensor_across_them(
+    data_dir, resumed_on_one, tmp_path):
+  """Step 3 of the 1-process run resumes on 2 processes with one device
+  each and mesh (1, 1, 2): the tensor axis spans the processes, so both feed
+  all 8 rows. Step 4's loss equals the 1-process run's."""
+  workdir = tmp_path / "work"
+  shutil.copytree(resumed_on_one[0], workdir)
+  keep_steps_up_to(workdir, 3)
+  texts = multihost.run(2, workdir, [
+      f"--config.data.dir={data_dir}", "--config.train.steps=4",
+      "--config.train.log_every=1", "--config.mesh.shape=(1,1,2)"],
+      devices_per_process=1, timeout=400)
+  assert "Resuming from step 3." in texts[0], texts[0][-3000:]
+  assert "8 rows per process" in texts[1], texts[1][-3000:]
+  two = losses(texts[0])
+  assert sorted(two) == [4]
+  np.testing.assert_allclose(two[4], losses(resumed_on_one[1])[4], rtol=2e-5)
