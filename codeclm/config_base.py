@@ -58,8 +58,7 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       # Independent window streams; global row r comes from stream
       # r // (batch_size / streams). The data position is theirs, so it does
       # not depend on the process count. 0 = one per row (batch_size); fewer
-      # pack better ("pack" bins = rows per stream) but every process that
-      # holds a row of a stream reads all of that stream.
+      # means every process that holds a row of a stream reads all of it.
       streams=0,
       loader_workers=0,           # worker processes per stream
   ))
