@@ -15,12 +15,14 @@ reference includes reading, decoding and resizing the file (by default a
 folder of copies of scikit-image's bundled photos, 172x448 to 872x1000).
 
 Loader: the prepared shards read back with a 320-entry BPE, seq_len 12,288,
-batch 8, in "concat" (the paper) and "pack" modes. A 7B model at 50% MFU on
+batch 8, in "concat" (the paper) and "pack" modes, for each --streams
+(config.data.streams: 0 = one stream per row, the default). A 7B model at 50% MFU on
 8 H100s consumes about 100K tokens/s per host, so the loader must deliver at
 least 1M tokens/s per host (10x headroom); the verdict is printed.
 """
 
 import io
+import itertools
 import os
 import resource
 import shutil
@@ -50,6 +52,8 @@ _PHOTOS = flags.DEFINE_integer("photos", 400, "Files in the 'skimage' folder.")
 _BATCHES = flags.DEFINE_integer("batches", 40, "Timed loader batches per mode.")
 _LOADER_WORKERS = flags.DEFINE_multi_integer(
     "loader_workers", [0], "config.data.loader_workers values to time.")
+_STREAMS = flags.DEFINE_multi_integer(
+    "streams", [0], "config.data.streams values to time (0 = one per row).")
 _OUT = flags.DEFINE_string("out", "", "Where to prepare; '' = a temp dir.")
 
 NEEDED_TOKENS_PER_S = 1_000_000  # 10x a 7B model's appetite per host.
@@ -68,7 +72,7 @@ def make_config(source: str, num_examples: int | None, workers: int,
       eval_examples=8, labels_from_folders=False, examples_per_shard=256,
       prepare_workers=workers, tokenizer="", vocab_size=320,
       tokenizer_examples=tokenizer_examples, packing="concat", drop_long=False,
-      loader_workers=0))
+      streams=0, loader_workers=0))
   return config
 
 
@@ -150,29 +154,28 @@ def bench_loader(config, data_dir: str) -> None:
   print(f"\n== loader: seq_len {config.seq_len}, batch {config.batch_size}, "
         f"BPE {tokenizer.num_entries} entries + BOS/EOS, "
         f"{manifest['counts']['written']} images, one host ==")
-  for packing in ("concat", "pack"):
-    for workers in _LOADER_WORKERS.value:
-      config.data.packing = packing
-      config.data.loader_workers = workers
-      it = iter(loader.train_dataset(config, data_dir, tokenizer,
-                                     process_index=0, process_count=1))
-      for _ in range(2):  # Warm up (threads, worker processes).
-        next(it)
-      wall, cpu = time.perf_counter(), cpu_now()
-      real = 0
-      for _ in range(_BATCHES.value):
-        real += int((next(it)["segment_ids"] != 0).sum())
-      wall, cpu = time.perf_counter() - wall, cpu_now() - cpu
-      if hasattr(it, "close"):
-        it.close()
-      tokens = _BATCHES.value * config.batch_size * config.seq_len
-      per_s = tokens / wall
-      verdict = "OK" if per_s >= NEEDED_TOKENS_PER_S else "TOO SLOW"
-      cpu_note = (f"{tokens / cpu / 1e6:5.2f}M per CPU-second" if not workers
-                  else "CPU not counted: workers still running")
-      print(f"  {packing:6s} loader_workers={workers}: {per_s / 1e6:5.2f}M "
-            f"tokens/s ({cpu_note}; {real / tokens:.1%} real tokens) -> "
-            f"{verdict} (need >= {NEEDED_TOKENS_PER_S / 1e6:.0f}M/s per host)")
+  for packing, workers, streams in itertools.product(
+      ("concat", "pack"), _LOADER_WORKERS.value, _STREAMS.value):
+    config.data.update(packing=packing, loader_workers=workers,
+                       streams=streams)
+    it = loader.TrainBatches(config, data_dir, tokenizer)
+    for _ in range(2):  # Warm up (threads, worker processes).
+      next(it)
+    wall, cpu = time.perf_counter(), cpu_now()
+    real = 0
+    for _ in range(_BATCHES.value):
+      real += int((next(it)["segment_ids"] != 0).sum())
+    wall, cpu = time.perf_counter() - wall, cpu_now() - cpu
+    it.close()
+    tokens = _BATCHES.value * config.batch_size * config.seq_len
+    per_s = tokens / wall
+    verdict = "OK" if per_s >= NEEDED_TOKENS_PER_S else "TOO SLOW"
+    cpu_note = (f"{tokens / cpu / 1e6:5.2f}M per CPU-second" if not workers
+                else "CPU not counted: workers still running")
+    print(f"  {packing:6s} loader_workers={workers} streams={streams}: "
+          f"{per_s / 1e6:5.2f}M tokens/s ({cpu_note}; "
+          f"{real / tokens:.1%} real tokens) -> {verdict} "
+          f"(need >= {NEEDED_TOKENS_PER_S / 1e6:.0f}M/s per host)")
 
 
 def cpu_now() -> float:

@@ -46,7 +46,7 @@ def _time(fn) -> float:
 def main(_):
   config = _CONFIG.value
   setup = train.build(config, _VOCAB.value, np.ones(_VOCAB.value, np.float32))
-  train.report(config, setup)
+  train.report(config, setup, config.batch_size)
   rng = np.random.default_rng(0)
   shape = (config.batch_size, config.seq_len)
   local = dict(
@@ -56,7 +56,8 @@ def main(_):
       positions=np.broadcast_to(np.arange(config.seq_len, dtype=np.int32),
                                 shape).copy(),
       loss_mask=np.ones(shape, np.float32))
-  batch = train.global_batch(local, setup.data_sharding)
+  batch = train.global_batch(local, setup.data_sharding,
+                             list(range(config.batch_size)), config.batch_size)
   with setup.context():
     state = setup.init_fn(jax.random.key(0))
     t = time.perf_counter()

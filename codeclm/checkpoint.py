@@ -1,10 +1,12 @@
-"""Orbax checkpoints of the train state and the Grain iterator, and run files.
+"""Orbax checkpoints of the train state and the data position, and run files.
 
 A workdir holds everything sampling needs: `checkpoints/<step>/` (the train
-state and each process's data-iterator position), plus `config.json`,
-`tokenizer.json` and `manifest.json` (codec settings and the stripped header).
-Restores go against abstract targets built from the *current* mesh, so a
-checkpoint written on one topology loads on another.
+state and the data position), plus `config.json`, `tokenizer.json` and
+`manifest.json` (codec settings and the stripped header). Restores go against
+abstract targets built from the *current* mesh, and the data position is one
+Grain state per loader stream (`data/stream_<j>-of-<K>.json`, see
+codeclm/data/loader.py), not per process, so a checkpoint written on one
+topology (devices, processes, mesh) resumes on another with the same batch.
 
 Orbax on local disk treats any digit-named directory as a finished step, so a
 step left damaged (commit marker or metadata gone, arrays truncated, emptied)
@@ -16,6 +18,8 @@ processes resume decides together: a step is taken only if it restores on
 every process, so all resume from the same step.
 """
 
+import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -23,7 +27,7 @@ import time
 from typing import Any
 
 from absl import logging
-import grain
+from etils import epath
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -42,18 +46,103 @@ class RestoreError(RuntimeError):
   """No checkpoint step restores (or the one asked for does not)."""
 
 
-class _IteratorSnapshot:
-  """The iterator position at save time, for Grain's Orbax handler.
+class DataPositionError(ValueError):
+  """The saved data position cannot be this run's: a different batch or
+  number of loader streams, or an older per-process format. Not damage."""
 
-  Async saves run the handler later; reading the live iterator then would
-  record a later position than the saved model's.
+
+def _stream_file(stream: int, num_streams: int) -> str:
+  return f"stream_{stream}-of-{num_streams}.json"
+
+
+class DataPositionHandler:
+  """Orbax handler for the data position: one JSON file per loader stream.
+
+  A process writes the streams it was told to (`TrainBatches.writes`: one
+  process per stream) and restores the streams it reads, whichever process
+  wrote them. Same interface as Grain's own handler, which names its files
+  by process and so cannot move to another process count.
   """
 
-  def __init__(self, iterator):
-    self._state = json.dumps(iterator.get_state(), indent=1).encode()
+  def save(self, directory: epath.Path, item=None, args=None):
+    args = args or item
+    for stream, state in args.streams.items():
+      (directory / _stream_file(stream, args.num_streams)).write_text(
+          json.dumps(dict(batch_size=args.batch_size, state=state), indent=1))
 
-  def get_state(self) -> bytes:
-    return self._state
+  def restore(self, directory: epath.Path, item=None, args=None):
+    batches = (args or item).item
+    _check_position_format(str(directory), batches)
+    streams = {}
+    for j in batches.streams:
+      saved = json.loads((directory / _stream_file(
+          j, batches.num_streams)).read_text())
+      if saved["batch_size"] != batches.batch_size:
+        raise DataPositionError(
+            f"The data position in {directory} is for config.batch_size="
+            f"{saved['batch_size']}, this run has {batches.batch_size}; "
+            "resume with the batch size the run was started with.")
+      streams[str(j)] = saved["state"]
+    batches.set_state(dict(batch_size=batches.batch_size, streams=streams))
+    return batches
+
+  def structure(self, directory):
+    del directory
+
+  def metadata(self, directory):
+    del directory
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+  @classmethod
+  def typestr(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(DataPositionHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  """The position at save time (async saves write it later)."""
+  batch_size: int
+  num_streams: int
+  streams: dict  # stream -> Grain state
+
+
+@ocp.args.register_with_handler(DataPositionHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any  # A loader.TrainBatches; moved to the saved position.
+
+
+def _data_save(batches) -> DataSave:
+  states = batches.get_state()["streams"]
+  return DataSave(batches.batch_size, batches.num_streams,
+                  {j: states[str(j)] for j in batches.writes})
+
+
+def _check_position_format(data_dir: str, batches) -> None:
+  """A data item written for another number of streams or in the old
+  per-process format is a DataPositionError (raised on every process alike,
+  since all see the same files), not damage to skip."""
+  if glob.glob(os.path.join(data_dir, _stream_file(
+      "*", batches.num_streams))):
+    return
+  others = sorted(glob.glob(os.path.join(data_dir, "stream_*-of-*.json")))
+  if others:
+    raise DataPositionError(
+        f"The data position in {data_dir} has files such as "
+        f"{os.path.basename(others[0])}, written with another "
+        f"config.data.streams (this run has {batches.num_streams} streams); "
+        "resume with the streams (and batch size) the run started with.")
+  if glob.glob(os.path.join(data_dir, "process_*-of-*.json")):
+    raise DataPositionError(
+        f"{data_dir} holds per-process Grain states from a codeclm before "
+        "per-stream data positions; resume it with that version, or start a "
+        "new run from its weights with --config.train.init_from=<workdir>.")
 
 
 class Checkpointer:
@@ -81,7 +170,7 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator)),
+            data=_data_save(iterator),
         ),
         force=force,
     )
@@ -91,8 +180,8 @@ class Checkpointer:
 
     Every process takes the same step. The candidates are process 0's list;
     each process checks without any collective that a step is complete and
-    that the files it will read (the state metadata, its own iterator
-    position) are there and parse, and the processes vote on the result, so
+    that the files it will read (the state metadata, the positions of
+    the loader streams it reads) are there and parse, and the processes vote on the result, so
     a stale view or a damaged file on one host moves all of them to an older
     step together. A check or restore that fails is tried again after a
     pause (train.restore_tries, train.restore_retry_s): a transient read
@@ -110,8 +199,8 @@ class Checkpointer:
     for step in _same_everywhere(sorted(self.manager.all_steps(),
                                         reverse=True)):
       path = os.path.join(self.directory, str(step))
-      _, reason = self._retried(step, lambda: (None,
-                                               _unreadable_reason(path)))
+      _, reason = self._retried(step, lambda: (
+          None, _unreadable_reason(path, iterator)))
       if not _true_everywhere(reason is None):
         logging.warning("Skipping checkpoint %s: %s.", path,
                         reason or "unreadable on another process")
@@ -156,6 +245,8 @@ class Checkpointer:
   def _restore_or_reason(self, step: int, abstract_state, iterator):
     try:
       return self.restore(step, abstract_state, iterator), None
+    except DataPositionError:
+      raise  # The run's data config, not damage: no older step fits either.
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore raise many types for damaged files.
       return None, f"it does not restore ({_describe(e)})"
@@ -185,7 +276,7 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(iterator),
+            data=DataRestore(iterator),
         ),
     )
     return restored["state"]
@@ -386,19 +477,20 @@ def incomplete_reason(step_dir: str, items=_ITEMS) -> str | None:
   return None
 
 
-def _unreadable_reason(step_dir: str) -> str | None:
+def _unreadable_reason(step_dir: str, batches) -> str | None:
   """Why this process cannot use a step (no collectives), or None.
 
   Reads what this process's restore starts from: the commit files, the
-  state's metadata and its own iterator position (Grain writes one file per
-  process).
+  state's metadata and the positions of the loader streams it reads.
+  Raises DataPositionError if the data item is of another config or format.
   """
   reason = incomplete_reason(step_dir, _ITEMS)
   if reason:
     return reason
-  own = (f"data/process_{jax.process_index()}-of-"
-         f"{jax.process_count()}.json")
-  for name in ("state/_METADATA", own):
+  _check_position_format(os.path.join(step_dir, "data"), batches)
+  own = [f"data/{_stream_file(j, batches.num_streams)}"
+         for j in batches.streams]
+  for name in ("state/_METADATA", *own):
     try:
       with open(os.path.join(step_dir, name)) as f:
         json.load(f)

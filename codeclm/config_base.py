@@ -55,7 +55,12 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       tokenizer_examples=10_000,  # paper: BPE from 10K examples
       packing="concat",           # paper: concatenate and cut; or "pack"
       drop_long=False,
-      loader_workers=0,
+      # Independent window streams; global row r comes from stream
+      # r // (batch_size / streams). The data position is theirs, so it does
+      # not depend on the process count. 0 = one per row (batch_size); fewer
+      # means every process that holds a row of a stream reads all of it.
+      streams=0,
+      loader_workers=0,           # worker processes per stream
   ))
 
   c.model = ml_collections.ConfigDict(dict(

@@ -124,10 +124,37 @@ def eval_step(params, batch, *, model, config, token_bytes):
   return sums
 
 
-def global_batch(local: dict, data_sharding) -> dict:
-  """This process's rows -> one global jax.Array per field."""
-  return {k: jax.make_array_from_process_local_data(data_sharding, local[k])
-          for k in loader.BATCH_KEYS}
+def batch_rows(data_sharding, batch_size: int) -> dict[int, list[int]]:
+  """process -> the global batch rows its devices hold, from the sharding.
+
+  Not batch_size / process_count: where a mesh axis the batch is not split
+  over (tensor, say) spans processes, several processes hold the same rows
+  and must feed the same data.
+  """
+  rows = {}
+  shape = (batch_size, 1)
+  for device, index in data_sharding.devices_indices_map(shape).items():
+    rows.setdefault(device.process_index, set()).update(
+        range(*index[0].indices(batch_size)))
+  return {p: sorted(r) for p, r in rows.items()}
+
+
+def global_batch(local: dict, data_sharding, rows: list[int],
+                 batch_size: int) -> dict:
+  """This process's `rows` (in that order) -> one global jax.Array per field.
+
+  Each addressable device gets the rows of its shard; `rows` must be the
+  ones batch_rows gives this process.
+  """
+  where = {r: i for i, r in enumerate(rows)}
+
+  def one(x):
+    def shard(index):
+      picked = [where[r] for r in range(*index[0].indices(batch_size))]
+      return x[picked][(slice(None), *index[1:])]
+    return jax.make_array_from_callback((batch_size, *x.shape[1:]),
+                                        data_sharding, shard)
+  return {k: one(local[k]) for k in loader.BATCH_KEYS}
 
 
 def check_config(config, mesh) -> None:
@@ -139,10 +166,6 @@ def check_config(config, mesh) -> None:
         f"config.batch_size={config.batch_size} must divide by data*fsdp "
         f"mesh size ({data_ways}) times train.grad_accum ({tc.grad_accum}); "
         "change --config.batch_size or --config.mesh.shape.")
-  if config.batch_size % jax.process_count():
-    raise ValueError(
-        f"config.batch_size={config.batch_size} must divide by the number of "
-        f"processes ({jax.process_count()}).")
   m = config.model
   if m.num_heads % mesh.shape["tensor"] or m.num_kv_heads % mesh.shape["tensor"]:
     raise ValueError(
@@ -242,8 +265,9 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
                llama.flops_per_token(model.config, config.seq_len))
 
 
-def report(config, setup: Setup) -> None:
-  """The start-up facts a user checks before waiting for a compile."""
+def report(config, setup: Setup, rows: int) -> None:
+  """The start-up facts a user checks before waiting for a compile; `rows`:
+  the batch rows this process feeds."""
   n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
   state_bytes = sharding.bytes_per_device(setup.abstract_state,
                                           setup.state_shardings)
@@ -254,7 +278,7 @@ def report(config, setup: Setup) -> None:
       dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind,
       jax.process_count(), n_params / 1e6, setup.flops_per_token,
       config.batch_size, config.seq_len, config.batch_size * config.seq_len,
-      config.batch_size // jax.process_count(),
+      rows,
       max(1, config.batch_size // setup.mesh.size),
       state_bytes / 2**30)
 
@@ -280,13 +304,23 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   ensure_data(config, data_dir)
   tokenizer = ByteBPE.load(os.path.join(data_dir, "tokenizer.json"))
   checkpoint.write_run_files(workdir, config, data_dir)
-  train_iter = iter(loader.train_dataset(config, data_dir, tokenizer))
 
   # -- Mesh, model, shapes, shardings and jitted functions. --------------------
   setup = build(config, tokenizer.vocab_size, token_byte_lengths(tokenizer),
                 devices)
-  report(config, setup)
   mesh, data_sharding = setup.mesh, setup.data_sharding
+
+  # -- This process's rows of each global batch, as the sharding places them. -
+  rows_by_process = batch_rows(data_sharding, config.batch_size)
+  me = jax.process_index()
+  rows = rows_by_process[me]
+  writers = loader.stream_writers(config, rows_by_process)
+  train_iter = loader.TrainBatches(
+      config, data_dir, tokenizer, rows,
+      writes=[j for j, p in writers.items() if p == me])
+  feed = lambda local: global_batch(local, data_sharding, rows,
+                                    config.batch_size)
+  report(config, setup, len(rows))
   tokens_per_step = config.batch_size * config.seq_len
   rng = jax.random.key(config.seed)
 
@@ -336,7 +370,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   try:
     for step in range(start + 1, tc.steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = global_batch(next(train_iter), data_sharding)
+        batch = feed(next(train_iter))
         with setup.context():
           state, metrics = setup.step_fn(state, batch)
       if step == start + 1:
@@ -366,7 +400,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
         with setup.context():
           scores = evaluate(config, data_dir, tokenizer, setup.eval_fn,
-                            state.params, data_sharding)
+                            state.params, rows, feed)
         writer.write_scalars(step, {f"eval_{k}": v for k, v in scores.items()})
       if tb_samples is not None and tb_samples.due(step):
         writer.write_images(step, tb_samples(state.params))
@@ -387,18 +421,21 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   finally:
     preempt.close()
     ckpt.close()  # Never exit before async saves finish.
+    train_iter.close()
     writer.flush()
   return last
 
 
-def evaluate(config, data_dir, tokenizer, eval_fn, params,
-             data_sharding) -> dict:
-  """Loss and bits per codec byte on the held-out split."""
+def evaluate(config, data_dir, tokenizer, eval_fn, params, rows,
+             feed) -> dict:
+  """Loss and bits per codec byte on the held-out split; `rows` of each
+  global batch are this process's, `feed` makes them a global batch."""
   totals = dict(nll=0.0, tokens=0.0, bytes=0.0)
-  for i, batch in enumerate(loader.eval_batches(config, data_dir, tokenizer)):
+  for i, batch in enumerate(loader.eval_batches(config, data_dir, tokenizer,
+                                                rows)):
     if config.train.eval_batches and i >= config.train.eval_batches:
       break
-    sums = jax.device_get(eval_fn(params, global_batch(batch, data_sharding)))
+    sums = jax.device_get(eval_fn(params, feed(batch)))
     totals = {k: totals[k] + float(sums[k]) for k in totals}
   if not totals["tokens"]:
     return {}

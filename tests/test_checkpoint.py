@@ -94,8 +94,9 @@ def empty(step_dir):
 
 
 def drop_iterator_state(step_dir):
-  for path in glob.glob(os.path.join(step_dir, "data", "process_*.json")):
-    os.remove(path)
+  paths = glob.glob(os.path.join(step_dir, "data", "stream_*.json"))
+  assert paths
+  os.remove(paths[-1])
 
 
 def drop_state_metadata(step_dir):
@@ -164,7 +165,7 @@ def restore_target(config, data_dir):
                       train.token_byte_lengths(tokenizer), jax.devices()[:1])
   abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                 setup.state_shardings)
-  iterator = iter(loader.train_dataset(config, data_dir, tokenizer))
+  iterator = loader.TrainBatches(config, data_dir, tokenizer)
   return setup, abstract, iterator
 
 
@@ -229,6 +230,31 @@ def test_no_restorable_step_raises_and_moves_nothing(data_dir, workdir):
   finally:
     ckpt.close()
   assert checkpoint.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
+  assert not os.path.exists(workdir / checkpoint.DAMAGED)
+
+
+@pytest.mark.parametrize("change", ["streams", "old_format"])
+def test_a_data_position_of_another_config_is_named_not_skipped(
+    data_dir, workdir, change):
+  """Other loader streams, or Grain's old per-process files: every step has
+  them, so the error says which setting to restore; nothing is moved."""
+  config = tiny(data_dir)
+  match = "config.data.streams"
+  if change == "streams":
+    config.data.streams = 4  # The checkpoints have 8 (one per row).
+  else:
+    match = "per-process Grain states"
+    for path in glob.glob(str(workdir / "checkpoints" / "*" / "data" / "*")):
+      os.rename(path, os.path.join(os.path.dirname(path),
+                                   "process_0-of-1.json"))
+  setup, abstract, iterator = restore_target(config, data_dir)
+  ckpt = checkpoint.Checkpointer(str(workdir), config.train)
+  try:
+    with setup.context(), pytest.raises(checkpoint.DataPositionError,
+                                        match=match):
+      ckpt.restore_latest(abstract, iterator)
+  finally:
+    ckpt.close()
   assert not os.path.exists(workdir / checkpoint.DAMAGED)
 
 

@@ -135,7 +135,7 @@ def test_training_data_with_other_versions_warns_once(tmp_path, caplog):
   prepare.run(config, data_dir, progress=False)
   tokenizer = ByteBPE.load(os.path.join(data_dir, "tokenizer.json"))
   with caplog.at_level(logging.WARNING):
-    loader.train_dataset(config, data_dir, tokenizer)
+    loader.TrainBatches(config, data_dir, tokenizer)
   assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
   path = os.path.join(data_dir, prepare.MANIFEST)
@@ -146,7 +146,7 @@ def test_training_data_with_other_versions_warns_once(tmp_path, caplog):
   with open(path, "w") as f:
     json.dump(manifest, f)
   with caplog.at_level(logging.WARNING):
-    batch = next(iter(loader.train_dataset(config, data_dir, tokenizer)))
+    batch = next(loader.TrainBatches(config, data_dir, tokenizer))
   assert batch["inputs"].shape == (config.batch_size, config.seq_len)
   warned = [r.getMessage() for r in caplog.records
             if r.levelno >= logging.WARNING]

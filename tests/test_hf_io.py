@@ -362,7 +362,7 @@ def test_init_from_first_loss_is_the_imported_models_loss(foreign, imported,
   data_dir = train.data_dir_of(c, workdir)
   tok = tokenizer_lib.load(os.path.join(data_dir, "tokenizer.json"))
   assert isinstance(tok, tokenizer_lib.ByteCharTokenizer)
-  batch = next(iter(loader.train_dataset(c, data_dir, tok)))
+  batch = next(loader.TrainBatches(c, data_dir, tok))
   model = transformers.AutoModelForCausalLM.from_pretrained(
       foreign, dtype=torch.float32).eval()
   with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Loader: batches decode to the stored bytes; sharding, packing, state."""
+"""Loader: batches decode to the stored bytes; streams, packing, state."""
 
 import collections
 import json
@@ -39,6 +39,9 @@ def prepared(tmp_path_factory):
 
 
 def config_for(**data):
+  """Batch 4; one stream unless `streams` says otherwise, so consecutive rows
+  are consecutive windows of one token stream."""
+  data.setdefault("streams", 1)
   config = make_config(num_examples=NUM, eval_examples=EVAL,
                        examples_per_shard=8, **data)
   config.seq_len = 256
@@ -103,8 +106,7 @@ def check_shapes(batch, batch_size, seq_len):
 def test_concat_batches_decode_to_the_records_each_epoch(prepared):
   data_dir, tokenizer, records = prepared
   config = config_for()
-  it = iter(loader.train_dataset(config, data_dir, tokenizer, process_index=0,
-                                 process_count=1))
+  it = loader.TrainBatches(config, data_dir, tokenizer)
   batches = take(it, 40)
   stream = []
   for b in batches:
@@ -129,9 +131,7 @@ def test_concat_is_seeded(prepared):
   def first_batches(seed):
     config = config_for()
     config.seed = seed
-    return take(iter(loader.train_dataset(config, data_dir, tokenizer,
-                                          process_index=0, process_count=1)),
-                3)
+    return take(loader.TrainBatches(config, data_dir, tokenizer), 3)
   a, b, c = first_batches(0), first_batches(0), first_batches(1)
   assert all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, b))
   assert not all(np.array_equal(x["inputs"], y["inputs"])
@@ -146,8 +146,7 @@ def test_pack_keeps_whole_examples_with_right_segments(prepared):
   lengths = [len(tokenizer.encode(r)) + 2 for r in records["train"]]
   config = config_for(packing="pack")
   config.seq_len = max(lengths) + 40  # Every example fits a window.
-  it = iter(loader.train_dataset(config, data_dir, tokenizer, process_index=0,
-                                 process_count=1))
+  it = loader.TrainBatches(config, data_dir, tokenizer)
   batches = take(it, 12)
   counts = collections.Counter()
   for b in batches:
@@ -184,8 +183,7 @@ def test_pack_splits_or_drops_long_examples(prepared, drop_long):
   window = config.seq_len + 1
   long = {r for r in records["train"] if len(tokenizer.encode(r)) + 2 > window}
   assert long and len(long) < len(records["train"])
-  it = iter(loader.train_dataset(config, data_dir, tokenizer, process_index=0,
-                                 process_count=1))
+  it = loader.TrainBatches(config, data_dir, tokenizer)
   pieces = [run for row in windows(take(it, 30)) for run in segments(row)]
   whole = [tokenizer.decode(p[1:-1]) for p in pieces
            if p[0] == tokenizer.bos_id and p[-1] == tokenizer.eos_id]
@@ -208,32 +206,65 @@ def test_pack_splits_or_drops_long_examples(prepared, drop_long):
 # -- processes, state ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("packing", ["concat", "pack"])
-def test_two_processes_cover_every_example_once(prepared, packing):
+def stream_examples(batches, rows, tokenizer):
+  """The examples of the token stream that `rows` of consecutive batches
+  continue (the rows of one loader stream)."""
+  stream = []
+  for b in batches:
+    for r in rows:
+      stream += list(b["inputs"][r]) + [b["targets"][r, -1]]
+  return examples(stream, tokenizer)
+
+
+def test_row_at_step_is_a_window_of_its_stream_over_the_global_order(
+    prepared):
+  """The global position: 4 rows, 2 streams. Rows 0-1 are stream 0, which
+  reads global record positions 0, 2, 4, ...; rows 2-3 are stream 1
+  (positions 1, 3, 5, ...); the first n positions are every record once (an
+  epoch). A process holding any rows gets exactly those rows of the same
+  global batches."""
   data_dir, tokenizer, records = prepared
-  config = config_for(packing=packing)
-  config.seq_len = 1024  # Pack: every example fits, segments are examples.
-  seen = []
+  config = config_for(streams=2)
   n = len(records["train"])
-  for p in range(2):
-    share = len(range(p, n, 2))
-    it = iter(loader.train_dataset(config, data_dir, tokenizer,
-                                   process_index=p, process_count=2))
-    got, stream = [], []
-    while len(got) < share:
-      batch = next(it)
-      check_shapes(batch, 2, 1024)  # Batch 4 over 2 processes.
-      for row in windows([batch]):
-        if packing == "concat":
-          stream += list(row["inputs"]) + [row["targets"][-1]]
-        else:
-          got += [tokenizer.decode(r[1:-1]) for r in segments(row)]
-      if packing == "concat":
-        got = examples(stream, tokenizer)
-    epoch = got[:share]
-    assert len(set(epoch)) == share  # No repeats within this share's epoch.
-    seen += epoch
-  assert sorted(seen) == sorted(records["train"])
+  order = loader.record_order(config, data_dir)
+  assert sorted(order[i] for i in range(n)) == sorted(records["train"])
+  full = take(loader.TrainBatches(config, data_dir, tokenizer), 30)
+  for j in range(2):
+    decoded = stream_examples(full, (2 * j, 2 * j + 1), tokenizer)
+    assert len(decoded) > n // 2, "take more batches"  # Past an epoch.
+    assert decoded == [order[i] for i in range(j, 2 * len(decoded), 2)]
+  for rows in ([1, 2], [3], [0, 3]):
+    part = loader.TrainBatches(config, data_dir, tokenizer, rows)
+    assert part.streams == sorted({r // 2 for r in rows})
+    for whole, mine in zip(full, take(part, 6)):
+      check_shapes(mine, len(rows), config.seq_len)
+      for k in loader.BATCH_KEYS:
+        np.testing.assert_array_equal(whole[k][rows], mine[k])
+
+
+def test_position_moves_between_process_counts(prepared):
+  """Two "processes" (rows 0-1 and 2-3) save their streams; one process
+  resumes from both files, and its state resumes a process holding rows 1-2:
+  each continues the straight run's global batches."""
+  data_dir, tokenizer, _ = prepared
+  config = config_for(streams=2)
+  straight = take(loader.TrainBatches(config, data_dir, tokenizer), 10)
+  halves = [loader.TrainBatches(config, data_dir, tokenizer, rows, writes=[p])
+            for p, rows in enumerate(([0, 1], [2, 3]))]
+  saved = {}
+  for half in halves:
+    take(half, 5)
+    saved.update(half.get_state()["streams"])
+  one = loader.TrainBatches(config, data_dir, tokenizer)
+  one.set_state(json.loads(json.dumps(dict(batch_size=4, streams=saved))))
+  resumed = take(one, 3)
+  other = loader.TrainBatches(config, data_dir, tokenizer, [1, 2])
+  other.set_state(json.loads(json.dumps(one.get_state())))
+  resumed += take(other, 2)
+  for i, (want, got) in enumerate(zip(straight[5:], resumed)):
+    rows = slice(None) if i < 3 else [1, 2]
+    for k in loader.BATCH_KEYS:
+      np.testing.assert_array_equal(want[k][rows], got[k])
 
 
 @pytest.mark.parametrize("packing,workers", [("concat", 0), ("pack", 0),
@@ -243,21 +274,17 @@ def test_restored_iterator_yields_the_same_batches(prepared, packing, workers):
   if workers and not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags (main does).
   config = config_for(packing=packing, loader_workers=workers)
-  ds = loader.train_dataset(config, data_dir, tokenizer, process_index=0,
-                            process_count=1)
-  it = iter(ds)
+  it = loader.TrainBatches(config, data_dir, tokenizer)
   take(it, 5)
   state = json.loads(json.dumps(it.get_state()))  # Checkpointable as JSON.
   expected = take(it, 7)
-  fresh = iter(loader.train_dataset(config, data_dir, tokenizer,
-                                    process_index=0, process_count=1))
+  fresh = loader.TrainBatches(config, data_dir, tokenizer)
   fresh.set_state(state)
   for a, b in zip(expected, take(fresh, 7)):
     for k in loader.BATCH_KEYS:
       np.testing.assert_array_equal(a[k], b[k])
   for i in (it, fresh):
-    if hasattr(i, "close"):
-      i.close()
+    i.close()
 
 
 # -- eval ----------------------------------------------------------------------
@@ -269,11 +296,9 @@ def test_eval_is_finite_ordered_padded_and_split(prepared, packing):
   config = config_for(packing=packing)
   if packing == "pack":
     config.seq_len = 1024  # Whole examples, one per segment.
-  single = list(loader.eval_batches(config, data_dir, tokenizer,
-                                    process_index=0, process_count=1))
+  single = list(loader.eval_batches(config, data_dir, tokenizer))
   assert single, "no eval batches"
-  again = list(loader.eval_batches(config, data_dir, tokenizer,
-                                   process_index=0, process_count=1))
+  again = list(loader.eval_batches(config, data_dir, tokenizer))
   for b, c in zip(single, again, strict=True):
     check_shapes(b, 4, config.seq_len)
     for k in loader.BATCH_KEYS:
@@ -305,8 +330,8 @@ def test_eval_is_finite_ordered_padded_and_split(prepared, packing):
   for row in padding:  # Whole padding rows carry no loss.
     assert not row["loss_mask"].any() and not row["segment_ids"].any()
   # Two processes: same number of batches; together the single-process ones.
-  halves = [list(loader.eval_batches(config, data_dir, tokenizer,
-                                     process_index=p, process_count=2))
+  halves = [list(loader.eval_batches(config, data_dir, tokenizer, [2 * p,
+                                                                   2 * p + 1]))
             for p in range(2)]
   assert len(halves[0]) == len(halves[1]) == len(single)
   for whole, a, b in zip(single, *halves):
@@ -317,11 +342,15 @@ def test_eval_is_finite_ordered_padded_and_split(prepared, packing):
 def test_clear_errors(prepared, tmp_path):
   data_dir, tokenizer, _ = prepared
   with pytest.raises(sources.DataError, match="run --mode=prepare first"):
-    loader.train_dataset(config_for(), str(tmp_path), tokenizer,
-                         process_index=0, process_count=1)
-  with pytest.raises(sources.DataError, match="batch_size"):
-    loader.train_dataset(config_for(), data_dir, tokenizer, process_index=0,
-                         process_count=3)
+    loader.TrainBatches(config_for(), str(tmp_path), tokenizer)
+  with pytest.raises(sources.DataError, match="streams=3 must divide"):
+    loader.TrainBatches(config_for(streams=3), data_dir, tokenizer)
+  with pytest.raises(sources.DataError, match=r"Rows .* \[0, 4\)"):
+    loader.TrainBatches(config_for(), data_dir, tokenizer, rows=[2, 4])
   with pytest.raises(sources.DataError, match="packing"):
-    loader.train_dataset(config_for(packing="zip"), data_dir, tokenizer,
-                         process_index=0, process_count=1)
+    loader.TrainBatches(config_for(packing="zip"), data_dir, tokenizer)
+  with pytest.raises(sources.DataError, match="batch_size=4, this run has 8"):
+    config = config_for()
+    saved = loader.TrainBatches(config, data_dir, tokenizer).get_state()
+    config.batch_size = 8
+    loader.TrainBatches(config, data_dir, tokenizer).set_state(saved)

@@ -28,7 +28,7 @@ def make_config(**data) -> ml_collections.ConfigDict:
       source="synthetic", tfds_data_dir=None, num_examples=None,
       eval_examples=4, labels_from_folders=False, examples_per_shard=8,
       prepare_workers=1, tokenizer="", vocab_size=300, tokenizer_examples=100,
-      packing="concat", drop_long=False, loader_workers=0))
+      packing="concat", drop_long=False, streams=0, loader_workers=0))
   config.data.update(data)
   return config
 

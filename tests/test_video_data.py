@@ -134,10 +134,10 @@ def test_loader_yields_windows_of_avc_streams(prepared):
   train = [r for p in prepare.shard_paths(out, manifest, "train")
            for r in read_records(p)]
   config.batch_size = 4
+  config.data.streams = 1  # Rows in order are one window stream.
   tokens = sum(len(tokenizer.encode(r)) + 2 for r in train)
   steps = -(-tokens // (4 * config.seq_len)) + 2  # Over one epoch.
-  it = iter(loader.train_dataset(config, out, tokenizer, process_index=0,
-                                 process_count=1))
+  it = loader.TrainBatches(config, out, tokenizer)
   stream = []
   for _ in range(steps):
     batch = next(it)

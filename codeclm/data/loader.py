@@ -1,32 +1,42 @@
 """Loader: prepared byte shards -> batches of token windows, with Grain.
 
   ArrayRecord shards (codec bytes)
-    -> this process's share (every process_count-th record)
-    -> seeded shuffle, reshuffled each epoch, repeating forever
-    -> Tokenize: BOS + BPE ids + EOS
+    -> the global record order: a seeded shuffle of all records, reshuffled
+       each epoch, repeating forever
+    -> config.data.streams streams: stream j takes positions j, j + K, ...
+       of that order (K streams)
+    -> per stream: Tokenize: BOS + BPE ids + EOS
     -> "concat" (the paper): concatenate everything, cut windows of seq_len + 1
        "pack": whole examples first-fit into windows of seq_len + 1 with
                segment ids; SplitLong cuts (or drops) examples that cannot fit
     -> ToExample: inputs = w[:-1], targets = w[1:], plus segment ids,
        positions and the loss mask
-    -> batches of batch_size // process_count
-    -> optional worker processes (config.data.loader_workers)
+    -> per stream: batch_size // K windows per step
+    -> optional worker processes (config.data.loader_workers, per stream)
+
+The data position does not depend on the process count. Row r of the global
+batch at step s is window s * R + r % R of stream r // R (R = batch_size //
+K), so the global batch is a fixed function of (seed, step) over the whole
+dataset. A process runs only the streams that hold the rows its devices hold
+(`TrainBatches(rows=...)`, rows from the batch sharding) and yields just those
+rows; the position is the K streams' Grain states, saved one file per stream
+(codeclm/checkpoint.py), so a run written by n processes resumes on m.
 
 Every batch is a dict of numpy arrays with the same five keys in both modes,
 so the trainer is uniform: inputs, targets, segment_ids, positions (int32,
-[B, seq_len]) and loss_mask (float32, [B, seq_len]). In concat mode
+[rows, seq_len]) and loss_mask (float32, [rows, seq_len]). In concat mode
 segment_ids are 1, positions 0..seq_len-1 and loss_mask 1 everywhere (the
 paper's setting); where a window is padding, segment_ids and loss_mask are 0.
 
-The training iterator (`iter(train_dataset(...))`) has get_state() and
-set_state(); a restored iterator yields exactly the batches the original
-would have. Shards hold bytes rather than token ids, so the vocabulary can
-change without re-encoding, and tokenizing on the fly costs little.
+A restored TrainBatches (get_state / set_state) yields exactly the batches
+the original would have. Shards hold bytes rather than token ids, so the
+vocabulary can change without re-encoding, and tokenizing on the fly costs
+little.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -36,6 +46,10 @@ from codeclm.data import prepare
 from codeclm.data.sources import DataError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+# "pack" fills this many windows per stream at once (more if a stream has
+# more rows): with one bin per stream (one stream per row) 83% of tokens are
+# real, with 8 bins 92% (benchmarks/RESULTS.md, issue 17).
+MIN_PACKING_BINS = 8
 # Threads read and tokenize ahead. Grain's default buffer of 500 elements
 # costs more CPU than it saves (each element scans the whole buffer: half the
 # loader's CPU time in a profile); 64 examples (~25 windows of 12,288) suffice.
@@ -112,14 +126,6 @@ class ToExample(grain.transforms.Map):
     )
 
 
-def local_batch_size(config, process_count: int) -> int:
-  if config.batch_size % process_count:
-    raise DataError(
-        f"config.batch_size={config.batch_size} (global) must divide by the "
-        f"number of processes ({process_count}).")
-  return config.batch_size // process_count
-
-
 def _records(data_dir: str, split: str) -> grain.MapDataset:
   manifest = prepare.load_manifest(data_dir)
   paths = prepare.shard_paths(data_dir, manifest, split)
@@ -150,69 +156,152 @@ def _windows(config, ds: grain.IterDataset, tokenizer,
                           packed=packing == "pack"))
 
 
-def train_dataset(config, data_dir: str, tokenizer, *,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> grain.IterDataset:
-  """This process's endless stream of training batches; `iter()` it.
+def num_streams(config) -> int:
+  """K, the number of independent window streams (config.data.streams)."""
+  streams = config.data.streams or config.batch_size
+  if streams < 1 or config.batch_size % streams:
+    raise DataError(
+        f"config.data.streams={config.data.streams} must divide "
+        f"config.batch_size={config.batch_size} (0 = one stream per row).")
+  return streams
 
-  Each process reads every process_count-th record, so together the
-  processes see each example exactly once per epoch.
+
+def record_order(config, data_dir: str) -> grain.MapDataset:
+  """The global record order: all training records shuffled with config.seed,
+  reshuffled every epoch, repeating forever. Position i is epoch
+  i // len(records); stream j of K reads positions j, j + K, ..."""
+  return _records(data_dir, "train").shuffle(seed=config.seed).repeat(None)
+
+
+def _checked_rows(config, rows: Sequence[int] | None) -> list[int]:
+  if rows is None:
+    return list(range(config.batch_size))
+  rows = sorted({int(r) for r in rows})
+  if not rows or rows[0] < 0 or rows[-1] >= config.batch_size:
+    raise DataError(f"Rows {rows[:3]}...{rows[-3:]} must be a non-empty set "
+                    f"of rows of the global batch [0, {config.batch_size}).")
+  return rows
+
+
+class TrainBatches:
+  """This process's rows of every global training batch, endlessly.
+
+  `rows` are the global batch rows this process feeds (all by default);
+  batches hold them in ascending order. Only the streams holding those rows
+  are read. get_state() is {"batch_size", "streams": {stream: Grain state}}
+  for the streams read here; set_state() takes any state that holds them,
+  whichever processes wrote it. `writes` are the streams whose position this
+  process saves in checkpoints (default: those it reads; the trainer gives
+  each stream to one process).
   """
-  process_index, process_count = prepare.resolve_process(
-      process_index, process_count)
-  batch = local_batch_size(config, process_count)
-  records = _records(data_dir, "train")
-  stored = prepare.load_manifest(data_dir)["codec"]  # Once per training run.
-  codecs.warn_on_version_differences(
-      stored, codecs.from_settings(stored), f"{data_dir}/{prepare.MANIFEST}")
-  if len(records) < process_count:
-    raise DataError(f"{len(records)} training records cannot be shared by "
-                    f"{process_count} processes; prepare more examples.")
-  ds = records[process_index::process_count]
-  ds = ds.shuffle(seed=config.seed).repeat(None)  # Reseeded every epoch.
-  ds = ds.map(Tokenize(tokenizer)).to_iter_dataset(READ_OPTIONS)
-  ds = _windows(config, ds, tokenizer, num_bins=batch)
-  ds = ds.batch(batch, drop_remainder=True)
-  if config.data.loader_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=config.data.loader_workers))
-  return ds
+
+  def __init__(self, config, data_dir: str, tokenizer,
+               rows: Sequence[int] | None = None,
+               writes: Sequence[int] | None = None):
+    self.batch_size = config.batch_size
+    self.num_streams = num_streams(config)
+    per_stream = config.batch_size // self.num_streams
+    self.rows = _checked_rows(config, rows)
+    self.streams = sorted({r // per_stream for r in self.rows})
+    self.writes = self.streams if writes is None else sorted(writes)
+    if not set(self.writes) <= set(self.streams):
+      raise DataError(f"Streams to save {self.writes} must be among those "
+                      f"this process reads, {self.streams}.")
+    # Row r is row r % per_stream of its stream's part of the concatenation.
+    where = {j: i for i, j in enumerate(self.streams)}
+    self._take = np.array([where[r // per_stream] * per_stream + r % per_stream
+                           for r in self.rows])
+    stored = prepare.load_manifest(data_dir)["codec"]  # Once per run.
+    codecs.warn_on_version_differences(
+        stored, codecs.from_settings(stored),
+        f"{data_dir}/{prepare.MANIFEST}")
+    # The reading threads are shared out among the streams of this process.
+    threads = max(1, READ_OPTIONS.num_threads // len(self.streams))
+    options = grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=max(
+            threads, READ_OPTIONS.prefetch_buffer_size // len(self.streams)))
+    order, self._iters = record_order(config, data_dir), {}
+    for j in self.streams:
+      ds = order[j::self.num_streams].map(Tokenize(tokenizer))
+      ds = _windows(config, ds.to_iter_dataset(options), tokenizer,
+                    num_bins=max(per_stream, MIN_PACKING_BINS))
+      ds = ds.batch(per_stream, drop_remainder=True)
+      if config.data.loader_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.data.loader_workers))
+      self._iters[j] = iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(self._iters[j]) for j in self.streams]
+    return {k: np.concatenate([p[k] for p in parts])[self._take]
+            for k in BATCH_KEYS}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"batch_size": self.batch_size,
+            "streams": {str(j): it.get_state()
+                        for j, it in self._iters.items()}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if state["batch_size"] != self.batch_size:
+      raise DataError(
+          f"The saved data position is for config.batch_size="
+          f"{state['batch_size']}, this run has {self.batch_size}; resume "
+          "with the batch size the run was started with.")
+    missing = [j for j in self.streams if str(j) not in state["streams"]]
+    if missing:
+      raise DataError(f"The saved data position lacks streams {missing} of "
+                      f"this process's {self.streams}.")
+    for j, it in self._iters.items():
+      it.set_state(state["streams"][str(j)])
+
+  def close(self) -> None:
+    for it in self._iters.values():
+      if hasattr(it, "close"):
+        it.close()
 
 
-def eval_batches(config, data_dir: str, tokenizer, *,
-                 process_index: int | None = None,
-                 process_count: int | None = None
+def stream_writers(config, rows_by_process: dict[int, Sequence[int]]
+                   ) -> dict[int, int]:
+  """stream -> the lowest process reading it: the one that saves it."""
+  per_stream = config.batch_size // num_streams(config)
+  writers = {}
+  for process in sorted(rows_by_process):
+    for r in rows_by_process[process]:
+      writers.setdefault(r // per_stream, process)
+  return writers
+
+def eval_batches(config, data_dir: str, tokenizer,
+                 rows: Sequence[int] | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """The held-out split once, in a fixed order, as batches of this process.
+  """The held-out split once, in a fixed order: `rows` of each global batch.
 
   Every process builds the same window stream (the eval split is small) and
-  global batch g is windows [g*G, (g+1)*G) with G = config.batch_size;
-  process i takes rows [i*B, (i+1)*B) of it. So all processes yield the same
-  number of batches (a collective step never waits forever) and the result
-  does not depend on the process count. The tail is padded with windows
-  whose loss_mask is 0.
+  global batch g is windows [g*G, (g+1)*G) with G = config.batch_size; a
+  process yields the rows its devices hold (default: all). So all processes
+  yield the same number of batches (a collective step never waits forever)
+  and the result does not depend on the process count. The tail is padded
+  with windows whose loss_mask is 0.
   """
-  process_index, process_count = prepare.resolve_process(
-      process_index, process_count)
-  batch = local_batch_size(config, process_count)
+  rows = _checked_rows(config, rows)
   ds = _records(data_dir, "eval").map(Tokenize(tokenizer)).to_iter_dataset(
       READ_OPTIONS)
   windows = iter(_windows(config, ds, tokenizer, num_bins=config.batch_size))
-  lo, hi = process_index * batch, (process_index + 1) * batch
   padding = _padding_window(config.seq_len, tokenizer.pad_id)
   while True:
-    rows = []
+    batch = []
     for _ in range(config.batch_size):
       try:
-        rows.append(next(windows))
+        batch.append(next(windows))
       except StopIteration:
         break
-    if not rows:
+    if not batch:
       return
-    mine = rows[lo:hi]
-    mine += [padding] * (batch - len(mine))
-    yield {k: np.stack([r[k] for r in mine]) for k in BATCH_KEYS}
-    if len(rows) < config.batch_size:
+    mine = [batch[r] if r < len(batch) else padding for r in rows]
+    yield {k: np.stack([w[k] for w in mine]) for k in BATCH_KEYS}
+    if len(batch) < config.batch_size:
       return
 
 
