@@ -60,7 +60,7 @@ def main(argv):
     from codeclm.sampling import files  # pylint: disable=g-import-not-at-top
     files.run(config.sample, workdir)
   elif _MODE.value == "eval":
-    from codeclm import evaluate  # pylint: disable=g-import-not-at-top
+    from codeclm.eval import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.run(config, workdir)
 
 

@@ -12,9 +12,9 @@ import shutil
 import numpy as np
 import pytest
 
-from codeclm import evaluate
-from codeclm import fid
-from codeclm import inception
+from codeclm.eval import evaluate
+from codeclm.eval import fid
+from codeclm.eval import inception
 from codeclm.data import sources
 from codeclm.data.sources import DataError
 from tests import test_sample

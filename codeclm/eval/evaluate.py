@@ -15,7 +15,7 @@ A prompt that fills the model's max_len is scored as the prompt alone
 Reference images are what the model was trained to reproduce before JPEG
 loss: `codec.load` (centre crop, LANCZOS resize to the codec size), uint8
 RGB. FID sees them and the decoded samples through the Inception's own
-conversion (bilinear resize to 299x299, see codeclm/inception.py).
+conversion (bilinear resize to 299x299, see codeclm/eval/inception.py).
 
 Downscaled variant (`eval.downscale=True`): references are halved
 (`PIL.Image.reduce(2)`, a 2x2 box average) and pasted in the top-left corner
@@ -52,10 +52,10 @@ since the sampler would then be one collective over every host.
       --config.eval.inception_weights=fid_inception.npz
   # ImageNet (5,000 validation images), 8 hosts: one job per host, then
   # (if no job found all slices) a merge.
-  python -m codeclm.evaluate --config=configs/jpeg_lm.py:1b --workdir=DIR \
+  python -m codeclm.eval.evaluate --config=configs/jpeg_lm.py:1b --workdir=DIR \
       --config.eval.inception_weights=fid_inception.npz \
       --config.eval.process_index=$HOST --config.eval.process_count=8
-  python -m codeclm.evaluate --config=configs/jpeg_lm.py:1b --workdir=DIR \
+  python -m codeclm.eval.evaluate --config=configs/jpeg_lm.py:1b --workdir=DIR \
       --merge_only
   # FFHQ (1,000 images) from a folder.
   ... --config.eval.source=folder:/data/ffhq --config.eval.num_examples=1000 \
@@ -83,8 +83,8 @@ import numpy as np
 from PIL import Image
 import tqdm
 
-from codeclm import fid
-from codeclm import inception
+from codeclm.eval import fid
+from codeclm.eval import inception
 from codeclm.data import prepare
 from codeclm.data import sources
 from codeclm.data.sources import DataError
@@ -645,7 +645,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   present = all(os.path.exists(os.path.join(
       out_dir, SLICES, slice_name(j, count) + ".json")) for j in range(count))
   if not (ec.merge and present):
-    logging.info("%s; merge later with `python -m codeclm.evaluate ... "
+    logging.info("%s; merge later with `python -m codeclm.eval.evaluate ... "
                  "--merge_only`.", "Not merging (eval.merge=False)" if present
                  else "Slices of other processes are missing")
     return None

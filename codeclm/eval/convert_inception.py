@@ -3,10 +3,10 @@
 Run once, on any machine with torch, after downloading
 https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
 
-  python -m codeclm.convert_inception \
+  python -m codeclm.eval.convert_inception \
       --src=pt_inception-2015-12-05-6726825d.pth --dst=fid_inception.npz
 
-Afterwards FID needs only the .npz (codeclm.inception.load_params). This
+Afterwards FID needs only the .npz (codeclm.eval.inception.load_params). This
 module needs torch and numpy, not JAX: the mapping is by name only. torch's
 `Mixed_5b.branch1x1.conv.weight` [O, I, H, W] becomes
 `params/Mixed_5b/branch1x1/conv/kernel` [H, W, I, O]; BatchNorm weight/bias
