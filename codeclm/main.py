@@ -46,6 +46,9 @@ def main(argv):
       sys.exit(2)  # Launchers stop here (launch/tpu_pod.sh).
     return
   distributed.initialize(config.distributed)
+  if _MODE.value in ("sample", "eval"):  # Train checks its own, first thing.
+    from codeclm import storage  # pylint: disable=g-import-not-at-top
+    storage.check_writable(workdir)  # A bad store fails before compiling.
 
   if _MODE.value == "prepare":
     from codeclm import train  # pylint: disable=g-import-not-at-top

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -77,17 +78,19 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 import tqdm
 
-from codeclm.eval import fid
-from codeclm.eval import inception
+from codeclm import storage
 from codeclm.data import prepare
 from codeclm.data import sources
 from codeclm.data.sources import DataError
+from codeclm.eval import fid
+from codeclm.eval import inception
 from codeclm.sampling import sampler as sampler_lib
 from codeclm.sampling import workdir as workdir_lib
 
@@ -391,21 +394,20 @@ def _evaluate_slice(config, loaded: workdir_lib.Loaded, extractor, source,
 
 def _write_slice(out_dir: str, name: str, arrays: dict, info: dict) -> None:
   """The .npz, then the .json that marks the slice done (both atomic)."""
-  os.makedirs(os.path.join(out_dir, SLICES), exist_ok=True)
-  path = os.path.join(out_dir, SLICES, name)
-  tmp = prepare._tmp_name(path + ".npz")  # pylint: disable=protected-access
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path + ".npz")
-  prepare._write_json(path + ".json", info)  # pylint: disable=protected-access
+  path = storage.path(out_dir) / SLICES / name
+  npz = io.BytesIO()
+  np.savez(npz, **arrays)
+  storage.write_bytes(f"{path}.npz", npz.getvalue())
+  storage.write_json(f"{path}.json", info)
 
 
 def _finished_slice(out_dir: str, name: str, settings: dict) -> bool:
   """True when the slice is done with these settings; raises if not these."""
-  path = os.path.join(out_dir, SLICES, name)
-  if not (os.path.exists(path + ".json") and os.path.exists(path + ".npz")):
+  path = storage.path(out_dir) / SLICES / name
+  if not (epath.Path(f"{path}.json").exists() and
+          epath.Path(f"{path}.npz").exists()):
     return False
-  old = prepare._read_json(path + ".json")["settings"]  # pylint: disable=protected-access
+  old = storage.read_json(f"{path}.json")["settings"]
   if old != settings:
     diff = sorted(k for k in set(old) | set(settings)
                   if old.get(k) != settings.get(k))
@@ -419,14 +421,14 @@ def _finished_slice(out_dir: str, name: str, settings: dict) -> bool:
 
 
 def _load_slices(out_dir: str) -> tuple[list[dict], list[str]]:
-  folder = os.path.join(out_dir, SLICES)
-  names = sorted(f for f in os.listdir(folder) if _SLICE_RE.match(f)) if (
-      os.path.isdir(folder)) else []
+  folder = storage.path(out_dir) / SLICES
+  names = sorted(f.name for f in folder.iterdir() if _SLICE_RE.match(
+      f.name)) if folder.is_dir() else []
   if not names:
     raise DataError(f"No slices in {folder}; run the eval (every process) "
                     "first.")
-  infos = [prepare._read_json(os.path.join(folder, f)) for f in names]  # pylint: disable=protected-access
-  return infos, [os.path.join(folder, f[:-len(".json")]) for f in names]
+  infos = [storage.read_json(folder / f) for f in names]
+  return infos, [os.fspath(folder / f[:-len(".json")]) for f in names]
 
 
 def _check_coverage(infos: list[dict], paths: list[str], n: int) -> None:
@@ -434,13 +436,13 @@ def _check_coverage(infos: list[dict], paths: list[str], n: int) -> None:
   owners: dict[int, list[str]] = {}
   for info, path in zip(infos, paths):
     for i in info["indices"]:
-      owners.setdefault(int(i), []).append(os.path.basename(path))
+      owners.setdefault(int(i), []).append(epath.Path(path).name)
   duplicated = sorted(i for i, who in owners.items() if len(who) > 1)
   outside = sorted(i for i in owners if not 0 <= i < n)
   missing = sorted(set(range(n)) - set(owners))
   if not (duplicated or outside or missing):
     return
-  present = {os.path.basename(p) for p in paths}
+  present = {epath.Path(p).name for p in paths}
   absent = sorted({slice_name(j, info["process_count"])
                    for info in infos for j in range(info["process_count"])}
                   - present)
@@ -456,7 +458,7 @@ def _check_coverage(infos: list[dict], paths: list[str], n: int) -> None:
   if outside:
     problems.append(f"indices outside [0, {n}): {outside[:50]}")
   raise DataError(
-      f"The slices in {os.path.dirname(paths[0])} do not cover the {n} "
+      f"The slices in {epath.Path(paths[0]).parent} do not cover the {n} "
       f"references exactly once: {'; '.join(problems)}. Run the missing "
       "processes (eval resumes) or delete slices left by another process "
       "count.")
@@ -480,7 +482,7 @@ def merge(out_dir: str, fid_method: str = "sqrtm") -> dict:
           "clean_fraction", "ended", "new_tokens")
   parts = []
   for path in paths:
-    with np.load(path + ".npz") as npz:
+    with np.load(io.BytesIO(epath.Path(f"{path}.npz").read_bytes())) as npz:
       parts.append({key: npz[key] for key in keys})
   order = np.argsort(np.concatenate([p["indices"] for p in parts]))
   cat = lambda key, axis: np.concatenate([p[key] for p in parts], axis)
@@ -527,20 +529,19 @@ def merge(out_dir: str, fid_method: str = "sqrtm") -> dict:
       std="population (ddof=0) over seeds")
   results = dict(step=settings["checkpoint_step"], metrics=metrics,
                  record=record)
-  prepare._write_json(os.path.join(out_dir, RESULTS), results)  # pylint: disable=protected-access
+  storage.write_json(storage.path(out_dir) / RESULTS, results)
   return results
 
 
 def write_tensorboard(results: dict, logdir: str) -> None:
   """fid/<slot> (mean over seeds), clean/<slot> and eos/<slot> scalars."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   scalars = {}
   for name, m in results["metrics"].items():
     scalars.update({f"fid/{name}": m["fid_mean"],
                     f"fid_std/{name}": m["fid_std"],
                     f"clean/{name}": m["clean_fraction"],
                     f"eos/{name}": m["eos_fraction"]})
-  writer = metric_writers.create_default_writer(logdir, asynchronous=False)
+  writer = storage.MirroredWriter(logdir, asynchronous=False)
   writer.write_scalars(results["step"], scalars)
   writer.close()
 
@@ -573,15 +574,16 @@ def _extractor(ec) -> inception.FeatureExtractor:
 def _step_and_out_dir(ec, workdir: str) -> tuple[int, str]:
   from codeclm import checkpoint  # pylint: disable=g-import-not-at-top
   _, step = checkpoint.committed_step_dir(workdir, ec.step or None)
-  return step, ec.out_dir or os.path.join(workdir, "eval", f"step_{step}")
+  return step, os.fspath(storage.path(ec.out_dir or storage.path(workdir) /
+                                      "eval" / f"step_{step}"))
 
 
 def finish(out_dir: str, workdir: str, fid_method: str = "sqrtm") -> dict:
   """Merges, writes TensorBoard scalars in <workdir>/eval, logs a table."""
   results = merge(out_dir, fid_method)
-  write_tensorboard(results, os.path.join(workdir, "eval"))
+  write_tensorboard(results, storage.path(workdir) / "eval")
   logging.info("FID at step %d (%s):\n%s", results["step"],
-               os.path.join(out_dir, RESULTS), summary_table(results))
+               storage.path(out_dir) / RESULTS, summary_table(results))
   return results
 
 
@@ -612,14 +614,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
                      f"eval.seeds={ec.seeds} distinct.")
   slots_of(ec.ratios, ec.unconditional)
   step, out_dir = _step_and_out_dir(ec, workdir)
-  with open(os.path.join(workdir, "manifest.json")) as f:
-    codec = codecs.from_settings(json.load(f)["codec"])
+  codec = codecs.from_settings(
+      storage.read_json(storage.path(workdir) / "manifest.json")["codec"])
   if codec.name != "jpeg":
     raise NotImplementedError(
         f"FID evaluation supports JPEG checkpoints only; {workdir} uses the "
         f"{codec.name!r} codec.")
-  with open(os.path.join(workdir, "config.json")) as f:
-    max_len = json.load(f)["seq_len"]
+  max_len = storage.read_json(storage.path(workdir) / "config.json")["seq_len"]
   extractor = _extractor(ec)
   spec = reference_spec(config)
   settings = _settings(config, step=step, spec=spec, codec=codec,
@@ -629,7 +630,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   lo, hi = slice_bounds(ec.num_examples, p, count)
   if _finished_slice(out_dir, name, settings):
     logging.info("%s is done; skipping it.",
-                 os.path.join(out_dir, SLICES, name))
+                 storage.path(out_dir) / SLICES / name)
   else:
     start = time.time()
     source = open_reference(config, spec, codec)
@@ -641,9 +642,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
         indices=list(range(lo, hi)), slots=summary,
         seconds=round(time.time() - start, 1)))
     logging.info("Wrote %s (indices %d:%d).",
-                 os.path.join(out_dir, SLICES, name), lo, hi)
-  present = all(os.path.exists(os.path.join(
-      out_dir, SLICES, slice_name(j, count) + ".json")) for j in range(count))
+                 storage.path(out_dir) / SLICES / name, lo, hi)
+  present = all((storage.path(out_dir) / SLICES / f"{slice_name(j, count)}"
+                 ".json").exists() for j in range(count))
   if not (ec.merge and present):
     logging.info("%s; merge later with `python -m codeclm.eval.evaluate ... "
                  "--merge_only`.", "Not merging (eval.merge=False)" if present
