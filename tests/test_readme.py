@@ -168,6 +168,7 @@ INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp4", ".mkv",
 # (regex on the command, why it cannot run here). Keep it short and honest.
 DOCUMENTED_ONLY = [
     (r"launch/tpu_pod\.sh", "needs gcloud and a Cloud TPU slice"),
+    (r"^gcsfuse ", "needs a GCS bucket and FUSE"),
     (r"init_from=", "a 7B fine-tune; tests/test_hf_io.py runs train.init_from "
      "from an imported tiny model"),
 ]
