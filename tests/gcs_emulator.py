@@ -6,9 +6,11 @@ The emulator leaves `x-goog-generation` off object downloads; TensorStore's
 GCS driver (Orbax's arrays) reads it to version what it read, and without it
 OCDBT's manifest fails with "Malformed StorageGeneration". Real GCS always
 sends it (cloud.google.com/storage/docs/xml-api/reference-headers), so adding
-it makes the emulator closer to the service, not looser.
+it makes the emulator closer to the service, not looser; so does serving
+connections concurrently (below).
 """
 
+import http.server
 import sys
 
 from gcp_storage_emulator.handlers import objects
@@ -28,6 +30,10 @@ def _with_generation(download):
 
 
 objects.download = _with_generation(objects.download)
+# Its single-threaded HTTPServer serves one keep-alive connection at a time,
+# so a client holding one idle (TensorStore does) stalls every other; GCS
+# serves them concurrently.
+http.server.HTTPServer = http.server.ThreadingHTTPServer
 
 from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top,wrong-import-position
 
