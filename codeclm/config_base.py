@@ -155,7 +155,7 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       sample_prompt_len=0,        # the sampler prefill compiled; 0 = seq_len/2
   ))
 
-  # FID evaluation (codeclm/evaluate.py): --mode=eval. Sampler settings
+  # FID evaluation (codeclm/eval/evaluate.py): --mode=eval. Sampler settings
   # (temperature, top_k, top_p, max_new_tokens, cache_dtype) come from
   # config.sample.
   c.eval = ml_collections.ConfigDict(dict(
@@ -167,7 +167,7 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       ratios=(0.25, 0.5, 0.75),   # prompt = this fraction of the MCU rows
       unconditional=True,         # also num_examples samples from [BOS]
       seeds=(0, 1, 2),            # FID mean and std over these
-      inception_weights="",       # converted .npz (codeclm/inception.py)
+      inception_weights="",       # converted .npz (codeclm/eval/inception.py)
       batch_size=8,               # sampler rows per call
       feature_batch=50,           # Inception batch (CPU: 4-8 is faster)
       fid_method="sqrtm",         # pytorch-fid's; "low_rank": fast below 2048

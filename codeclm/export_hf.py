@@ -36,6 +36,7 @@ from tokenizers import Tokenizer
 from codeclm import checkpoint
 from codeclm import config_base
 from codeclm import import_hf
+from codeclm import storage
 from codeclm import tokenizer as tokenizer_lib
 from codeclm.model import hf
 from codeclm.model import llama
@@ -175,15 +176,13 @@ def write_shards(tensors, dst: str, max_shard_bytes: int) -> dict:
 def run(workdir: str, dst: str, step: int | None = None,
         dtype: str = "bfloat16", max_shard_mb: int = 2000) -> str:
   """Exports `workdir` (its newest step, or `step`) into a new folder `dst`."""
-  workdir, dst = os.path.abspath(workdir), os.path.abspath(dst)
+  workdir, dst = storage.path(workdir), os.path.abspath(dst)
   if os.path.exists(dst) and os.listdir(dst):
     raise FileExistsError(f"--dst={dst} exists and is not empty; export into "
                           "a new folder.")
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  with open(os.path.join(workdir, "manifest.json")) as f:
-    manifest = json.load(f)
-  tokenizer = tokenizer_lib.load(os.path.join(workdir, "tokenizer.json"))
+  config = ml_collections.ConfigDict(storage.read_json(workdir / "config.json"))
+  manifest = storage.read_json(workdir / "manifest.json")
+  tokenizer = tokenizer_lib.load(workdir / "tokenizer.json")
   c = config_base.model_config(config, tokenizer.vocab_size)
   np_dtype = jnp.dtype(dtype)
   step_dir, step = checkpoint.committed_step_dir(workdir, step)

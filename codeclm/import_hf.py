@@ -40,6 +40,7 @@ from tokenizers import Tokenizer
 
 from codeclm import codecs
 from codeclm import config_base
+from codeclm import storage
 from codeclm import tokenizer as tokenizer_lib
 from codeclm.model import hf
 from codeclm.model import llama
@@ -321,13 +322,13 @@ def write_workdir(workdir: str, config, tokenizer, params) -> None:
   manifest = dict(format=1, source="import_hf", codec=codec.settings(),
                   header_b64=base64.b64encode(codec.header()).decode("ascii"),
                   tokenizer="tokenizer.json")
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(workdir, "manifest.json"), "w") as f:
-    json.dump(manifest, f, indent=1)
-  tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+  workdir = storage.path(workdir)
+  storage.write_text(workdir / "config.json",
+                     config.to_json_best_effort(indent=2))
+  storage.write_json(workdir / "manifest.json", manifest)
+  storage.write_text(workdir / "tokenizer.json", tokenizer.to_json())
   manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
+      workdir / "checkpoints",
       options=ocp.CheckpointManagerOptions(create=True,
                                            enable_async_checkpointing=False),
       item_names=("state",))
@@ -344,8 +345,8 @@ def run(src: str, workdir: str, base_config=None, mesh_shape=None) -> str:
   """
   if base_config is None:
     base_config = load_config()
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and os.listdir(workdir):
+  workdir = storage.path(workdir)
+  if workdir.exists() and any(workdir.iterdir()):
     raise FileExistsError(f"--workdir={workdir} exists and is not empty; "
                           "import into a new folder.")
   src = resolve_source(src)
@@ -359,21 +360,26 @@ def run(src: str, workdir: str, base_config=None, mesh_shape=None) -> str:
   devices = None if -1 in shape else jax.devices()[:int(np.prod(shape))]
   mesh = sharding.make_mesh(shape, devices)
   rules = tuple(tuple(r) for r in config.mesh.rules)
-  parent = os.path.dirname(workdir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(workdir) + ".importing-",
-                         dir=parent)
+  # Written beside it (or locally, for a store without renames), then moved
+  # or uploaded: an interrupted import leaves no half workdir.
+  remote = storage.is_remote(workdir)
+  workdir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=workdir.name + ".importing-",
+                         dir=None if remote else workdir.parent)
   try:
     params = import_params(reader, model, mesh, rules)
     write_workdir(tmp, config, tokenizer, params)
     del params
-    if os.path.isdir(workdir):
-      os.rmdir(workdir)  # Empty (checked above).
-    os.rename(tmp, workdir)
+    if remote:
+      storage.upload(tmp, workdir)
+    else:
+      if workdir.is_dir():
+        workdir.rmdir()  # Empty (checked above).
+      storage.move(tmp, workdir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   logging.info("Imported %s into %s (%s).", src, workdir, tokenizer)
-  return workdir
+  return os.fspath(workdir)
 
 
 def parse_shape(text: str) -> tuple[int, ...] | None:

@@ -46,6 +46,9 @@ def main(argv):
       sys.exit(2)  # Launchers stop here (launch/tpu_pod.sh).
     return
   distributed.initialize(config.distributed)
+  if _MODE.value in ("sample", "eval"):  # Train checks its own, first thing.
+    from codeclm import storage  # pylint: disable=g-import-not-at-top
+    storage.check_writable(workdir)  # A bad store fails before compiling.
 
   if _MODE.value == "prepare":
     from codeclm import train  # pylint: disable=g-import-not-at-top
@@ -60,7 +63,7 @@ def main(argv):
     from codeclm.sampling import files  # pylint: disable=g-import-not-at-top
     files.run(config.sample, workdir)
   elif _MODE.value == "eval":
-    from codeclm import evaluate  # pylint: disable=g-import-not-at-top
+    from codeclm.eval import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.run(config, workdir)
 
 

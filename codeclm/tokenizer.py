@@ -37,6 +37,7 @@ import os
 from typing import Iterable, Iterator, Sequence
 import warnings
 
+from etils import epath
 import numpy as np
 from tokenizers import AddedToken
 from tokenizers import decoders
@@ -160,8 +161,7 @@ class ByteBPE:
     return self._tokenizer.to_str(pretty=True)
 
   def save(self, path: str | os.PathLike) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(self.to_json())
+    epath.Path(path).write_text(self.to_json(), encoding="utf-8")
 
   @staticmethod
   def _check(tokenizer: Tokenizer, source: str) -> None:
@@ -321,8 +321,7 @@ class ByteCharTokenizer:
                       ensure_ascii=False)
 
   def save(self, path: str | os.PathLike) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(self.to_json())
+    epath.Path(path).write_text(self.to_json(), encoding="utf-8")
 
   def hf_json(self) -> str:
     """The Hugging Face tokenizer.json inside."""
@@ -352,8 +351,7 @@ class ByteCharTokenizer:
 def load(path: str | os.PathLike):
   """The tokenizer in a codeclm tokenizer.json: a ByteBPE or ByteCharTokenizer."""
   try:
-    with open(path, encoding="utf-8") as f:
-      s = f.read()
+    s = epath.Path(path).read_text(encoding="utf-8")
   except OSError as e:
     raise ValueError(
         f"Cannot read tokenizer file {os.fspath(path)!r} ({e}); point at the "

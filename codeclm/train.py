@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
 from clu import periodic_actions
 import flax
 import flax.linen as nn
@@ -31,6 +30,7 @@ from codeclm import config_base
 from codeclm import mfu
 from codeclm import optimizer
 from codeclm import preemption
+from codeclm import storage
 from codeclm.data import loader
 from codeclm.data import prepare
 from codeclm.model import llama
@@ -176,7 +176,8 @@ def check_config(config, mesh) -> None:
 
 def ensure_data(config, data_dir: str) -> None:
   """Prepares synthetic data on first use; other sources must be prepared."""
-  if os.path.exists(os.path.join(data_dir, "manifest.json")):
+  prepare.require_local(data_dir)
+  if (storage.path(data_dir) / "manifest.json").exists():
     return
   if config.data.source != "synthetic":
     raise FileNotFoundError(
@@ -187,7 +188,7 @@ def ensure_data(config, data_dir: str) -> None:
 
 
 def data_dir_of(config, workdir: str) -> str:
-  return config.data.dir or os.path.join(workdir, "data")
+  return config.data.dir or os.fspath(storage.path(workdir) / "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,19 +291,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   `devices` defaults to all devices (tests pass a subset).
   """
   tc = config.train
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.check_writable(workdir)  # Fails here, before compiling.
 
   # Restarts and resumes skip the compile; a JAX_COMPILATION_CACHE_DIR set by
   # the user (one cache shared by many runs, as the tests do) wins.
   if tc.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(workdir, "jax_cache"))
+                      os.fspath(workdir / "jax_cache"))
 
   # -- Data. -------------------------------------------------------------------
   data_dir = data_dir_of(config, workdir)
   ensure_data(config, data_dir)
-  tokenizer = ByteBPE.load(os.path.join(data_dir, "tokenizer.json"))
+  tokenizer = ByteBPE.load(storage.path(data_dir) / "tokenizer.json")
   checkpoint.write_run_files(workdir, config, data_dir)
 
   # -- Mesh, model, shapes, shardings and jitted functions. --------------------
@@ -338,7 +338,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       logging.info("Resuming from step %d.", start)
 
   # -- Loop. -------------------------------------------------------------------
-  writer = metric_writers.create_default_writer(
+  writer = storage.MirroredWriter(  # TensorBoard events, on any store.
       workdir, just_logging=jax.process_index() > 0)
   if start == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items()
@@ -346,7 +346,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   hooks = [periodic_actions.ReportProgress(num_train_steps=tc.steps,
                                            writer=writer)]
   if tc.profile and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
+    hooks.append(periodic_actions.Profile(logdir=os.fspath(workdir),
+                                          num_profile_steps=5,
                                           first_profile=start + 10))
   preempt = preemption.PreemptionWatch()
   peak = mfu.peak_flops()

@@ -12,7 +12,7 @@ windows of 12,288 tokens; peak LR 3e-4.
       --config.data.source=tfds:imagenet2012
 
   # FID (paper protocol: 5,000 ImageNet validation images, ratios
-  # 0.25/0.5/0.75 and unconditional, 3 seeds); see codeclm/evaluate.py.
+  # 0.25/0.5/0.75 and unconditional, 3 seeds); see codeclm/eval/evaluate.py.
   python -m codeclm.main --config=configs/jpeg_lm.py:1b --workdir=gs://b/jpeg1b \
       --config.data.source=tfds:imagenet2012 --mode=eval \
       --config.eval.inception_weights=fid_inception.npz

@@ -2,7 +2,14 @@
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
@@ -66,3 +73,51 @@ def pytest_sessionfinish(session):
   if (not hasattr(session.config, "workerinput")
       and os.environ.get("CODECLM_TESTS_OWN_JAX_CACHE")):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A Google Cloud Storage API on localhost with the bucket `test-bucket`.
+
+  gcp-storage-emulator from PyPI (tests/gcs_emulator.py). Yields the
+  environment that points each client at it: TENSORSTORE_GCS_HTTP_URL for
+  Orbax's arrays, EPATH_USE_TF=false (gs:// through gcsfs, not tf.io.gfile,
+  which reaches only googleapis.com) and STORAGE_EMULATOR_HOST for gcsfs.
+  """
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  url = f"http://127.0.0.1:{port}"
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(os.path.dirname(__file__),
+                                    "gcs_emulator.py"), str(port),
+       "test-bucket"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    for _ in range(300):
+      try:
+        urllib.request.urlopen(f"{url}/storage/v1/b/test-bucket", timeout=1)
+        break
+      except OSError:
+        if proc.poll() is not None:
+          pytest.fail(f"The storage emulator exited: {proc.stderr.read()}")
+        time.sleep(0.1)
+    else:
+      pytest.fail(f"The storage emulator did not answer at {url}.")
+    yield dict(TENSORSTORE_GCS_HTTP_URL=url, EPATH_USE_TF="false",
+               STORAGE_EMULATOR_HOST=url)
+  finally:
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def gcs_env(gcs, monkeypatch):
+  """This process's clients pointed at the emulator, for one test."""
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  for name, value in gcs.items():
+    monkeypatch.setenv(name, value)
+  # epath caches its choice of gs:// client (tf.io.gfile unless
+  # EPATH_USE_TF=false) on first use; local paths never use either.
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+  yield gcs
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access

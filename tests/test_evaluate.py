@@ -8,13 +8,15 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from codeclm import evaluate
-from codeclm import fid
-from codeclm import inception
+from codeclm.eval import evaluate
+from codeclm.eval import fid
+from codeclm.eval import inception
 from codeclm.data import sources
 from codeclm.data.sources import DataError
 from tests import test_sample
@@ -240,3 +242,13 @@ def test_a_prompt_that_fills_max_len_is_scored_as_the_prompt(workdir):
   assert done[1].data == too_long
   np.testing.assert_array_equal(done[1].pixels,
                                 loaded.codec.decode(too_long)[0])
+
+
+@pytest.mark.parametrize("old, flag", [("codeclm.evaluate", "--merge_only"),
+                                       ("codeclm.convert_inception", "--src")])
+def test_commands_from_before_the_eval_package_still_run(old, flag):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, "-m", old, "--help"],
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=root), check=False)
+  assert flag in done.stdout + done.stderr, done.stderr[-2000:]

@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from codeclm import convert_inception
-from codeclm import fid
-from codeclm import inception
+from codeclm.eval import convert_inception
+from codeclm.eval import fid
+from codeclm.eval import inception
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -191,7 +191,7 @@ def reference(tmp_path_factory):
       model.blocks[3][1].branch_pool.bn.running_var.numpy(),
       state_dict["Mixed_7b.branch_pool.bn.running_var"].numpy())
   npz = tmp / "fid_inception.npz"
-  subprocess.run([sys.executable, "-m", "codeclm.convert_inception",
+  subprocess.run([sys.executable, "-m", "codeclm.eval.convert_inception",
                   f"--src={pth}", f"--dst={npz}"], check=True, cwd=_REPO,
                  capture_output=True)
   return dict(model=model, state_dict=state_dict, npz=npz, tmp=tmp,
@@ -243,7 +243,7 @@ def test_load_params_missing_file_says_how_to_get_weights(tmp_path):
     inception.load_params(tmp_path / "nope.npz")
   message = str(info.value)
   assert inception.WEIGHTS_URL in message
-  assert ("python -m codeclm.convert_inception "
+  assert ("python -m codeclm.eval.convert_inception "
           "--src=pt_inception-2015-12-05-6726825d.pth "
           "--dst=fid_inception.npz") in message
 

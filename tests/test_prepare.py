@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from codeclm import codecs
+from codeclm import storage
 from codeclm.data import prepare
 from codeclm.data import sources
 from codeclm.tokenizer import ByteBPE
@@ -65,7 +66,7 @@ def test_folder_with_damaged_files(tmp_path):
   lengths = []
   for shard in manifest["shards"]:
     records = read_records(os.path.join(out, shard["path"]))
-    meta = prepare._read_json(os.path.join(out, shard["path"].replace(
+    meta = storage.read_json(os.path.join(out, shard["path"].replace(
         ".array_record", ".json")))
     assert len(records) == shard["records"] == len(meta["indices"])
     expected = [i for i in range(shard["start"], shard["stop"])

@@ -59,7 +59,7 @@ TINY = {
         f"--config.sample.{o}" for o in _SAMPLE_TINY],
     ("codeclm.main", "configs/jpeg_lm.py:demo", "eval"): _EVAL_TINY,
     ("codeclm.sample", None, None): [f"--sample.{o}" for o in _SAMPLE_TINY],
-    ("codeclm.convert_inception", None, None): [],
+    ("codeclm.eval.convert_inception", None, None): [],
     ("codeclm.main", "configs/avc_lm.py:demo", "prepare"): _AVC_DEMO_DATA,
     ("codeclm.main", "configs/avc_lm.py:demo", "train"):
         _AVC_DEMO_DATA + _TRAIN_TINY,
@@ -87,7 +87,7 @@ OUTPUTS = {
     ("codeclm.main", "configs/jpeg_lm.py:demo", "eval"): [
         "eval/step_2/results.json"],
     ("codeclm.sample", None, None): ["samples/step_*/*_grid.png"],
-    ("codeclm.convert_inception", None, None): ["fid_inception.npz"],
+    ("codeclm.eval.convert_inception", None, None): ["fid_inception.npz"],
     ("codeclm.main", "configs/avc_lm.py:demo", "prepare"): [
         "data/manifest.json", "data/tokenizer.json"],
     ("codeclm.main", "configs/avc_lm.py:demo", "train"): [
@@ -115,14 +115,14 @@ def _skimage_picture(name: str):
 
 def _random_inception(path: str) -> None:
   """The real FID weights are a download; random ones run the same code."""
-  from codeclm import inception  # pylint: disable=g-import-not-at-top
+  from codeclm.eval import inception  # pylint: disable=g-import-not-at-top
   inception.save_params(inception.random_params(0), path)
 
 
 def _random_inception_pth(path: str) -> None:
   """pytorch-fid's .pth (a download) as random tensors under its key names."""
   import torch  # pylint: disable=g-import-not-at-top
-  from codeclm import inception  # pylint: disable=g-import-not-at-top
+  from codeclm.eval import inception  # pylint: disable=g-import-not-at-top
   torch_names = {"kernel": "weight", "scale": "weight", "bias": "bias",
                  "mean": "running_mean", "var": "running_var"}
   rng = np.random.default_rng(0)
@@ -168,6 +168,7 @@ INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp4", ".mkv",
 # (regex on the command, why it cannot run here). Keep it short and honest.
 DOCUMENTED_ONLY = [
     (r"launch/tpu_pod\.sh", "needs gcloud and a Cloud TPU slice"),
+    (r"^gcsfuse ", "needs a GCS bucket and FUSE"),
     (r"init_from=", "a 7B fine-tune; tests/test_hf_io.py runs train.init_from "
      "from an imported tiny model"),
 ]

@@ -1,6 +1,7 @@
 """The trainer end to end on CPU: meshes, resume after a crash, metrics."""
 
 import glob
+import json
 import logging
 import os
 import re
@@ -8,11 +9,13 @@ import signal
 import subprocess
 import sys
 
+from etils import epath
 import jax
 import numpy as np
 import pytest
 
 from codeclm import checkpoint
+from codeclm import storage
 from codeclm import train
 from codeclm.data import prepare
 from codeclm.model import sharding
@@ -181,35 +184,101 @@ def test_shapes_the_mesh_cannot_hold_are_rejected(data_dir):
     train.check_config(c, sharding.make_mesh((2, 1, 4)))
 
 
-def run_main(workdir, data_dir, *flags):
+def run_main(workdir, data_dir, *flags, env=None):
   cmd = [sys.executable, "-m", "codeclm.main",
          f"--config={ROOT}/tests/tiny_config.py", f"--workdir={workdir}",
          f"--config.data.dir={data_dir}", *flags]
-  env = dict(os.environ, PYTHONPATH=ROOT)
+  env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
   return subprocess.run(cmd, env=env, capture_output=True, text=True,
                         timeout=300, check=False)
 
 
-def test_resume_after_sigkill_matches_straight_run(data_dir, tmp_path):
-  common = ["--config.train.steps=20", "--config.train.ckpt_every=10",
-            "--config.model.dtype=float32"]
-  straight = run_main(tmp_path / "straight", data_dir, *common)
+_RESUME_FLAGS = ("--config.train.steps=20", "--config.train.ckpt_every=10",
+                 "--config.model.dtype=float32")
+
+
+@pytest.fixture(scope="module")
+def straight_losses(data_dir, tmp_path_factory):
+  """Per-step losses of a straight 20-step run: the resumed runs' reference."""
+  workdir = tmp_path_factory.mktemp("straight")
+  straight = run_main(workdir, data_dir, *_RESUME_FLAGS)
   assert straight.returncode == 0, straight.stderr[-3000:]
-  crashed = run_main(tmp_path / "crash", data_dir, *common,
+  losses = read_scalars(str(workdir), "loss")
+  assert sorted(losses) == list(range(1, 21))
+  return losses
+
+
+def test_resume_after_sigkill_matches_straight_run(data_dir, tmp_path,
+                                                   straight_losses):
+  crashed = run_main(tmp_path / "crash", data_dir, *_RESUME_FLAGS,
                      "--config.train.fault_kill_at_step=13")
   assert crashed.returncode == -9, crashed.stderr[-3000:]
   steps = os.listdir(tmp_path / "crash" / "checkpoints")
   assert "10" in steps and "20" not in steps
-  resumed = run_main(tmp_path / "crash", data_dir, *common)
+  resumed = run_main(tmp_path / "crash", data_dir, *_RESUME_FLAGS)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resuming from step 10" in resumed.stderr
-  a = read_scalars(str(tmp_path / "straight"), "loss")
+  a = straight_losses
   b = read_scalars(str(tmp_path / "crash"), "loss")
-  assert sorted(a) == list(range(1, 21))
   # Steps 11-13 were logged twice (before the crash and after the resume):
   # the event files hold both, and both equal the straight run.
   np.testing.assert_array_equal([b[s] for s in range(1, 21)],
                                 [a[s] for s in range(1, 21)])
+
+
+def test_gs_workdir_end_to_end(data_dir, straight_losses, gcs_env, tmp_path):
+  """The same on gs://test-bucket/run (a GCS emulator), then sample and eval.
+
+  Also: a step left damaged in the bucket is skipped with the warning and
+  set aside, and --merge_only's merge reads the eval slices back from it.
+  """
+  from codeclm.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from codeclm.eval import inception  # pylint: disable=g-import-not-at-top
+  from codeclm.sampling import files  # pylint: disable=g-import-not-at-top
+  from tests import test_evaluate  # pylint: disable=g-import-not-at-top
+  from tests import test_sample  # pylint: disable=g-import-not-at-top
+  workdir = "gs://test-bucket/run"
+  crashed = run_main(workdir, data_dir, *_RESUME_FLAGS,
+                     "--config.train.fault_kill_at_step=13", env=gcs_env)
+  assert crashed.returncode == -9, crashed.stderr[-3000:]
+  run, ckpts = epath.Path(workdir), epath.Path(workdir) / "checkpoints"
+  assert sorted(p.name for p in ckpts.iterdir()) == ["10"]
+  # A step 12 whose commit files are there but whose state metadata is not.
+  for rel, path in storage.files(ckpts / "10"):
+    if rel != "state/_METADATA":
+      path.copy(ckpts / "12" / rel)
+  resumed = run_main(workdir, data_dir, *_RESUME_FLAGS, env=gcs_env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert re.search(r"Skipping checkpoint gs://test-bucket/run/checkpoints/12: "
+                   r"state/_METADATA does not read", resumed.stderr)
+  assert "Resuming from step 10" in resumed.stderr
+  assert (run / checkpoint.DAMAGED / "12" / "commit_success.txt").exists()
+  # Events were mirrored into the bucket (the crash lost its unsynced ones).
+  events = tmp_path / "events"
+  events.mkdir()
+  for path in run.glob("events.out.tfevents*"):
+    (events / path.name).write_bytes(path.read_bytes())
+  b = read_scalars(str(events), "loss")
+  np.testing.assert_array_equal([b[s] for s in range(11, 21)],
+                                [straight_losses[s] for s in range(11, 21)])
+
+  small = dict(max_new_tokens=16, min_bucket=128)
+  files.run(test_sample.sample_config(num_samples=2, **small), workdir)
+  assert (run / "samples" / "step_20" / "sample_0001.jpg").exists()
+  assert (run / "samples" / "step_20" / "samples.png").exists()
+  weights = str(tmp_path / "inception.npz")
+  inception.save_params(inception.random_params(0), weights)
+  c = test_evaluate.eval_config(weights, "", num_examples=4, seeds=(0,),
+                                ratios=(0.5,), unconditional=False)
+  c.sample.update(small)
+  results = evaluate.run(c, workdir)
+  out = run / "eval" / "step_20"
+  assert json.loads((out / "results.json").read_text()) == json.loads(
+      json.dumps(results))
+  assert list((run / "eval").glob("events.out.tfevents*"))
+  (out / "results.json").unlink()
+  assert evaluate.finish(os.fspath(out), workdir, "low_rank") == results
+  assert (out / "results.json").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from codeclm import codecs
+from codeclm import storage
 from codeclm.data import loader
 from codeclm.data import prepare
 from codeclm.data import sources
@@ -188,7 +189,7 @@ def test_folder_of_video_files_skips_and_lists_damaged_ones(tmp_path):
   assert all(s["reason"] for s in manifest["skipped"])  # Says why.
   codec = codecs.from_config(config.codec)
   for shard in manifest["shards"]:
-    meta = prepare._read_json(os.path.join(  # pylint: disable=protected-access
+    meta = storage.read_json(os.path.join(
         out, shard["path"].replace(".array_record", ".json")))
     records = read_records(os.path.join(out, shard["path"]))
     for index, record in zip(meta["indices"], records):

@@ -54,10 +54,8 @@ import json
 import multiprocessing
 import os
 import pickle
-import shutil
-import socket
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 from absl import logging
 from array_record.python import array_record_module
@@ -65,6 +63,7 @@ import numpy as np
 import tqdm
 
 from codeclm import codecs
+from codeclm import storage
 from codeclm.data import sources
 from codeclm.data.sources import DataError
 
@@ -131,6 +130,7 @@ def run(config, out_dir: str, *, process_index: int | None = None,
   is not the last to finish returns a partial summary ({"complete": False,
   ...}) instead of waiting for its peers.
   """
+  require_local(out_dir)
   process_index, process_count = resolve_process(process_index, process_count)
   data = config.data
   if data.examples_per_shard <= 0:
@@ -160,12 +160,12 @@ def run(config, out_dir: str, *, process_index: int | None = None,
   if all(_finished(out_dir, s) for s in shards):
     manifest_path = os.path.join(out_dir, MANIFEST)
     if not todo and os.path.exists(manifest_path):  # A rerun of finished work.
-      manifest = _read_json(manifest_path)
+      manifest = storage.read_json(manifest_path)
       if manifest["tokenizer_settings"] == _tokenizer_settings(config):
         return manifest
     return merge(config, out_dir)
   if not wait:
-    metas = [_read_json(os.path.join(out_dir, s.meta)) for s in mine]
+    metas = [storage.read_json(os.path.join(out_dir, s.meta)) for s in mine]
     return dict(complete=False, process_index=process_index,
                 counts=_counts(metas))
   logging.info("Process %d done; waiting for the others to write %s.",
@@ -181,14 +181,14 @@ def merge(config, out_dir: str) -> dict:
   Needs every shard finished (by any number of processes); safe to call
   again. The manifest holds no timestamps, so it is the same on every call.
   """
-  plan = _read_json(os.path.join(out_dir, PLAN))
+  plan = storage.read_json(os.path.join(out_dir, PLAN))
   shards = [Shard(**s) for s in plan["shards"]]
   missing = [s.name for s in shards if not _finished(out_dir, s)]
   if missing:
     raise DataError(
         f"{len(missing)} shards in {out_dir} are not finished (first: "
         f"{missing[:3]}); run prepare again (it resumes), with every process.")
-  metas = [_read_json(os.path.join(out_dir, s.meta)) for s in shards]
+  metas = [storage.read_json(os.path.join(out_dir, s.meta)) for s in shards]
   lengths = np.array([x for m in metas for x in m["lengths"]], np.int64)
   _write_tokenizer(config, out_dir, shards, metas)
   manifest = dict(
@@ -210,12 +210,13 @@ def merge(config, out_dir: str) -> dict:
       tokenizer=TOKENIZER,
       tokenizer_settings=_tokenizer_settings(config),
   )
-  _write_json(os.path.join(out_dir, MANIFEST), manifest)
+  storage.write_json(os.path.join(out_dir, MANIFEST), manifest)
   return manifest
 
 
 def load_manifest(data_dir: str) -> dict:
   """The manifest of prepared data, or a DataError saying how to make it."""
+  require_local(data_dir)
   path = os.path.join(data_dir, MANIFEST)
   if not os.path.exists(path):
     partial = os.path.exists(os.path.join(data_dir, PLAN))
@@ -223,7 +224,7 @@ def load_manifest(data_dir: str) -> dict:
         f"No prepared data in {data_dir} ({MANIFEST} missing"
         f"{'; preparation started but did not finish' if partial else ''}): "
         "run --mode=prepare first with the same config (it resumes).")
-  return _read_json(path)
+  return storage.read_json(path)
 
 
 def shard_paths(data_dir: str, manifest: dict, split: str) -> list[str]:
@@ -383,7 +384,7 @@ class _ShardWriter:
     self.writer.close()
     self.writer = None
     os.replace(self.tmp, self.path)
-    _write_json(self.meta_path, self.meta)  # Marks the shard finished.
+    storage.write_json(self.meta_path, self.meta)  # Marks the shard finished.
 
 
 def _finished(out_dir: str, shard: Shard) -> bool:
@@ -411,7 +412,7 @@ def _check_plan(out_dir: str, plan: dict) -> None:
   """Writes plan.json, or checks that an earlier run prepared the same thing."""
   path = os.path.join(out_dir, PLAN)
   if os.path.exists(path):
-    old = _read_json(path)
+    old = storage.read_json(path)
     if old != json.loads(json.dumps(plan)):
       diff = sorted(k for k in plan if old.get(k) != json.loads(json.dumps(
           plan[k])))
@@ -420,7 +421,7 @@ def _check_plan(out_dir: str, plan: dict) -> None:
           "Use another output directory, delete this one, or restore the "
           "config it was prepared with.")
     return
-  _write_json(path, plan)
+  storage.write_json(path, plan)
 
 
 def _tokenizer_settings(config) -> dict:
@@ -441,9 +442,8 @@ def _write_tokenizer(config, out_dir: str, shards: list[Shard],
           "point it at a tokenizer.json or set it to '' to train one.")
     ByteBPE.load(config.data.tokenizer)  # Fails early on a bad file.
     if os.path.abspath(config.data.tokenizer) != os.path.abspath(dest):
-      tmp = _tmp_name(dest)
-      shutil.copyfile(config.data.tokenizer, tmp)
-      os.replace(tmp, dest)
+      storage.write_bytes(dest, storage.path(config.data.tokenizer)
+                          .read_bytes())
     return
   train = [(s, m) for s, m in zip(shards, metas) if s.split == "train"]
   total = sum(len(m["lengths"]) for _, m in train)
@@ -470,9 +470,7 @@ def _write_tokenizer(config, out_dir: str, shards: list[Shard],
         reader.close()
 
   tokenizer = ByteBPE.train(sample(), vocab_size=config.data.vocab_size)
-  tmp = _tmp_name(dest)
-  tokenizer.save(tmp)
-  os.replace(tmp, dest)
+  storage.write_text(dest, tokenizer.to_json())
 
 
 def _counts(metas: list[dict]) -> dict[str, int]:
@@ -490,19 +488,13 @@ def _stats(lengths: np.ndarray) -> dict[str, float]:
               p95=float(np.percentile(lengths, 95)))
 
 
-def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
-
-
-def _tmp_name(path: str) -> str:
-  """A temporary name no other process (on any host) writes at the same time."""
-  return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-
-
-def _write_json(path: str, value: Any) -> None:
-  """Atomic: readers see the old file or the whole new one."""
-  tmp = _tmp_name(path)
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
+def require_local(data_dir: str) -> None:
+  """ArrayRecord shards need a local path (a gcsfuse mount is one)."""
+  if storage.is_remote(data_dir):
+    raise DataError(
+        f"data.dir={data_dir}: the installed ArrayRecord library reads and "
+        "writes local files only (google/array_record#120), so the shards "
+        "cannot live on an object store directly. Mount the bucket with "
+        "gcsfuse (`gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) and set "
+        "--config.data.dir=/mnt/BUCKET/<path>, or copy the prepared folder "
+        "to local disk; the workdir itself may stay on gs://.")

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from codeclm import storage
 from codeclm.sampling import sampler as sampler_lib
 from codeclm.sampling import workdir as workdir_lib
 
@@ -148,9 +149,9 @@ def preview_bytes(codec, data: bytes) -> np.ndarray:
   return codec.preview(codec.decode(data)[0])
 
 
-def _write(out_dir: str, result: Result, codec, info: dict) -> None:
+def _write(local: str, result: Result, codec, info: dict) -> None:
   """The codec's files for <name> (e.g. .jpg and .png) and <name>.json."""
-  name = os.path.join(out_dir, result.request.name)
+  name = os.path.join(local, result.request.name)
   files = codec.save(name, result.data)
   with open(name + ".json", "w") as f:
     json.dump(dict(info, name=result.request.name, image=result.request.image,
@@ -167,9 +168,8 @@ def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   summary {out_dir, step, constrained, samples: {name: decode report dict}}."""
   loaded = workdir_lib.load(workdir, sample_cfg.step or None,
                 sample_cfg.mesh_shape or None)
-  out_dir = sample_cfg.out_dir or os.path.join(
-      workdir, "samples", f"step_{loaded.step}")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = storage.path(sample_cfg.out_dir or storage.path(workdir) /
+                         "samples" / f"step_{loaded.step}")
   sampler = workdir_lib.sampler_of(sample_cfg, loaded.model, loaded.tokenizer,
                        loaded.mesh, loaded.rules)
   max_new = sample_cfg.max_new_tokens or loaded.model.config.max_len
@@ -184,18 +184,28 @@ def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                             batch_size=sample_cfg.batch_size, grammar=grammar)
   codec, summary = loaded.codec, {}
   write = jax.process_index() == 0
+  with storage.local_dir(out_dir) as local:  # Uploaded if out_dir is remote.
+    _draw_and_write(sample_cfg, draw_, codec, settings, info, local, write,
+                    summary)
+  logging.info("Wrote %d samples to %s.", len(summary), out_dir)
+  return dict(out_dir=os.fspath(out_dir), step=loaded.step,
+              constrained=grammar is not None, samples=summary)
 
+
+def _draw_and_write(sample_cfg, draw_, codec, settings, info, local: str,
+                    write: bool, summary: dict) -> None:
+  """Draws the config's samples and completions; files go to `local`."""
   requests = [Request(f"sample_{i:04d}")
               for i in range(sample_cfg.num_samples)]
   if requests:
     results = draw_(requests, settings)
     if write:
       for r in results:
-        _write(out_dir, r, codec, info)
+        _write(local, r, codec, info)
       cols = math.ceil(math.sqrt(len(results)))
       pics = [codec.preview(r.pixels) for r in results]
       Image.fromarray(grid([pics[i:i + cols] for i in range(
-          0, len(pics), cols)])).save(os.path.join(out_dir, "samples.png"))
+          0, len(pics), cols)])).save(os.path.join(local, "samples.png"))
     summary.update({r.request.name: r.report.to_dict() for r in results})
 
   images = [x for x in sample_cfg.images.split(",") if x]
@@ -208,11 +218,8 @@ def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       mine = [r for r in results if r.request.image == name]
       if write:
         for r in mine:
-          _write(out_dir, r, codec, info)
-        codec.save(os.path.join(out_dir, f"{name}_original"), original)
+          _write(local, r, codec, info)
+        codec.save(os.path.join(local, f"{name}_original"), original)
         Image.fromarray(completion_grid(codec, mine, original)).save(
-            os.path.join(out_dir, f"{name}_grid.png"))
+            os.path.join(local, f"{name}_grid.png"))
       summary.update({r.request.name: r.report.to_dict() for r in mine})
-  logging.info("Wrote %d samples to %s.", len(summary), out_dir)
-  return dict(out_dir=out_dir, step=loaded.step,
-              constrained=grammar is not None, samples=summary)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import math
-import os
 from typing import Any, Sequence
 
 from absl import logging
@@ -16,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from codeclm import config_base
+from codeclm import storage
 from codeclm.model import llama
 from codeclm.model import sharding
 from codeclm.sampling import sampler as sampler_lib
@@ -49,20 +48,19 @@ def load(workdir: str, step: int | None = None,
   from codeclm import checkpoint  # pylint: disable=g-import-not-at-top
   from codeclm import codecs  # pylint: disable=g-import-not-at-top
   from codeclm.tokenizer import ByteBPE  # pylint: disable=g-import-not-at-top
-  workdir = os.path.abspath(workdir)
+  workdir = storage.path(workdir)
   for name in checkpoint.RUN_FILES:
-    if not os.path.exists(os.path.join(workdir, name)):
+    if not (workdir / name).exists():
       raise FileNotFoundError(
           f"{workdir} has no {name}: point --workdir at a training workdir "
           "(config.json, tokenizer.json, manifest.json and checkpoints/).")
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  with open(os.path.join(workdir, "manifest.json")) as f:
-    manifest = json.load(f)
-  tokenizer = ByteBPE.load(os.path.join(workdir, "tokenizer.json"))
+  config = ml_collections.ConfigDict(
+      storage.read_json(workdir / "config.json"))
+  manifest = storage.read_json(workdir / "manifest.json")
+  tokenizer = ByteBPE.load(workdir / "tokenizer.json")
   codec = codecs.from_settings(manifest["codec"])
   codecs.warn_on_version_differences(manifest["codec"], codec,
-                                     os.path.join(workdir, "manifest.json"))
+                                     workdir / "manifest.json")
   stored = manifest.get("header_b64")  # Codecs that strip headers store one.
   if stored and base64.b64decode(stored) != codec.header():
     logging.warning(

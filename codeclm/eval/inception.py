@@ -43,7 +43,7 @@ import numpy as np
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
                "fid_weights/pt_inception-2015-12-05-6726825d.pth")
-CONVERT_COMMAND = ("python -m codeclm.convert_inception "
+CONVERT_COMMAND = ("python -m codeclm.eval.convert_inception "
                    "--src=pt_inception-2015-12-05-6726825d.pth "
                    "--dst=fid_inception.npz")
 INPUT_SIZE = 299

