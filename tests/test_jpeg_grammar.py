@@ -24,6 +24,10 @@ PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "coffee", "coins",
           "grass", "gravel", "hubble_deep_field", "immunohistochemistry",
           "moon", "page", "retina", "rocket", "text")
 SIZES = (64, 256)
+# The other photographs scikit-image has offline: four more (stereo_motorcycle
+# gives two), and faces of Labeled Faces in the Wild (25x25 greyscale).
+MORE_PHOTOS = ("cell", "clock", "microaneurysms")
+FACES = 24
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,6 +51,21 @@ def streams(size) -> tuple[bytes, ...]:
     out.append(codec(size).encode(image))
     out.append(codec(size).encode(image[h // 4:h - h // 4, w // 4:w - w // 4]))
   return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def more_streams(size) -> tuple[bytes, ...]:
+  """The centre crop of every other photograph offline, encoded."""
+  from skimage import data  # pylint: disable=g-import-not-at-top
+  images = [getattr(data, name)() for name in MORE_PHOTOS]
+  images += data.stereo_motorcycle()[:2]
+  faces = data.lfw_subset()[:FACES]  # The first 100 are faces, in [0, 1].
+  images += list(np.round(faces * 255).astype(np.uint8))
+  return tuple(codec(size).encode(image) for image in images)
+
+
+def all_streams(size) -> tuple[bytes, ...]:
+  return streams(size) + more_streams(size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,7 +106,9 @@ def test_every_photo_is_accepted_with_its_mcu_count(size):
   a = automaton(size)
   assert a.num_mcus == codec(size).num_mcus
   assert len(streams(size)) == 2 * len(PHOTOS)
-  for data in streams(size):
+  # Distinct photographs: 16 + 5 scikit-image ones, 24 faces.
+  assert len(PHOTOS) + len(more_streams(size)) >= 40
+  for data in all_streams(size):
     walk = a.walk(data)
     assert walk.accepted and walk.state == a.done
     assert walk.count == a.num_mcus - 1  # N - 1 restart markers.
@@ -102,7 +123,7 @@ def test_every_photo_is_accepted_with_its_mcu_count(size):
 def test_every_photo_is_accepted_as_tokens(size):
   g, tokenizer = grammar(size)
   a = g.automaton
-  for data in streams(size):
+  for data in all_streams(size):  # The BPE saw only half of streams().
     assert token_walk(g, tokenizer.encode(data)) == (a.done, a.num_mcus - 1)
     ids = np.append(tokenizer.encode(data), tokenizer.eos_id)
     assert token_walk(g, ids) == (a.done, a.num_mcus - 1)  # EOS after EOI.
