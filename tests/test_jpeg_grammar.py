@@ -168,30 +168,10 @@ def test_mutations_are_rejected_no_earlier_than_the_damage(size):
   assert rejected > accepted > 0
 
 
-def byte_walks(a, n, rng):
-  """n uniform random walks over allowed bytes, each to EOI."""
-  state = np.zeros(n, np.int64)
-  count = np.zeros(n, np.int64)
-  out = [bytearray() for _ in range(n)]
-  rst = np.arange(256) - 0xD0
-  while (live := np.flatnonzero(state != a.done)).size:
-    rows = a.next[state[live]] >= 0                       # [live, 256]
-    marker = (state[live] == a.marker)[:, None]
-    c = count[live][:, None]
-    last = c == a.num_mcus - 1
-    rows &= ~marker | np.where(last, np.arange(256) == 0xD9, rst == c % 8)
-    pick = (rng.random(rows.shape) * rows).argmax(axis=1)
-    count[live] += (marker[:, 0] & (pick != 0xD9))
-    state[live] = a.next[state[live], pick]
-    for i, b in zip(live, pick):
-      out[i].append(b)
-  return [bytes(x) for x in out]
-
-
 @pytest.mark.parametrize("size,n", [(64, 250), (256, 50)])
 def test_random_byte_walks_decode_cleanly(size, n):
   a = automaton(size)
-  for data in byte_walks(a, n, np.random.default_rng(0)):
+  for data in a.random_walks(n, np.random.default_rng(0)):
     assert a.walk(data).state == a.done
     assert decodes_cleanly(size, data)
 

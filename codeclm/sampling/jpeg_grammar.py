@@ -234,6 +234,27 @@ class ByteAutomaton:
         return Walk(REJECT, count, i)
     return Walk(state, count, None)
 
+  def random_walks(self, n: int, rng: np.random.Generator) -> list[bytes]:
+    """n walks from SOI to EOI, each byte uniform over those allowed (with
+    the restart-marker counter): valid streams, noise as pictures (test and
+    fuzz inputs)."""
+    state = np.zeros(n, np.int64)
+    count = np.zeros(n, np.int64)
+    out = [bytearray() for _ in range(n)]
+    rst = np.arange(256) - _RST0
+    while (live := np.flatnonzero(state != self.done)).size:
+      rows = self.next[state[live]] >= 0                    # [live, 256]
+      marker = (state[live] == self.marker)[:, None]
+      c = count[live][:, None]
+      last = c == self.num_mcus - 1
+      rows &= ~marker | np.where(last, np.arange(256) == _EOI, rst == c % 8)
+      pick = (rng.random(rows.shape) * rows).argmax(axis=1)
+      count[live] += marker[:, 0] & (pick != _EOI)
+      state[live] = self.next[state[live], pick]
+      for i, b in zip(live, pick):
+        out[i].append(b)
+    return [bytes(x) for x in out]
+
 
 @dataclasses.dataclass(frozen=True)
 class Walk:
