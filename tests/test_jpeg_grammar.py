@@ -146,6 +146,23 @@ def test_every_state_can_finish():
   assert len(alive) == a.num_states
 
 
+def test_minimised_automaton_agrees_with_the_full_one(monkeypatch):
+  a = automaton(64)
+  monkeypatch.setattr(jpeg_grammar, "_minimise", lambda *args: args)
+  full = jpeg_grammar.build.__wrapped__(codec(64))  # Not the cached one.
+  assert a.num_states < 0.7 * full.num_states  # 43,103 of 66,725 here.
+  rng = np.random.default_rng(7)
+  for data in all_streams(64)[::4] + tuple(full.random_walks(8, rng)):
+    for pos in rng.integers(0, len(data), 12):
+      mutated = bytearray(data)
+      mutated[pos] = rng.integers(256)
+      mine, theirs = a.walk(bytes(mutated)), full.walk(bytes(mutated))
+      assert mine.rejected_at == theirs.rejected_at
+      assert mine.count == theirs.count
+      assert (mine.state == a.done) == (theirs.state == full.done)
+      assert (mine.state == a.marker) == (theirs.state == full.marker)
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_mutations_are_rejected_no_earlier_than_the_damage(size):
   a, rng = automaton(size), np.random.default_rng(size)
