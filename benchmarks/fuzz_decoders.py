@@ -155,7 +155,7 @@ def run_cases(start: int, stop: int) -> dict:
   """Counts per (setting, kind) and the first failures of cases start..stop."""
   codecs_by_name = dict(_CORPUS.codecs)
   cases, failed, examples = collections.Counter(), collections.Counter(), []
-  begin = time.perf_counter()
+  begin, begin_cpu = time.perf_counter(), time.process_time()
   for index in range(start, stop):
     name, kind, data = damaged(_CORPUS, index)
     cases[name, kind] += 1
@@ -166,7 +166,8 @@ def run_cases(start: int, stop: int) -> dict:
       if len(examples) < 5:
         examples.append((index, name, kind, f"{type(e).__name__}: {e}"))
   return dict(cases=cases, failed=failed, examples=examples,
-              seconds=time.perf_counter() - begin)
+              seconds=time.perf_counter() - begin,
+              cpu=time.process_time() - begin_cpu)
 
 
 def main(argv):
@@ -216,12 +217,15 @@ def main(argv):
     examples += r["examples"]
   ran = sum(cases.values())
   busy = sum(r["seconds"] for r in results)  # Worker time in run_cases.
+  cpu = sum(r["cpu"] for r in results)
   lines = [
       f"{ran:,} cases in {wall:.1f} s wall on {workers} worker process(es): "
       f"{ran / wall:,.0f} cases/s (setup included"
       + (f", of it {setup_s:.1f} s" if setup_s == setup_s else "")
-      + f"); {ran / busy:,.0f} cases per worker-second of decoding; "
-      f"1,000,000 would take {1e6 / (ran / wall) / 60:,.0f} min at this rate. "
+      + f"); decoding alone {ran / busy:,.0f} cases per worker-second of "
+      f"wall time, {ran / cpu:,.0f} per CPU-second. 1,000,000 would take "
+      f"{1e6 / (ran / wall) / 60:,.0f} min at this rate, "
+      f"{1e6 / (ran / cpu) / workers / 60:,.0f} min on {workers} free cores. "
       f"Raised or bad output: {sum(failed.values())}; tasks lost to a dead "
       f"worker: {len(died)} ({sum(b - a for (a, b), _ in died):,} cases).",
       "",
