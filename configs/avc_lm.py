@@ -45,7 +45,10 @@ def get_config(arg: str = ""):
       # motion search, no B-frames, psy or trellis; one thread (determinism).
       profile="baseline", bframes=0, slice_max_mbs=1, trellis=0, me="dia",
       subme=0, psy=0, mixed_refs=0, fast_pskip=0, partitions="none", refs=3,
-      threads=1)
+      threads=1,
+      # False: slices only, SPS/PPS/SEI stripped (constant per setting, kept in
+      # codec.header()). True: x264's stream as written, the paper's form.
+      keep_headers=False)
   c.data.source = "tfds:ucf101/ucf101_1"  # needs `tfds build`; see above
   c.data.vocab_size = 1_024
   c.data.tokenizer_examples = 10_000

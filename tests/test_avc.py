@@ -184,6 +184,55 @@ def test_canonical_layout():
   np.testing.assert_array_equal(frames, np.stack(pyav_decode(codec.wrap(data))))
 
 
+KEPT = avc.AvcCodec(64, 48, keep_headers=True)  # The paper's form.
+
+
+def test_kept_headers_form_is_x264s_stream_and_plays_alone(tmp_path):
+  clip = moving_shapes(15, 48, 64)
+  kept, stripped = KEPT.encode(clip), encoded(SMALL)
+  # pylint: disable-next=protected-access
+  assert kept == SMALL._x264(SMALL.load(clip))  # x264's bytes, untouched.
+  assert nal_types(kept)[:3] == [7, 8, 6] and b"x264 - core" in kept
+  assert set(nal_types(kept)[3:]) == {1, 5}
+  assert kept.startswith(KEPT.header()) and KEPT.header() == SMALL.header()
+  # pylint: disable-next=protected-access
+  assert avc._canonical(kept) == stripped  # Same slices; only headers differ.
+  # The kept bytes decode on their own, as the stripped ones do re-wrapped.
+  alone = np.stack(pyav_decode(kept))
+  assert len(alone) == 15
+  np.testing.assert_array_equal(alone, np.stack(pyav_decode(SMALL.wrap(
+      stripped))))
+  assert KEPT.wrap(kept) == kept  # Never a second SPS/PPS.
+  for codec in (KEPT, SMALL):  # Either codec decodes either form.
+    for data in (kept, stripped):
+      frames, report = codec.decode(data)
+      np.testing.assert_array_equal(frames, alone)
+      assert report.clean_fraction == 1.0
+  assert KEPT.count_frames(kept) == 15
+  prefix = KEPT.prompt_frames(kept, 10)
+  assert prefix.startswith(KEPT.header())
+  assert len(pyav_decode(prefix)) == 10
+  paths = KEPT.save(tmp_path / "kept", kept)
+  with open(paths[0], "rb") as f:
+    written = f.read()
+  assert nal_types(written).count(7) == nal_types(written).count(8) == 1
+  np.testing.assert_array_equal(np.stack(pyav_decode(written)), alone)
+  with av.open(paths[1]) as mp4:
+    np.testing.assert_array_equal(
+        np.stack([f.to_ndarray(format="rgb24") for f in mp4.decode(video=0)]),
+        alone)
+  settings = KEPT.settings()
+  assert settings["keep_headers"] is True
+  assert avc.AvcCodec.from_settings(settings) == KEPT
+  # Settings stored before the field existed read as the default, silently.
+  old = SMALL.settings()
+  del old["keep_headers"]
+  assert avc.AvcCodec.from_settings(old) == SMALL
+  assert not codecs.version_differences(old, SMALL)
+  with pytest.raises(CodecError, match="keep_headers"):
+    avc.AvcCodec(keep_headers="yes")
+
+
 # -- counting and prompts ------------------------------------------------------
 
 

@@ -24,6 +24,10 @@ PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "coffee", "coins",
           "grass", "gravel", "hubble_deep_field", "immunohistochemistry",
           "moon", "page", "retina", "rocket", "text")
 SIZES = (64, 256)
+# The other photographs scikit-image has offline: four more (stereo_motorcycle
+# gives two), and faces of Labeled Faces in the Wild (25x25 greyscale).
+MORE_PHOTOS = ("cell", "clock", "microaneurysms")
+FACES = 24
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,6 +51,21 @@ def streams(size) -> tuple[bytes, ...]:
     out.append(codec(size).encode(image))
     out.append(codec(size).encode(image[h // 4:h - h // 4, w // 4:w - w // 4]))
   return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def more_streams(size) -> tuple[bytes, ...]:
+  """The centre crop of every other photograph offline, encoded."""
+  from skimage import data  # pylint: disable=g-import-not-at-top
+  images = [getattr(data, name)() for name in MORE_PHOTOS]
+  images += data.stereo_motorcycle()[:2]
+  faces = data.lfw_subset()[:FACES]  # The first 100 are faces, in [0, 1].
+  images += list(np.round(faces * 255).astype(np.uint8))
+  return tuple(codec(size).encode(image) for image in images)
+
+
+def all_streams(size) -> tuple[bytes, ...]:
+  return streams(size) + more_streams(size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,7 +106,9 @@ def test_every_photo_is_accepted_with_its_mcu_count(size):
   a = automaton(size)
   assert a.num_mcus == codec(size).num_mcus
   assert len(streams(size)) == 2 * len(PHOTOS)
-  for data in streams(size):
+  # Distinct photographs: 16 + 5 scikit-image ones, 24 faces.
+  assert len(PHOTOS) + len(more_streams(size)) >= 40
+  for data in all_streams(size):
     walk = a.walk(data)
     assert walk.accepted and walk.state == a.done
     assert walk.count == a.num_mcus - 1  # N - 1 restart markers.
@@ -102,7 +123,7 @@ def test_every_photo_is_accepted_with_its_mcu_count(size):
 def test_every_photo_is_accepted_as_tokens(size):
   g, tokenizer = grammar(size)
   a = g.automaton
-  for data in streams(size):
+  for data in all_streams(size):  # The BPE saw only half of streams().
     assert token_walk(g, tokenizer.encode(data)) == (a.done, a.num_mcus - 1)
     ids = np.append(tokenizer.encode(data), tokenizer.eos_id)
     assert token_walk(g, ids) == (a.done, a.num_mcus - 1)  # EOS after EOI.
@@ -123,6 +144,23 @@ def test_every_state_can_finish():
                             shape=(a.num_states,) * 2)
   alive = csgraph.breadth_first_order(graph, a.done, return_predecessors=False)
   assert len(alive) == a.num_states
+
+
+def test_minimised_automaton_agrees_with_the_full_one(monkeypatch):
+  a = automaton(64)
+  monkeypatch.setattr(jpeg_grammar, "_minimise", lambda *args: args)
+  full = jpeg_grammar.build.__wrapped__(codec(64))  # Not the cached one.
+  assert a.num_states < 0.7 * full.num_states  # 43,103 of 66,725 here.
+  rng = np.random.default_rng(7)
+  for data in all_streams(64)[::4] + tuple(full.random_walks(8, rng)):
+    for pos in rng.integers(0, len(data), 12):
+      mutated = bytearray(data)
+      mutated[pos] = rng.integers(256)
+      mine, theirs = a.walk(bytes(mutated)), full.walk(bytes(mutated))
+      assert mine.rejected_at == theirs.rejected_at
+      assert mine.count == theirs.count
+      assert (mine.state == a.done) == (theirs.state == full.done)
+      assert (mine.state == a.marker) == (theirs.state == full.marker)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -147,30 +185,10 @@ def test_mutations_are_rejected_no_earlier_than_the_damage(size):
   assert rejected > accepted > 0
 
 
-def byte_walks(a, n, rng):
-  """n uniform random walks over allowed bytes, each to EOI."""
-  state = np.zeros(n, np.int64)
-  count = np.zeros(n, np.int64)
-  out = [bytearray() for _ in range(n)]
-  rst = np.arange(256) - 0xD0
-  while (live := np.flatnonzero(state != a.done)).size:
-    rows = a.next[state[live]] >= 0                       # [live, 256]
-    marker = (state[live] == a.marker)[:, None]
-    c = count[live][:, None]
-    last = c == a.num_mcus - 1
-    rows &= ~marker | np.where(last, np.arange(256) == 0xD9, rst == c % 8)
-    pick = (rng.random(rows.shape) * rows).argmax(axis=1)
-    count[live] += (marker[:, 0] & (pick != 0xD9))
-    state[live] = a.next[state[live], pick]
-    for i, b in zip(live, pick):
-      out[i].append(b)
-  return [bytes(x) for x in out]
-
-
 @pytest.mark.parametrize("size,n", [(64, 250), (256, 50)])
 def test_random_byte_walks_decode_cleanly(size, n):
   a = automaton(size)
-  for data in byte_walks(a, n, np.random.default_rng(0)):
+  for data in a.random_walks(n, np.random.default_rng(0)):
     assert a.walk(data).state == a.done
     assert decodes_cleanly(size, data)
 

@@ -97,8 +97,10 @@ def version_differences(stored_settings: dict, codec) -> dict[str, tuple]:
   the library versions recorded with them (e.g. pillow, libjpeg).
   """
   now = json.loads(json.dumps(codec.settings()))  # Tuples as JSON has them.
+  # A field newer than the stored settings took its default: not a difference.
+  added = {f.name for f in dataclasses.fields(codec)} - set(stored_settings)
   return {k: (stored_settings.get(k), now.get(k))
-          for k in sorted(set(stored_settings) | set(now))
+          for k in sorted(set(stored_settings) | set(now) - added)
           if stored_settings.get(k) != now.get(k)}
 
 

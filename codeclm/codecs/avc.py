@@ -16,6 +16,13 @@ frame gets the 4-byte start code 00 00 00 01 (Annex B's zero_byte before the
 first NAL unit of an access unit), every other slice the 3-byte 00 00 01, so
 "00 00 00 01" marks exactly the frame boundaries.
 
+keep_headers=True is the paper's form instead ("for more complicated codecs
+like AVC, we let BPE handle such metadata"): x264's Annex B stream exactly as
+libx264 writes it, SPS, PPS and SEI at its start, so the bytes play in any
+H.264 decoder on their own. Both forms decode, prompt, count and save the same
+way (`decode` and `save` use the codec's own SPS/PPS once, whatever the stream
+carries).
+
 Sizes must be multiples of 16: a frame is then a whole grid of 16x16
 macroblocks, the SPS carries no cropping, and the slice count of a frame is
 exact (width / 16 * height / 16 macroblocks, `slice_max_mbs` per slice).
@@ -115,7 +122,8 @@ class AvcCodec:
   and lists it).
 
   The x264 fields are the paper's settings; x264's preset is its default
-  ("medium"), which the fields override.
+  ("medium"), which the fields override. keep_headers: keep x264's SPS, PPS
+  and SEI in the bytes (the paper's form) instead of only the slices.
   """
   width: int = 256
   height: int = 144
@@ -135,6 +143,7 @@ class AvcCodec:
   refs: int = 3
   threads: int = 1
   short: str = "pad"
+  keep_headers: bool = False
   name: ClassVar[str] = "avc"
 
   def __post_init__(self):
@@ -176,6 +185,10 @@ class AvcCodec:
               and getattr(self, field) >= 1):
         raise CodecError(f"AVC {field}={getattr(self, field)!r} must be an "
                          "int >= 1.")
+    if not isinstance(self.keep_headers, bool):
+      raise CodecError(f"AVC keep_headers={self.keep_headers!r} must be True "
+                       "(the paper's form: SPS, PPS and SEI in the stream) or "
+                       "False (slices only, the default).")
     for field in ("me", "partitions"):
       if not re.fullmatch(r"[a-z0-9,]+", str(getattr(self, field))):
         raise CodecError(f"AVC {field}={getattr(self, field)!r} is not an x264 "
@@ -265,14 +278,16 @@ class AvcCodec:
     return self.encode_frames(self.load(video, fps))
 
   def encode_frames(self, frames: np.ndarray) -> bytes:
-    """Canonical bytes of frames already [frames, height, width, 3] uint8."""
+    """Canonical bytes of frames already [frames, height, width, 3] uint8
+    (x264's own stream when keep_headers)."""
     frames = np.asarray(frames)
     shape = (self.frames, self.height, self.width, 3)
     if frames.shape != shape or frames.dtype != np.uint8:
       raise CodecError(
           f"encode_frames needs uint8 frames of shape {shape}, got "
           f"{frames.dtype} {frames.shape}; use encode() for any video.")
-    return _canonical(self._x264(frames))
+    raw = self._x264(frames)
+    return raw if self.keep_headers else _canonical(raw)
 
   def _x264(self, frames: np.ndarray) -> bytes:
     """x264's Annex B stream of `frames`, as libx264 writes it."""
