@@ -4,6 +4,7 @@ import atexit
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -237,20 +238,77 @@ def test_constraint_alternates_two_sets():
     sampler_lib.Constraint.create(np.zeros((1, VOCAB)), np.zeros((1, VOCAB)))
 
 
-def test_sharded_over_a_mesh_matches_one_device():
+def fsdp_params(mesh):
+  """The test params laid out by the training rules on `mesh`."""
   model, params = model_and_params()
-  mesh = sharding.make_mesh((4, 1, 2))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     boxed = jax.eval_shape(model.init, jax.random.key(0),
                            jnp.zeros((1, 8), jnp.int32))["params"]
-  shardings = sharding.logical_shardings(boxed, mesh)
-  sharded = jax.device_put(params, shardings)
-  s = sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD, mesh=mesh,
-                     cache_dtype="float32")
+  return jax.device_put(params, sharding.logical_shardings(boxed, mesh))
+
+
+def test_sharded_over_a_mesh_matches_one_device():
+  mesh = sharding.make_mesh((1, 4, 2))  # fsdp 4 (batch, weights), tensor 2
+  s = sampler_lib.Sampler(model_and_params()[0], eos_id=EOS, pad_id=PAD,
+                          mesh=mesh, cache_dtype="float32")
   assert s.batch_multiple == 4
-  got = s(sharded, PROMPTS[:3], GREEDY)
+  got = s(fsdp_params(mesh), PROMPTS[:3], GREEDY)
   for g, w in zip(got, run(PROMPTS[:3])):
     np.testing.assert_array_equal(g.tokens, w.tokens)
+
+
+def loop_all_gathers(hlo: str) -> list[tuple[int, ...]]:
+  """Result shapes of the all-gathers anywhere inside the sampler's decode
+  loop (its while body and every computation that body calls)."""
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+    if head:
+      name = head.group(1)
+      comps[name] = []
+    elif name and line.startswith("  "):
+      comps[name].append(line)
+  todo = re.findall(r" while\(.*?body=%([^,\s]+), metadata=\{op_name="
+                    r'"jit\(_generate\)/while"', hlo)
+  assert len(todo) == 1, "the decode loop's while not found in the HLO"
+  seen, shapes = set(), []
+  while todo:
+    name = todo.pop()
+    if name in seen:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      todo += re.findall(r"(?:calls|body|condition|to_apply)=%([^,\s]+)",
+                         line)
+      gather = re.search(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(",
+                         line)
+      if gather:
+        shapes.append(tuple(int(d) for d in gather.group(1).split(",") if d))
+  return shapes
+
+
+def test_decode_loop_gathers_no_weights_on_an_fsdp_mesh():
+  """Weights are laid out for decoding once, before the loop (issue 17.8).
+
+  With reshard_params=False (the layout as trained, main's behaviour) every
+  step all-gathers each layer's weights; the check must see those.
+  """
+  model, params = model_and_params()
+  mesh = sharding.make_mesh((1, 8, 1))  # Whole weights are gathered here.
+  sharded = fsdp_params(mesh)
+  weights = set()  # Whole leaves, and one layer of the scanned ones.
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    weights.add(x.shape)
+    if "layers" in jax.tree_util.keystr(path):
+      weights.add(x.shape[1:])
+  gathered = {}
+  for reshard in (False, True):
+    s = sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD, mesh=mesh,
+                            cache_dtype="float32", reshard_params=reshard)
+    hlo = s.lower(sharded, PROMPTS, GREEDY).compile().as_text()
+    gathered[reshard] = [x for x in loop_all_gathers(hlo) if x in weights]
+  assert len(gathered[False]) >= 7, gathered  # A layer's 7 projections.
+  assert not gathered[True], gathered[True]
 
 
 def test_bf16_cache_is_the_default_and_tracks_fp32():
@@ -412,3 +470,4 @@ def test_command_lines(workdir, tmp_path):
     assert proc.returncode == 0, output[-3000:]
     info = json.load(open(tmp_path / name / "sample_0000.json"))
     assert info["new_tokens"] <= 16 and info["step"] == 1
+
