@@ -123,6 +123,21 @@ def test_masks_match_hugging_face_warpers():
                                   np.isfinite(ref.numpy()))
 
 
+def test_choose_draws_within_both_masks():
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12)) * 2,
+                       jnp.float32)
+  keys = jax.random.split(jax.random.key(0), 2 * 500).reshape(500, 2)
+  for k, p in ((0, 1.0), (4, 1.0), (0, 0.6), (5, 0.8)):
+    draws = np.asarray(jax.vmap(lambda kk, k=k, p=p: sampler_lib.choose(
+        logits, kk, 1.0, k, p))(keys))                   # [500, 2]
+    keep = np.asarray(sampler_lib.top_k_mask(logits, k)
+                      & sampler_lib.top_p_mask(logits, p))
+    for row in range(2):  # Only kept tokens, and more than the top one.
+      kept = set(np.flatnonzero(keep[row]))
+      assert set(draws[:, row]) <= kept and len(set(draws[:, row])) > 1, (
+          k, p, row)
+
+
 def test_settings_and_prompts_are_checked():
   with pytest.raises(ValueError, match="top_p"):
     sampler_lib.Settings(top_p=0.0)
@@ -197,9 +212,12 @@ def test_one_compilation_per_bucket():
   assert s.shapes(3, 59, 60) == (4, 64, 128)
   s(params, PROMPTS, GREEDY)  # Bucket (4, 64, 128): compiled by now.
   before = s.num_compilations
+  # Prompt lengths anywhere in the bucket (2 to 60 tokens), other settings.
   for prompts, settings, seed in [
       ([[4, 5]] * 3, sampler_lib.Settings(temperature=0.7, top_k=5,
-                                     max_new_tokens=70), 1),
+                                          max_new_tokens=48), 1),
+      ([[5] * 10] * 3, sampler_lib.Settings(max_new_tokens=48), 1),
+      ([[5] * 60] * 3, sampler_lib.Settings(max_new_tokens=48), 1),
       ([list(range(1, 60)), [2], [3, 4]],
        sampler_lib.Settings(top_p=0.5, max_new_tokens=60), 2),
   ]:
@@ -471,3 +489,24 @@ def test_command_lines(workdir, tmp_path):
     info = json.load(open(tmp_path / name / "sample_0000.json"))
     assert info["new_tokens"] <= 16 and info["step"] == 1
 
+
+def test_sampler_vs_hf_benchmark_smoke(capsys):
+  """benchmarks/sampler_vs_hf.py --tiny runs (not timed: CI's smoke test)."""
+  pytest.importorskip("transformers")
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "sampler_vs_hf", os.path.join(ROOT, "benchmarks", "sampler_vs_hf.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(tiny=True):
+    bench.main([])
+  rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+  assert rows[0]["logits_max_abs_diff"] < 1e-4  # The same model both sides.
+  assert [(r["prompt"], r["batch"]) for r in rows[1:]] == [(8, 2), (24, 2)]
+  for r in rows[1:]:
+    assert set(r["prefill_s"]) == {"codeclm", "hf"} and r["prefill_ratio"] > 0
+    assert r["full_length_rows"] == 2

@@ -186,13 +186,24 @@ def top_p_mask(logits: jax.Array, p) -> jax.Array:
 
 def choose(logits: jax.Array, keys: jax.Array, temperature, top_k,
            top_p) -> jax.Array:
-  """One token per row of fp32 logits [B, V] with per-row keys [B]."""
+  """One token per row of fp32 logits [B, V] with per-row keys [B].
+
+  Keeps top_k_mask & top_p_mask of the scaled logits, computed in sorted
+  order from one sort per row (a decode step's sampling cost on CPU; the
+  masks above need several), and draws there.
+  """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-  keep = top_k_mask(scaled, top_k) & top_p_mask(scaled, top_p)
-  scaled = jnp.where(keep, scaled, -jnp.inf)
-  drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-  return jnp.where(temperature > 0, drawn, greedy)
+  order = jnp.argsort(-scaled, axis=-1, stable=True)  # Ties: lower id first.
+  ranked = jnp.take_along_axis(scaled, order, axis=-1)
+  probs = jax.nn.softmax(ranked, axis=-1)
+  rank = jnp.arange(ranked.shape[-1])
+  keep = (((rank < top_k) | (top_k <= 0))
+          & (((jnp.cumsum(probs, axis=-1) - probs) < top_p) | (top_p >= 1)))
+  at = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked,
+                                                        -jnp.inf))
+  drawn = jnp.take_along_axis(order, at[:, None], axis=-1)[:, 0]
+  return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
 
 
 # -- the jitted loop -----------------------------------------------------------
@@ -331,8 +342,11 @@ class Sampler:
   unless reshard_params=False. Prompts and outputs are split over the mesh's
   batch axes by the logical rules. Batches are padded to a power of two (a multiple of the
   data-parallel size); prompts to a power of two >= `min_bucket`; the cache
-  to a power of two >= prompt + max_new_tokens, capped at the model's max_len.
-  Settings, seed, EOS and PAD are traced, so only a new bucket compiles;
+  holds the prompt bucket + max_new_tokens rounded up to a power of two
+  >= `min_bucket`, capped at the model's max_len. So prompts of any length
+  within a bucket share one compilation, and a decode step attends over
+  about what it needs (512 + 128 tokens: 640 slots, not 1,024). Settings,
+  seed, EOS and PAD are traced, so only a new bucket compiles;
   `num_compilations` counts the traces.
   """
 
@@ -382,9 +396,9 @@ class Sampler:
           "training seq_len); lower max_new_tokens or shorten the prompt.")
     b = bucket(num_rows, 1)
     b = -(-b // self.batch_multiple) * self.batch_multiple
-    cache_len = min(bucket(longest_prompt + max_new_tokens, self.min_bucket),
-                    max_len)
-    return b, min(bucket(longest_prompt, self.min_bucket), cache_len), cache_len
+    p = bucket(longest_prompt, self.min_bucket)
+    cache_len = min(p + bucket(max_new_tokens, self.min_bucket), max_len)
+    return b, min(p, cache_len), cache_len
 
   def __call__(self, params, prompts: Sequence[Sequence[int]],
                settings: Settings, *, seed: int = 0,
