@@ -127,9 +127,11 @@ def test_choose_draws_within_both_masks():
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12)) * 2,
                        jnp.float32)
   keys = jax.random.split(jax.random.key(0), 2 * 500).reshape(500, 2)
+  draw = jax.jit(jax.vmap(  # k and p traced, as in the sampler: 1 compile.
+      lambda kk, k, p: sampler_lib.choose(logits, kk, 1.0, k, p),
+      in_axes=(0, None, None)))
   for k, p in ((0, 1.0), (4, 1.0), (0, 0.6), (5, 0.8)):
-    draws = np.asarray(jax.vmap(lambda kk, k=k, p=p: sampler_lib.choose(
-        logits, kk, 1.0, k, p))(keys))                   # [500, 2]
+    draws = np.asarray(draw(keys, k, p))                  # [500, 2]
     keep = np.asarray(sampler_lib.top_k_mask(logits, k)
                       & sampler_lib.top_p_mask(logits, p))
     for row in range(2):  # Only kept tokens, and more than the top one.
