@@ -232,11 +232,12 @@ def decode_shardings(model: llama.Llama, mesh: jax.sharding.Mesh,
     boxed = jax.eval_shape(model.init, jax.random.key(0),
                            jnp.zeros((1, 1), jnp.int32))["params"]
     batch = nn.logical_to_mesh_axes(("batch",), rules)[0]
-  batch = set((batch,) if isinstance(batch, str) else batch or ())
-  drop = lambda axes: (None if axes is None or axes in batch else axes
-                       if isinstance(axes, str) else
-                       tuple(a for a in axes if a not in batch) or None)
-  decode_rules = tuple((name, drop(axes)) for name, axes in rules)
+  as_tuple = lambda axes: ((axes,) if isinstance(axes, str) else
+                           tuple(axes or ()))
+  batch = as_tuple(batch)
+  decode_rules = tuple(
+      (name, tuple(a for a in as_tuple(axes) if a not in batch) or None)
+      for name, axes in rules)
   return sharding.logical_shardings(boxed, mesh, decode_rules)
 
 
@@ -290,8 +291,9 @@ def _generate(params, prompts, lengths, active, sample_ids, states, counts,
                           constraint.counter.advance(state, count, token))
       state = jnp.where(s.done, state, moved)
     new_logits, cache = apply(token[:, None], pos[:, None], cache=s.cache)
-    return _Loop(step=s.step + 1, tokens=jax.vmap(lambda t, i, x: t.at[i].set(x))(
-                     s.tokens, pos, token),
+    # Mapped over the rows: a batch split over the mesh writes its own rows.
+    tokens = jax.vmap(lambda t, i, x: t.at[i].set(x))(s.tokens, pos, token)
+    return _Loop(step=s.step + 1, tokens=tokens,
                  logits=new_logits[:, 0], cache=cache,
                  done=s.done | (token == eos_id), state=state, count=count)
 
