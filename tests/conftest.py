@@ -18,35 +18,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def _importable_torchvision() -> None:
-  """Lets the CUDA-only torchvision wheel import on the CPU torch.
+from tests import torch_compat  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-  The package index has torchvision 0.28 only as a CUDA build: its C++ ops
-  library fails to load on torch 2.13+cpu, and torchvision then dies at
-  import while registering fake kernels for `torchvision::nms`/`qnms`.
-  transformers imports torchvision when it is installed, so without this
-  tests/test_hf.py would fail in the `[reference]` environment (pytorch-fid,
-  the FID reference, needs torchvision's pure-Python Inception model). Only
-  the two schemas are declared; no torchvision op is ever run.
-  """
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.find_spec("torchvision")
-  if spec is None or importlib.util.find_spec("torch") is None:
-    return
-  import torch  # pylint: disable=g-import-not-at-top
-  try:
-    torch.ops.load_library(os.path.join(spec.submodule_search_locations[0],
-                                        "_C.so"))
-  except (OSError, RuntimeError):
-    lib = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-      lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) "
-                 "-> Tensor")
-    _KEEP_ALIVE.append(lib)  # Dropping the Library would undefine the ops.
-
-
-_KEEP_ALIVE = []
-_importable_torchvision()
+torch_compat.importable_torchvision()
 
 
 def _one_compilation_cache() -> None:

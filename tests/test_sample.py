@@ -4,6 +4,7 @@ import atexit
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -126,6 +127,23 @@ def test_masks_match_hugging_face_warpers():
                                   np.isfinite(ref.numpy()))
 
 
+def test_choose_draws_within_both_masks():
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12)) * 2,
+                       jnp.float32)
+  keys = jax.random.split(jax.random.key(0), 2 * 500).reshape(500, 2)
+  draw = jax.jit(jax.vmap(  # k and p traced, as in the sampler: 1 compile.
+      lambda kk, k, p: sampler_lib.choose(logits, kk, 1.0, k, p),
+      in_axes=(0, None, None)))
+  for k, p in ((0, 1.0), (4, 1.0), (0, 0.6), (5, 0.8)):
+    draws = np.asarray(draw(keys, k, p))                  # [500, 2]
+    keep = np.asarray(sampler_lib.top_k_mask(logits, k)
+                      & sampler_lib.top_p_mask(logits, p))
+    for row in range(2):  # Only kept tokens, and more than the top one.
+      kept = set(np.flatnonzero(keep[row]))
+      assert set(draws[:, row]) <= kept and len(set(draws[:, row])) > 1, (
+          k, p, row)
+
+
 def test_settings_and_prompts_are_checked():
   with pytest.raises(ValueError, match="top_p"):
     sampler_lib.Settings(top_p=0.0)
@@ -200,9 +218,12 @@ def test_one_compilation_per_bucket():
   assert s.shapes(3, 59, 60) == (4, 64, 128)
   s(params, PROMPTS, GREEDY)  # Bucket (4, 64, 128): compiled by now.
   before = s.num_compilations
+  # Prompt lengths anywhere in the bucket (2 to 60 tokens), other settings.
   for prompts, settings, seed in [
       ([[4, 5]] * 3, sampler_lib.Settings(temperature=0.7, top_k=5,
-                                     max_new_tokens=70), 1),
+                                          max_new_tokens=48), 1),
+      ([[5] * 10] * 3, sampler_lib.Settings(max_new_tokens=48), 1),
+      ([[5] * 60] * 3, sampler_lib.Settings(max_new_tokens=48), 1),
       ([list(range(1, 60)), [2], [3, 4]],
        sampler_lib.Settings(top_p=0.5, max_new_tokens=60), 2),
   ]:
@@ -241,20 +262,77 @@ def test_constraint_alternates_two_sets():
     sampler_lib.Constraint.create(np.zeros((1, VOCAB)), np.zeros((1, VOCAB)))
 
 
-def test_sharded_over_a_mesh_matches_one_device():
+def fsdp_params(mesh):
+  """The test params laid out by the training rules on `mesh`."""
   model, params = model_and_params()
-  mesh = sharding.make_mesh((4, 1, 2))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     boxed = jax.eval_shape(model.init, jax.random.key(0),
                            jnp.zeros((1, 8), jnp.int32))["params"]
-  shardings = sharding.logical_shardings(boxed, mesh)
-  sharded = jax.device_put(params, shardings)
-  s = sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD, mesh=mesh,
-                     cache_dtype="float32")
+  return jax.device_put(params, sharding.logical_shardings(boxed, mesh))
+
+
+def test_sharded_over_a_mesh_matches_one_device():
+  mesh = sharding.make_mesh((1, 4, 2))  # fsdp 4 (batch, weights), tensor 2
+  s = sampler_lib.Sampler(model_and_params()[0], eos_id=EOS, pad_id=PAD,
+                          mesh=mesh, cache_dtype="float32")
   assert s.batch_multiple == 4
-  got = s(sharded, PROMPTS[:3], GREEDY)
+  got = s(fsdp_params(mesh), PROMPTS[:3], GREEDY)
   for g, w in zip(got, run(PROMPTS[:3])):
     np.testing.assert_array_equal(g.tokens, w.tokens)
+
+
+def loop_all_gathers(hlo: str) -> list[tuple[int, ...]]:
+  """Result shapes of the all-gathers anywhere inside the sampler's decode
+  loop (its while body and every computation that body calls)."""
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+    if head:
+      name = head.group(1)
+      comps[name] = []
+    elif name and line.startswith("  "):
+      comps[name].append(line)
+  todo = re.findall(r" while\(.*?body=%([^,\s]+), metadata=\{op_name="
+                    r'"jit\(_generate\)/while"', hlo)
+  assert len(todo) == 1, "the decode loop's while not found in the HLO"
+  seen, shapes = set(), []
+  while todo:
+    name = todo.pop()
+    if name in seen:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      todo += re.findall(r"(?:calls|body|condition|to_apply)=%([^,\s]+)",
+                         line)
+      gather = re.search(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(",
+                         line)
+      if gather:
+        shapes.append(tuple(int(d) for d in gather.group(1).split(",") if d))
+  return shapes
+
+
+def test_decode_loop_gathers_no_weights_on_an_fsdp_mesh():
+  """Weights are laid out for decoding once, before the loop (issue 17.8).
+
+  With reshard_params=False (the layout as trained, main's behaviour) every
+  step all-gathers each layer's weights; the check must see those.
+  """
+  model, params = model_and_params()
+  mesh = sharding.make_mesh((1, 8, 1))  # Whole weights are gathered here.
+  sharded = fsdp_params(mesh)
+  weights = set()  # Whole leaves, and one layer of the scanned ones.
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    weights.add(x.shape)
+    if "layers" in jax.tree_util.keystr(path):
+      weights.add(x.shape[1:])
+  gathered = {}
+  for reshard in (False, True):
+    s = sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD, mesh=mesh,
+                            cache_dtype="float32", reshard_params=reshard)
+    hlo = s.lower(sharded, PROMPTS, GREEDY).compile().as_text()
+    gathered[reshard] = [x for x in loop_all_gathers(hlo) if x in weights]
+  assert len(gathered[False]) >= 7, gathered  # A layer's 7 projections.
+  assert not gathered[True], gathered[True]
 
 
 def test_bf16_cache_is_the_default_and_tracks_fp32():
@@ -416,3 +494,25 @@ def test_command_lines(workdir, tmp_path):
     assert proc.returncode == 0, output[-3000:]
     info = json.load(open(tmp_path / name / "sample_0000.json"))
     assert info["new_tokens"] <= 16 and info["step"] == 1
+
+
+def test_sampler_vs_hf_benchmark_smoke(capsys):
+  """benchmarks/sampler_vs_hf.py --tiny runs (not timed: CI's smoke test)."""
+  pytest.importorskip("transformers")
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "sampler_vs_hf", os.path.join(ROOT, "benchmarks", "sampler_vs_hf.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(tiny=True):
+    bench.main([])
+  rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+  assert rows[0]["logits_max_abs_diff"] < 1e-4  # The same model both sides.
+  assert [(r["prompt"], r["batch"]) for r in rows[1:]] == [(8, 2), (24, 2)]
+  for r in rows[1:]:
+    assert set(r["prefill_s"]) == {"codeclm", "hf"} and r["prefill_ratio"] > 0
+    assert r["full_length_rows"] == 2

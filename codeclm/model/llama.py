@@ -334,6 +334,9 @@ class Attention(nn.Module):
         # Each row writes at its own positions (out-of-range ones are
         # dropped), then attends to every cached index <= its query's
         # position. [B, T] indices around the K slice: updates [B, T, K, F].
+        # (On a batch split over the mesh, GSPMD gathers these small update
+        # rows and indices; mapping the write over the batch instead makes
+        # XLA's CPU backend transpose the whole cache every step.)
         rows = jnp.arange(q.shape[0])[:, None]
         write = lambda cache, new: cache.at[layer, rows, :, positions].set(
             stored(new))
@@ -425,8 +428,12 @@ def _check_positions(positions, limit: int, what: str) -> None:
 class Llama(nn.Module):
   """Llama-2 over token ids.
 
-  __call__(tokens, positions=None, segment_ids=None, cache=None):
+  __call__(tokens, positions=None, segment_ids=None, cache=None,
+           logits_at=None):
     tokens, positions, segment_ids: int32 [B, T]; positions default arange(T).
+    logits_at: int32 [B, N] indices into T: logits come back only there,
+      [B, N, V] (a prefill needs just each row's last prompt position; the
+      head over every position is most of a short model's prefill).
     segment_ids None: plain causal attention (is_causal, no dense mask, so the
       flash kernels apply). Given: attend only within the same segment,
       causally (0 = padding): splash takes the ids, XLA and cuDNN a dense
@@ -460,7 +467,8 @@ class Llama(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None,
+               logits_at: jax.Array | None = None):
     c = self.config
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got {tokens.shape}.")
@@ -515,6 +523,8 @@ class Llama(nn.Module):
         carry, _ = layer(c, prefill=prefill, name=f"layers_{i}")(
             carry, positions, segment_ids, None if cache is None else i)
     x, new_kv = carry
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)  # [B, N, D]
 
     x = RMSNorm(c, name="final_norm")(x)
     head = _param(self, "head", _fan_in(0, 1), (c.emb_dim, c.vocab_size),

@@ -6,9 +6,18 @@ row is drawn and fed back inside a `lax.while_loop` until every row has
 emitted EOS or `max_new_tokens` is reached. Each step masks the logits in this
 order: the constraint (if any), temperature, top-k, top-p; temperature 0 is
 greedy. Settings, seed, `max_new_tokens` and the EOS/PAD ids are traced
-values, so changing them never recompiles. Params keep the shardings they
-were restored with (as trained); prompts and outputs split over the mesh's
-batch axes.
+values, so changing them never recompiles. Prompts and outputs split over
+the mesh's batch axes.
+
+Params: before the loop, inside the same jit, the weights are cast once to
+the compute dtype (norm scales stay as stored: the model reads them in fp32)
+and laid out for decoding: replicated over the mesh axes the batch is split
+over (data, fsdp), split over the rest (tensor) as the rules say. So a
+decode step does no all-gather of weights: on a training (fsdp) mesh it would
+otherwise gather every layer's fp32 weights, a whole model moved per token.
+`Sampler(reshard_params=False)` keeps the given layout instead, for a model
+that fits the devices only when sharded over fsdp. The prefill computes
+logits only at each row's last prompt position.
 
 Reproducibility: row b draws step i with the key
 fold_in(fold_in(key(seed), sample_id[b]), i), so a sample depends on its
@@ -177,13 +186,24 @@ def top_p_mask(logits: jax.Array, p) -> jax.Array:
 
 def choose(logits: jax.Array, keys: jax.Array, temperature, top_k,
            top_p) -> jax.Array:
-  """One token per row of fp32 logits [B, V] with per-row keys [B]."""
+  """One token per row of fp32 logits [B, V] with per-row keys [B].
+
+  Keeps top_k_mask & top_p_mask of the scaled logits, computed in sorted
+  order from one sort per row (a decode step's sampling cost on CPU; the
+  masks above need several), and draws there.
+  """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-  keep = top_k_mask(scaled, top_k) & top_p_mask(scaled, top_p)
-  scaled = jnp.where(keep, scaled, -jnp.inf)
-  drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-  return jnp.where(temperature > 0, drawn, greedy)
+  order = jnp.argsort(-scaled, axis=-1, stable=True)  # Ties: lower id first.
+  ranked = jnp.take_along_axis(scaled, order, axis=-1)
+  probs = jax.nn.softmax(ranked, axis=-1)
+  rank = jnp.arange(ranked.shape[-1])
+  keep = (((rank < top_k) | (top_k <= 0))
+          & (((jnp.cumsum(probs, axis=-1) - probs) < top_p) | (top_p >= 1)))
+  at = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked,
+                                                        -jnp.inf))
+  drawn = jnp.take_along_axis(order, at[:, None], axis=-1)[:, 0]
+  return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
 
 
 # -- the jitted loop -----------------------------------------------------------
@@ -201,24 +221,53 @@ class _Loop:
   count: jax.Array         # int32 [B]: constraint counter
 
 
+def decode_shardings(model: llama.Llama, mesh: jax.sharding.Mesh,
+                     rules: Sequence) -> Any:
+  """The params' decode layout: the rules without the batch's mesh axes.
+
+  Replicated over the axes the batch is split over (the decode is data
+  parallel there), split over the others (tensor) as in training.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(model.init, jax.random.key(0),
+                           jnp.zeros((1, 1), jnp.int32))["params"]
+    batch = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  as_tuple = lambda axes: ((axes,) if isinstance(axes, str) else
+                           tuple(axes or ()))
+  batch = as_tuple(batch)
+  decode_rules = tuple(
+      (name, tuple(a for a in as_tuple(axes) if a not in batch) or None)
+      for name, axes in rules)
+  return sharding.logical_shardings(boxed, mesh, decode_rules)
+
+
+def _for_decoding(params, shardings, dtype):
+  """Params cast to the compute dtype (norm scales kept) in `shardings`."""
+  def one(path, x, s):
+    if not jax.tree_util.keystr(path).endswith("['scale']"):
+      x = x.astype(dtype)
+    return jax.lax.with_sharding_constraint(x, s)
+  return jax.tree_util.tree_map_with_path(one, params, shardings)
+
+
 def _generate(params, prompts, lengths, active, sample_ids, states, counts,
               seed, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
               constraint, *, model: llama.Llama, cache_len: int, cache_dtype,
-              trace_counter: list[int]):
+              param_shardings, trace_counter: list[int]):
   """Prefill + decode loop; returns tokens [B, cache_len] (see _Loop)."""
   trace_counter.append(1)  # Runs once per compilation.
   b, p = prompts.shape
+  if param_shardings is not None:  # Once, outside the loop (module doc).
+    params = _for_decoding(params, param_shardings, model.config.dtype)
   apply = functools.partial(model.apply, {"params": params})
   cache = llama.init_cache(model.config, b, cache_len, cache_dtype)
   # No positions: every row from 0, the model's causal prefill fast path.
-  logits, cache = apply(prompts, cache=cache)
-  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
+  last, cache = apply(prompts, cache=cache, logits_at=(lengths - 1)[:, None])
   tokens = jnp.full((b, cache_len), pad_id, jnp.int32)
   tokens = jax.lax.dynamic_update_slice(tokens, prompts, (0, 0))
   tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
   row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
       jax.random.key(seed), sample_ids)
-  rows = jnp.arange(b)
 
   def cond(s: _Loop):
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
@@ -242,7 +291,9 @@ def _generate(params, prompts, lengths, active, sample_ids, states, counts,
                           constraint.counter.advance(state, count, token))
       state = jnp.where(s.done, state, moved)
     new_logits, cache = apply(token[:, None], pos[:, None], cache=s.cache)
-    return _Loop(step=s.step + 1, tokens=s.tokens.at[rows, pos].set(token),
+    # Mapped over the rows: a batch split over the mesh writes its own rows.
+    tokens = jax.vmap(lambda t, i, x: t.at[i].set(x))(s.tokens, pos, token)
+    return _Loop(step=s.step + 1, tokens=tokens,
                  logits=new_logits[:, 0], cache=cache,
                  done=s.done | (token == eos_id), state=state, count=count)
 
@@ -253,18 +304,20 @@ def _generate(params, prompts, lengths, active, sample_ids, states, counts,
 
 @functools.lru_cache(maxsize=16)
 def _loop_for(model: llama.Llama, mesh: jax.sharding.Mesh, rules: tuple,
-              cache_dtype) -> tuple[Any, list[int]]:
+              cache_dtype, reshard_params: bool) -> tuple[Any, list[int]]:
   """The jitted loop and its trace log, shared by equal Samplers.
 
-  A Sampler re-created for the same model, mesh, rules and cache dtype (a
-  notebook cell run again, a second command in one process) reuses the
-  compiled buckets. The rules are part of the key because flax reads them
-  at trace time and jit's own cache does not see them.
+  A Sampler re-created for the same model, mesh, rules, cache dtype and
+  layout choice (a notebook cell run again, a second command in one process)
+  reuses the compiled buckets. The rules are part of the key because flax
+  reads them at trace time and jit's own cache does not see them.
   """
-  del mesh, rules  # Keys only: the caller traces under them.
   traces: list[int] = []
+  shardings = (decode_shardings(model, mesh, rules) if reshard_params
+               else None)
   fn = jax.jit(functools.partial(_generate, model=model,
                                  cache_dtype=cache_dtype,
+                                 param_shardings=shardings,
                                  trace_counter=traces),
                static_argnames=("cache_len",))
   return fn, traces
@@ -286,19 +339,24 @@ class Sample:
 class Sampler:
   """Draws continuations of token prompts with a model on a mesh.
 
-  Params are used where they lie (restore them with the training shardings,
-  see `load`); prompts and outputs are split over the mesh's batch axes by
-  the logical rules. Batches are padded to a power of two (a multiple of the
+  Params may come in any layout (e.g. restored with the training shardings,
+  see `load`); each call lays them out for decoding first (module docstring)
+  unless reshard_params=False. Prompts and outputs are split over the mesh's
+  batch axes by the logical rules. Batches are padded to a power of two (a multiple of the
   data-parallel size); prompts to a power of two >= `min_bucket`; the cache
-  to a power of two >= prompt + max_new_tokens, capped at the model's max_len.
-  Settings, seed, EOS and PAD are traced, so only a new bucket compiles;
+  holds the prompt bucket + max_new_tokens rounded up to a power of two
+  >= `min_bucket`, capped at the model's max_len. So prompts of any length
+  within a bucket share one compilation, and a decode step attends over
+  about what it needs (512 + 128 tokens: 640 slots, not 1,024). Settings,
+  seed, EOS and PAD are traced, so only a new bucket compiles;
   `num_compilations` counts the traces.
   """
 
   def __init__(self, model: llama.Llama, *, eos_id: int, pad_id: int,
                mesh: jax.sharding.Mesh | None = None,
                rules: Sequence = sharding.DEFAULT_RULES,
-               cache_dtype=jnp.bfloat16, min_bucket: int = 64):
+               cache_dtype=jnp.bfloat16, min_bucket: int = 64,
+               reshard_params: bool = True):
     self.model = model
     self.eos_id, self.pad_id = int(eos_id), int(pad_id)
     self.mesh = mesh if mesh is not None else sharding.make_mesh(
@@ -315,7 +373,8 @@ class Sampler:
         () if spec[0] is None else (spec[0],))
     self.batch_multiple = math.prod(self.mesh.shape[a] for a in batch_axes)
     self._jitted, self._traces = _loop_for(model, self.mesh, self.rules,
-                                           self.cache_dtype)
+                                           self.cache_dtype,
+                                           bool(reshard_params))
 
   @property
   def num_compilations(self) -> int:
@@ -339,9 +398,9 @@ class Sampler:
           "training seq_len); lower max_new_tokens or shorten the prompt.")
     b = bucket(num_rows, 1)
     b = -(-b // self.batch_multiple) * self.batch_multiple
-    cache_len = min(bucket(longest_prompt + max_new_tokens, self.min_bucket),
-                    max_len)
-    return b, min(bucket(longest_prompt, self.min_bucket), cache_len), cache_len
+    p = bucket(longest_prompt, self.min_bucket)
+    cache_len = min(p + bucket(max_new_tokens, self.min_bucket), max_len)
+    return b, min(p, cache_len), cache_len
 
   def __call__(self, params, prompts: Sequence[Sequence[int]],
                settings: Settings, *, seed: int = 0,
@@ -354,6 +413,33 @@ class Sampler:
     starts: each row's (constraint state, counter) after its prompt; default
     (constraint.initial_state, 0).
     """
+    args, cache_len, lengths = self._arguments(
+        params, prompts, settings, seed, sample_ids, constraint, starts)
+    with self._context():
+      out = self._jitted(*args, cache_len=cache_len)
+    out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
+    results = []
+    for i, length in enumerate(lengths):
+      new = out[i, length:length + settings.max_new_tokens]
+      stop = np.flatnonzero(new == self.eos_id)
+      ended = bool(len(stop))
+      results.append(Sample(new[:stop[0]] if ended else new, ended,
+                            int(length)))
+    return results
+
+  def lower(self, params, prompts: Sequence[Sequence[int]],
+            settings: Settings, *, constraint: Constraint | None = None,
+            starts: Sequence[tuple[int, int]] | None = None
+            ) -> jax.stages.Lowered:
+    """The jitted loop lowered for this call's bucket (to read its HLO)."""
+    args, cache_len, _ = self._arguments(params, prompts, settings, 0, None,
+                                         constraint, starts)
+    with self._context():
+      return self._jitted.lower(*args, cache_len=cache_len)
+
+  def _arguments(self, params, prompts, settings, seed, sample_ids,
+                 constraint, starts) -> tuple[tuple, int, np.ndarray]:
+    """The jitted loop's arguments, its cache length and the prompt lengths."""
     prompts = [np.asarray(x, np.int32).reshape(-1) for x in prompts]
     if not prompts or any(not len(x) for x in prompts):
       raise ValueError("Sampler needs at least one prompt and no empty one; "
@@ -385,26 +471,16 @@ class Sampler:
     rows = lambda x: np.concatenate([x, np.ones(b - n, x.dtype)])
     put = lambda x, s: jax.make_array_from_callback(
         x.shape, s, lambda idx: x[idx])
-    with self._context():
-      out = self._jitted(
-          params, put(batch, self._batch_sharding),
-          put(rows(lengths), self._row_sharding),
-          put(np.arange(b) < n, self._row_sharding),
-          put(rows(sample_ids.astype(np.uint32)), self._row_sharding),
-          put(np.concatenate([starts[:, 0], np.full(b - n, starts[0, 0],
-                                                    np.int32)]),
-              self._row_sharding),
-          put(rows(starts[:, 1]), self._row_sharding),
-          np.uint32(seed), np.int32(settings.max_new_tokens),
-          np.float32(settings.temperature), np.int32(settings.top_k),
-          np.float32(settings.top_p), np.int32(self.eos_id),
-          np.int32(self.pad_id), constraint, cache_len=cache_len)
-    out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
-    results = []
-    for i, length in enumerate(lengths):
-      new = out[i, length:length + settings.max_new_tokens]
-      stop = np.flatnonzero(new == self.eos_id)
-      ended = bool(len(stop))
-      results.append(Sample(new[:stop[0]] if ended else new, ended,
-                            int(length)))
-    return results
+    args = (params, put(batch, self._batch_sharding),
+            put(rows(lengths), self._row_sharding),
+            put(np.arange(b) < n, self._row_sharding),
+            put(rows(sample_ids.astype(np.uint32)), self._row_sharding),
+            put(np.concatenate([starts[:, 0], np.full(b - n, starts[0, 0],
+                                                      np.int32)]),
+                self._row_sharding),
+            put(rows(starts[:, 1]), self._row_sharding),
+            np.uint32(seed), np.int32(settings.max_new_tokens),
+            np.float32(settings.temperature), np.int32(settings.top_k),
+            np.float32(settings.top_p), np.int32(self.eos_id),
+            np.int32(self.pad_id), constraint)
+    return args, cache_len, lengths
