@@ -93,7 +93,8 @@ def settings_of(sample_cfg, max_new_tokens: int) -> sampler_lib.Settings:
 def sampler_of(sample_cfg, model, tokenizer, mesh, rules) -> sampler_lib.Sampler:
   return sampler_lib.Sampler(model, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                  mesh=mesh, rules=rules, cache_dtype=sample_cfg.cache_dtype,
-                 min_bucket=sample_cfg.min_bucket)
+                 min_bucket=sample_cfg.min_bucket,
+                 reshard_params=sample_cfg.reshard_params)
 
 
 def grammar_of(constrained: bool, codec, tokenizer):
