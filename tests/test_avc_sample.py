@@ -88,8 +88,13 @@ def test_sample_command_writes_videos_and_reports(workdir, tmp_path):
   data = open(out / "clip_r20_0.h264", "rb").read()
   frames = codec.decode(data)[0]
   np.testing.assert_array_equal(frames[:3], prompt_frames)
+  played = []
   with av.open(str(out / "clip_r20_0.mp4")) as container:
-    played = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    for packet in container.demux(video=0):
+      try:  # A player skips a damaged access unit, as codec.decode does.
+        played += [f.to_ndarray(format="rgb24") for f in packet.decode()]
+      except av.error.InvalidDataError:
+        pass
   assert len(played) == info["report"]["frames_decoded"]
   np.testing.assert_array_equal(played[0], prompt_frames[0])
   grid = np.asarray(Image.open(out / "clip_grid.png"))
