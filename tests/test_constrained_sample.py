@@ -5,17 +5,12 @@ import dataclasses
 import functools
 
 import numpy as np
-import pytest
 
 from codeclm.model import llama
 from codeclm.sampling import files
 from codeclm.sampling import sampler as sampler_lib
 from codeclm.sampling import workdir as workdir_lib
 from tests import test_sample
-
-# One worker builds and reuses the shared tiny workdir (and its fixtures)
-# under `pytest -n 2 --dist loadgroup`.
-pytestmark = pytest.mark.xdist_group("tiny_workdir")
 
 # The tiny checkpoint trains windows of 256 tokens; a barely trained model
 # writes long MCUs, so its samples get 1,024 (RoPE has no learned length).

@@ -22,10 +22,6 @@ from codeclm.data.sources import DataError
 from tests import test_sample
 from tests import tiny_config
 
-# One worker builds and reuses the shared tiny workdir (and its fixtures)
-# under `pytest -n 2 --dist loadgroup`.
-pytestmark = pytest.mark.xdist_group("tiny_workdir")
-
 N, SEEDS, RATIOS = 16, (0, 1), (0.25, 0.5)
 
 

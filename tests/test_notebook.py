@@ -10,10 +10,6 @@ import pytest
 
 from tests import test_sample
 
-# One worker builds and reuses the shared tiny workdir (and its fixtures)
-# under `pytest -n 2 --dist loadgroup`.
-pytestmark = pytest.mark.xdist_group("tiny_workdir")
-
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 

@@ -28,10 +28,6 @@ from codeclm.sampling import sampler as sampler_lib
 from codeclm.sampling import tensorboard
 from codeclm.sampling import workdir as workdir_lib
 
-# One worker builds and reuses the shared tiny workdir (and its fixtures)
-# under `pytest -n 2 --dist loadgroup`.
-pytestmark = pytest.mark.xdist_group("tiny_workdir")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
 EOS, PAD = 299, 0
