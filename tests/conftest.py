@@ -95,3 +95,13 @@ def gcs_env(gcs, monkeypatch):
   gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   yield gcs
   gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """The tiny config's data (tests/tiny_config.py), prepared once per module."""
+  from codeclm.data import prepare  # pylint: disable=g-import-not-at-top
+  from tests import tiny_config  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("data"))
+  prepare.run(tiny_config.get_config(), path, progress=False)
+  return path

@@ -20,7 +20,6 @@ from codeclm.sampling import workdir as workdir_lib
 from codeclm import train
 from codeclm.codecs import jpeg
 from codeclm.data import loader
-from codeclm.data import prepare
 from codeclm.tokenizer import ByteBPE
 from tests import tiny_config
 
@@ -43,13 +42,6 @@ def tiny(data_dir, **train_overrides):
 
 def run(config, workdir) -> dict:
   return train.train(config, str(workdir), devices=jax.devices()[:1])
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("data"))
-  prepare.run(tiny_config.get_config(), path, progress=False)
-  return path
 
 
 @pytest.fixture(scope="module")

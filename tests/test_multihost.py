@@ -25,18 +25,10 @@ import numpy as np
 import pytest
 
 from codeclm import train
-from codeclm.data import prepare
 from tests import multihost
 from tests import tiny_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("data"))
-  prepare.run(tiny_config.get_config(), path, progress=False)
-  return path
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 from codeclm import checkpoint
 from codeclm import storage
 from codeclm import train
-from codeclm.data import prepare
 from codeclm.model import sharding
 from tests import tiny_config
 
@@ -37,13 +36,6 @@ def read_scalars(workdir: str, tag: str, last_run_only: bool = False
         if value.tag == tag:
           out[event.step] = float(tf.make_ndarray(value.tensor))
   return out
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("data"))
-  prepare.run(tiny_config.get_config(), path, progress=False)
-  return path
 
 
 def tiny(data_dir, **train_overrides):
