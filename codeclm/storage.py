@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -31,6 +32,7 @@ from absl import logging
 from etils import epath
 
 PathLike = str | os.PathLike
+_COPY_CHUNK = 16 << 20  # Bytes per read when streaming a file between stores.
 _MIRROR_SYNC_S = 60  # Events reach a remote workdir at most this late.
 
 
@@ -125,8 +127,33 @@ def upload(local: PathLike, dst: PathLike) -> None:
   """Copies a local folder's files to `dst` (any store), keeping the tree."""
   dst = path(dst)
   for rel, f in files(local):
-    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-    (dst / rel).write_bytes(f.read_bytes())  # Across backends.
+    upload_file(f, dst / rel)
+
+
+def upload_file(local: PathLike, dst: PathLike) -> None:
+  """Streams a local file to `dst` (any store); makes the parent folder.
+
+  On an object store the object appears only once the upload is complete.
+  """
+  dst = path(dst)
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  with open(local, "rb") as src, dst.open("wb") as out:  # Across backends.
+    shutil.copyfileobj(src, out, _COPY_CHUNK)
+
+
+@contextlib.contextmanager
+def local_file(p: PathLike) -> Iterator[str]:
+  """A local path to the file `p`, for libraries that read local files only:
+  `p` itself, or for a remote `p` a temporary copy removed on exit."""
+  p = path(p)
+  if not is_remote(p):
+    yield os.fspath(p)
+    return
+  with tempfile.TemporaryDirectory(prefix="codeclm_fetch_") as tmp:
+    local = os.path.join(tmp, p.name)
+    with p.open("rb") as src, open(local, "wb") as out:
+      shutil.copyfileobj(src, out, _COPY_CHUNK)
+    yield local
 
 
 def check_writable(workdir: PathLike) -> epath.Path:

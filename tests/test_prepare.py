@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from array_record.python import array_record_module
@@ -111,6 +112,34 @@ def test_two_processes_make_the_same_data_as_one(tmp_path):
       os.path.join(two, "tokenizer.json"), "rb") as b:
     assert a.read() == b.read()  # Seeded sample: the same BPE.
   assert prepare.merge(config, two) == manifest  # Idempotent.
+
+
+def test_prepare_into_a_bucket_uploads_what_a_local_prepare_writes(
+    gcs_env, tmp_path, monkeypatch, capsys):
+  """ArrayRecord writes local files only: for gs:// each shard is written to
+  a local temporary file, uploaded and deleted. The bucket then holds, byte
+  for byte, what a local prepare writes, and nothing else."""
+  config = make_config(num_examples=21, eval_examples=3, examples_per_shard=4)
+  local = str(tmp_path / "local")
+  manifest = prepare.run(config, local, process_index=0, process_count=1,
+                         progress=False)
+  staging = tmp_path / "tmp"
+  staging.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(staging))
+  bucket = storage.path(f"gs://test-bucket/prepared-{os.getpid()}")
+  assert prepare.run(config, os.fspath(bucket), process_index=0,
+                     process_count=1) == manifest
+  assert "uploaded=6/6" in capsys.readouterr().err  # The progress bar.
+  assert not list(staging.iterdir())  # Temporary files deleted.
+  assert sorted(p.name for p in bucket.iterdir()) == sorted(os.listdir(local))
+  for name in os.listdir(local):
+    with open(os.path.join(local, name), "rb") as f:
+      assert (bucket / name).read_bytes() == f.read(), name
+  for name, records in all_records(local).items():  # Through a local copy.
+    with storage.local_file(bucket / name) as copy:
+      assert read_records(copy) == records
+  assert prepare.run(config, os.fspath(bucket), process_index=0,
+                     process_count=1, progress=False) == manifest  # Resumes.
 
 
 _SLOW_PREPARE = """

@@ -19,9 +19,8 @@ _LOCAL_ONLY = re.compile(
     r"(os\.path\.\w+|\bopen|os\.(makedirs|listdir|rename|replace|remove|"
     r"scandir|walk|stat)|shutil\.\w+)\([^#\n]*\b(workdir|out_dir|ckpt_dir|"
     r"step_dir|logdir|directory)\b")
-# storage.py is where local paths become absolute; prepare.py's out_dir is
-# the ArrayRecord data dir, local by contract (prepare.require_local).
-_EXEMPT = ("codeclm/storage.py", "codeclm/data/prepare.py")
+# storage.py is where local paths become absolute.
+_EXEMPT = ("codeclm/storage.py",)
 
 
 def test_no_local_path_calls_on_workdir_paths():

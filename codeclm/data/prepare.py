@@ -1,6 +1,6 @@
 """Prepare: a source -> ArrayRecord shards of codec bytes, a manifest, a BPE.
 
-What `run` leaves in `out_dir`:
+What `run` leaves in `out_dir`, a local folder or any epath store (gs://):
 
   plan.json                  what is being prepared; a rerun must match it
   eval-00000-of-00001.array_record, train-00000-of-00009.array_record, ...
@@ -39,6 +39,14 @@ written to a temporary name and renamed when complete, then its metadata
 file is renamed into place, so a killed run never leaves a shard that looks
 finished.
 
+Object stores: the ArrayRecord library writes and reads local files only
+(google/array_record#120), so for a remote `out_dir` each shard is written
+to a local temporary file, uploaded (the object appears only when complete)
+and deleted, one shard at a time; the JSON files go through codeclm.storage.
+The BPE sample is read from temporary local copies of the training shards
+that hold it. Training reads the shards from a local path or a gcsfuse
+mount of the bucket (`require_local`).
+
 Damaged or unreadable inputs are skipped, counted and listed (with the
 reason) in the shard metadata and the manifest; they are never fatal.
 """
@@ -54,11 +62,14 @@ import json
 import multiprocessing
 import os
 import pickle
+import shutil
+import tempfile
 import time
 from typing import Iterator
 
 from absl import logging
 from array_record.python import array_record_module
+from etils import epath
 import numpy as np
 import tqdm
 
@@ -121,7 +132,7 @@ def resolve_process(process_index, process_count) -> tuple[int, int]:
   return process_index, process_count
 
 
-def run(config, out_dir: str, *, process_index: int | None = None,
+def run(config, out_dir: storage.PathLike, *, process_index: int | None = None,
         process_count: int | None = None, progress: bool = True,
         wait: bool = True) -> dict:
   """Encodes this process's shards; returns the manifest once all are done.
@@ -130,7 +141,7 @@ def run(config, out_dir: str, *, process_index: int | None = None,
   is not the last to finish returns a partial summary ({"complete": False,
   ...}) instead of waiting for its peers.
   """
-  require_local(out_dir)
+  out = storage.path(out_dir)
   process_index, process_count = resolve_process(process_index, process_count)
   data = config.data
   if data.examples_per_shard <= 0:
@@ -145,52 +156,56 @@ def run(config, out_dir: str, *, process_index: int | None = None,
         f"data: the source {data.source!r} has {n} examples. Lower it or add "
         "examples (config.data.num_examples).")
   shards = plan_shards(n, data.eval_examples, data.examples_per_shard)
-  os.makedirs(out_dir, exist_ok=True)
-  _check_plan(out_dir, _plan(config, codec, source, shards))
+  out.mkdir(parents=True, exist_ok=True)
+  _check_plan(out, _plan(config, codec, source, shards))
 
   mine = [s for j, s in enumerate(shards) if j % process_count == process_index]
-  todo = [s for s in mine if not _finished(out_dir, s)]
+  todo = [s for s in mine if not _finished(out, s)]
   if len(todo) < len(mine):
     logging.info("Process %d: %d of its %d shards already finished.",
                  process_index, len(mine) - len(todo), len(mine))
   workers = data.prepare_workers or os.cpu_count() or 1
-  _encode_shards(out_dir, todo, source, config.codec, workers, progress,
+  if todo and storage.is_remote(out):
+    logging.info("Each shard is written to %s, uploaded to %s and deleted.",
+                 tempfile.gettempdir(), out)
+  _encode_shards(out, todo, source, config.codec, workers, progress,
                  desc=f"prepare {process_index}/{process_count}")
 
-  if all(_finished(out_dir, s) for s in shards):
-    manifest_path = os.path.join(out_dir, MANIFEST)
-    if not todo and os.path.exists(manifest_path):  # A rerun of finished work.
+  if all(_finished(out, s) for s in shards):
+    manifest_path = out / MANIFEST
+    if not todo and manifest_path.exists():  # A rerun of finished work.
       manifest = storage.read_json(manifest_path)
       if manifest["tokenizer_settings"] == _tokenizer_settings(config):
         return manifest
-    return merge(config, out_dir)
+    return merge(config, out)
   if not wait:
-    metas = [storage.read_json(os.path.join(out_dir, s.meta)) for s in mine]
+    metas = [storage.read_json(out / s.meta) for s in mine]
     return dict(complete=False, process_index=process_index,
                 counts=_counts(metas))
   logging.info("Process %d done; waiting for the others to write %s.",
                process_index, MANIFEST)
-  while not os.path.exists(os.path.join(out_dir, MANIFEST)):
+  while not (out / MANIFEST).exists():
     time.sleep(5)
-  return load_manifest(out_dir)
+  return storage.read_json(out / MANIFEST)
 
 
-def merge(config, out_dir: str) -> dict:
+def merge(config, out_dir: storage.PathLike) -> dict:
   """Trains (or copies) the tokenizer and writes manifest.json; returns it.
 
   Needs every shard finished (by any number of processes); safe to call
   again. The manifest holds no timestamps, so it is the same on every call.
   """
-  plan = storage.read_json(os.path.join(out_dir, PLAN))
+  out = storage.path(out_dir)
+  plan = storage.read_json(out / PLAN)
   shards = [Shard(**s) for s in plan["shards"]]
-  missing = [s.name for s in shards if not _finished(out_dir, s)]
+  missing = [s.name for s in shards if not _finished(out, s)]
   if missing:
     raise DataError(
         f"{len(missing)} shards in {out_dir} are not finished (first: "
         f"{missing[:3]}); run prepare again (it resumes), with every process.")
-  metas = [storage.read_json(os.path.join(out_dir, s.meta)) for s in shards]
+  metas = [storage.read_json(out / s.meta) for s in shards]
   lengths = np.array([x for m in metas for x in m["lengths"]], np.int64)
-  _write_tokenizer(config, out_dir, shards, metas)
+  _write_tokenizer(config, out, shards, metas)
   manifest = dict(
       format=1,
       source=plan["source"],
@@ -210,7 +225,7 @@ def merge(config, out_dir: str) -> dict:
       tokenizer=TOKENIZER,
       tokenizer_settings=_tokenizer_settings(config),
   )
-  storage.write_json(os.path.join(out_dir, MANIFEST), manifest)
+  storage.write_json(out / MANIFEST, manifest)
   return manifest
 
 
@@ -316,18 +331,19 @@ def _results(indices: list[int], source, codec_config,
           "in this process.") from e
 
 
-def _encode_shards(out_dir, shards, source, codec_config, workers, progress,
-                   desc) -> None:
+def _encode_shards(out: epath.Path, shards, source, codec_config, workers,
+                   progress, desc) -> None:
   indices = [i for s in shards for i in range(s.start, s.stop)]
   if not indices:
     return
   results = _results(indices, source, codec_config, workers)
-  written = skipped = 0
+  written = skipped = done = 0
+  remote = storage.is_remote(out)
   with contextlib.closing(results), tqdm.tqdm(
       total=len(indices), desc=desc, unit="img", smoothing=0.1,
       disable=not progress) as bar:
     for shard in shards:
-      with _ShardWriter(out_dir, shard) as writer:
+      with _ShardWriter(out, shard) as writer:
         for _ in range(shard.start, shard.stop):
           result = next(results)
           writer.add(result)
@@ -341,21 +357,33 @@ def _encode_shards(out_dir, shards, source, codec_config, workers, progress,
                   "and config.codec.")
           else:
             written += 1
+        if remote:
+          bar.set_postfix_str(f"uploading {shard.path}")
         writer.commit()
-      bar.set_postfix(skipped=skipped, refresh=False)
+      done += 1
+      bar.set_postfix(skipped=skipped, refresh=remote, **(
+          {"uploaded": f"{done}/{len(shards)}"} if remote else {}))
 
 
 class _ShardWriter:
-  """Writes one shard under a temporary name; `commit` makes it final."""
+  """Writes one shard under a temporary name; `commit` makes it final.
 
-  def __init__(self, out_dir: str, shard: Shard):
+  Locally the temporary file sits beside the shard and is renamed; for a
+  remote `out` it is a local temporary file, uploaded then deleted.
+  """
+
+  def __init__(self, out: epath.Path, shard: Shard):
     self.shard = shard
-    self.path = os.path.join(out_dir, shard.path)
-    self.meta_path = os.path.join(out_dir, shard.meta)
-    self.tmp = self.path + ".tmp"
-    for stale in (self.meta_path, self.tmp):
-      if os.path.exists(stale):  # Left by a killed run.
-        os.remove(stale)
+    self.path = out / shard.path
+    self.meta_path = out / shard.meta
+    self.stage = (tempfile.mkdtemp(prefix="codeclm_prepare_")
+                  if storage.is_remote(out) else None)
+    self.tmp = (os.path.join(self.stage, shard.path) if self.stage else
+                os.fspath(self.path) + ".tmp")
+    if self.meta_path.exists():  # Left by a killed run.
+      self.meta_path.unlink()
+    if os.path.exists(self.tmp):
+      os.remove(self.tmp)
     self.writer = array_record_module.ArrayRecordWriter(self.tmp,
                                                         WRITER_OPTIONS)
     self.meta = dict(indices=[], keys=[], labels=[], lengths=[], skipped=[])
@@ -366,8 +394,10 @@ class _ShardWriter:
   def __exit__(self, *exc):
     if self.writer is not None:  # Not committed: leave nothing final behind.
       self.writer.close()
-      if os.path.exists(self.tmp):
-        os.remove(self.tmp)
+    if os.path.exists(self.tmp):
+      os.remove(self.tmp)
+    if self.stage:
+      shutil.rmtree(self.stage, ignore_errors=True)
 
   def add(self, result: _Result) -> None:
     if result.payload is None:
@@ -383,13 +413,15 @@ class _ShardWriter:
   def commit(self) -> None:
     self.writer.close()
     self.writer = None
-    os.replace(self.tmp, self.path)
+    if self.stage:
+      storage.upload_file(self.tmp, self.path)
+    else:
+      os.replace(self.tmp, self.path)
     storage.write_json(self.meta_path, self.meta)  # Marks the shard finished.
 
 
-def _finished(out_dir: str, shard: Shard) -> bool:
-  return (os.path.exists(os.path.join(out_dir, shard.meta)) and
-          os.path.exists(os.path.join(out_dir, shard.path)))
+def _finished(out: epath.Path, shard: Shard) -> bool:
+  return (out / shard.meta).exists() and (out / shard.path).exists()
 
 
 # -- plan, manifest, tokenizer -------------------------------------------------
@@ -408,16 +440,16 @@ def _plan(config, codec, source, shards: list[Shard]) -> dict:
   )
 
 
-def _check_plan(out_dir: str, plan: dict) -> None:
+def _check_plan(out: epath.Path, plan: dict) -> None:
   """Writes plan.json, or checks that an earlier run prepared the same thing."""
-  path = os.path.join(out_dir, PLAN)
-  if os.path.exists(path):
+  path = out / PLAN
+  if path.exists():
     old = storage.read_json(path)
     if old != json.loads(json.dumps(plan)):
       diff = sorted(k for k in plan if old.get(k) != json.loads(json.dumps(
           plan[k])))
       raise DataError(
-          f"{out_dir} holds data prepared with different settings ({diff}). "
+          f"{out} holds data prepared with different settings ({diff}). "
           "Use another output directory, delete this one, or restore the "
           "config it was prepared with.")
     return
@@ -430,25 +462,25 @@ def _tokenizer_settings(config) -> dict:
               examples=d.tokenizer_examples, seed=config.seed)
 
 
-def _write_tokenizer(config, out_dir: str, shards: list[Shard],
+def _write_tokenizer(config, out: epath.Path, shards: list[Shard],
                      metas: list[dict]) -> None:
   """Copies config.data.tokenizer in, or trains a BPE on a seeded sample."""
   from codeclm.tokenizer import ByteBPE  # pylint: disable=g-import-not-at-top
-  dest = os.path.join(out_dir, TOKENIZER)
+  dest = out / TOKENIZER
   if config.data.tokenizer:
     if not os.path.isfile(config.data.tokenizer):
       raise DataError(
           f"config.data.tokenizer={config.data.tokenizer!r} does not exist; "
           "point it at a tokenizer.json or set it to '' to train one.")
     ByteBPE.load(config.data.tokenizer)  # Fails early on a bad file.
-    if os.path.abspath(config.data.tokenizer) != os.path.abspath(dest):
+    if storage.path(config.data.tokenizer) != dest:
       storage.write_bytes(dest, storage.path(config.data.tokenizer)
                           .read_bytes())
     return
   train = [(s, m) for s, m in zip(shards, metas) if s.split == "train"]
   total = sum(len(m["lengths"]) for _, m in train)
   if not total:
-    raise DataError(f"No training examples were written to {out_dir} (all "
+    raise DataError(f"No training examples were written to {out} (all "
                     "skipped?); see the skipped list in the shard .json files.")
   rng = np.random.default_rng(config.seed)
   take = min(config.data.tokenizer_examples, total)
@@ -462,12 +494,12 @@ def _write_tokenizer(config, out_dir: str, shards: list[Shard],
       offset += count
       if not len(mine):
         continue
-      reader = array_record_module.ArrayRecordReader(
-          os.path.join(out_dir, shard.path))
-      try:
-        yield from reader.read(mine.tolist())
-      finally:
-        reader.close()
+      with storage.local_file(out / shard.path) as local:
+        reader = array_record_module.ArrayRecordReader(local)
+        try:
+          yield from reader.read(mine.tolist())
+        finally:
+          reader.close()
 
   tokenizer = ByteBPE.train(sample(), vocab_size=config.data.vocab_size)
   storage.write_text(dest, tokenizer.to_json())
