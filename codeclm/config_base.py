@@ -146,6 +146,10 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       # False keeps the trained layout, for a model that fits the devices
       # only sharded (7B in bf16 replicated is 13.5 GB per device).
       reshard_params=True,
+      # Scanned layers split and run unrolled while sampling: XLA (on CPU)
+      # copies a scanned layer's weights before each matmul, every token.
+      # False: one layer body to compile (faster compiles, slower decode).
+      unroll_layers=True,
       tb_every=50 if size == "demo" else 0,  # TensorBoard samples; 0 = off
       tb_samples=4,               # unconditional samples in the TB grid
       tb_images=2,                # held-out images completed in the TB grid

@@ -191,6 +191,28 @@ def test_top_k_one_equals_greedy():
       np.testing.assert_array_equal(g.tokens, w.tokens)
 
 
+def test_unrolled_layers_draw_what_the_scan_draws():
+  """The sampler splits the scanned layers and unrolls them (module doc):
+  the same tokens as the scan, greedy and sampled, and no layer loop left
+  (a scan is one while per forward pass, prefill and decode; the rest are
+  the decode loop and the sampling's own)."""
+  model, params = model_and_params()
+  settings = sampler_lib.Settings(temperature=1.0, top_k=40,
+                                  max_new_tokens=32)
+  whiles, drawn = {}, {}
+  for unroll in (False, True):
+    s = sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD,
+                            cache_dtype="float32", unroll_layers=unroll)
+    whiles[unroll] = s.lower(params, PROMPTS, GREEDY).as_text().count(
+        "stablehlo.while")
+    drawn[unroll] = [[g.tokens for g in s(params, PROMPTS, x, seed=3)]
+                     for x in (GREEDY, settings)]
+  assert whiles[False] - whiles[True] == 2, whiles
+  for scanned, unrolled in zip(drawn[False], drawn[True]):
+    for a, b in zip(scanned, unrolled):
+      np.testing.assert_array_equal(a, b)
+
+
 def test_seeded_and_independent_of_the_batch():
   settings = sampler_lib.Settings(temperature=1.0, top_k=40, top_p=0.9,
                              max_new_tokens=32)

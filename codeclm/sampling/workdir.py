@@ -94,7 +94,8 @@ def sampler_of(sample_cfg, model, tokenizer, mesh, rules) -> sampler_lib.Sampler
   return sampler_lib.Sampler(model, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                  mesh=mesh, rules=rules, cache_dtype=sample_cfg.cache_dtype,
                  min_bucket=sample_cfg.min_bucket,
-                 reshard_params=sample_cfg.reshard_params)
+                 reshard_params=sample_cfg.reshard_params,
+                 unroll_layers=sample_cfg.unroll_layers)
 
 
 def grammar_of(constrained: bool, codec, tokenizer):
