@@ -49,6 +49,27 @@ def pytest_sessionfinish(session):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+# CI runs whole modules per worker (`--dist loadfile`), so each module's
+# fixtures (trained workdirs, multi-process chains, eval shards) are built
+# once, not once per worker that draws one of its tests. With
+# `--no-loadscope-reorder` modules start in collection order; these, the
+# longest in CI (--durations), go first, so the two workers end close
+# together (longest-processing-time-first). Others keep pytest's order. A
+# stale ranking costs only time.
+_LONGEST_FIRST = (
+    "test_readme.py", "test_train.py", "test_multihost.py",
+    "test_evaluate.py", "test_compile.py", "test_sample.py",
+    "test_notebook.py", "test_constrained_sample.py", "test_avc_sample.py",
+    "test_hf_io.py", "test_llama.py", "test_checkpoint.py",
+    "test_attention.py", "test_optimizer.py", "test_jpeg_grammar.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def gcs():
   """A Google Cloud Storage API on localhost with the bucket `test-bucket`.
