@@ -363,6 +363,7 @@ def _evaluate_slice(config, loaded: workdir_lib.Loaded, extractor, source,
   slots = slots_of(ec.ratios, ec.unconditional)
   sampler = workdir_lib.sampler_of(config.sample, loaded.model, tokenizer,
                                    loaded.mesh, loaded.rules)
+  sampler.check_split()  # Each process samples its own slice.
   grammar = workdir_lib.grammar_of(config.sample.constrained, codec,
                                      tokenizer)
   max_len = loaded.model.config.max_len

@@ -190,6 +190,7 @@ def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                          "samples" / f"step_{loaded.step}")
   sampler = workdir_lib.sampler_of(sample_cfg, loaded.model, loaded.tokenizer,
                        loaded.mesh, loaded.rules)
+  sampler.check_split()  # Each process draws its own share.
   max_new = sample_cfg.max_new_tokens or loaded.model.config.max_len
   settings = workdir_lib.settings_of(sample_cfg, max_new)
   grammar = workdir_lib.grammar_of(sample_cfg.constrained, loaded.codec,

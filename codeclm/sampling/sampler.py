@@ -403,20 +403,12 @@ class Sampler:
     return len(self._traces)
 
   def rows(self, batch: int) -> list[int]:
-    """The rows of a `batch`-row global batch this process's devices hold."""
-    owners: dict[int, set[int]] = {}
-    for device, index in self._row_sharding.devices_indices_map(
-        (batch,)).items():
-      for r in range(*index[0].indices(batch)):
-        owners.setdefault(r, set()).add(device.process_index)
-    shared = [r for r, who in owners.items() if len(who) > 1]
-    if shared:
-      raise ValueError(
-          f"Rows {shared[:8]} of the sampler's batch sit on devices of "
-          f"several processes ({sorted(owners[shared[0]])}): a mesh axis the "
-          "batch is not split over (tensor) spans hosts. Sample with a mesh "
-          "whose tensor axis stays within a host (sample.mesh_shape / "
-          "eval.mesh_shape).")
+    """The rows of a `batch`-row global batch this process's devices hold.
+
+    Processes that hold the same rows (a tensor axis across hosts) must pass
+    the same prompts; `check_split` refuses such a mesh where they do not.
+    """
+    owners = self._owners(batch)
     mine = sorted(r for r, who in owners.items()
                   if jax.process_index() in who)
     if not mine:
@@ -425,6 +417,27 @@ class Sampler:
           f"process {jax.process_index()}; under jax.distributed give a mesh "
           "over every process's devices (a mesh_shape with -1).")
     return mine
+
+  def _owners(self, batch: int) -> dict[int, set[int]]:
+    owners: dict[int, set[int]] = {}
+    for device, index in self._row_sharding.devices_indices_map(
+        (batch,)).items():
+      for r in range(*index[0].indices(batch)):
+        owners.setdefault(r, set()).add(device.process_index)
+    return owners
+
+  def check_split(self) -> None:
+    """Raises unless each row sits on one process's devices, as processes
+    that each pass their own share of the requests need (see `share`)."""
+    owners = self._owners(self.batch_multiple)
+    shared = [r for r, who in owners.items() if len(who) > 1]
+    if shared:
+      raise ValueError(
+          f"Rows {shared[:8]} of the sampler's batch sit on devices of "
+          f"processes {sorted(owners[shared[0]])}: a mesh axis the batch is "
+          f"not split over (tensor) spans hosts in {dict(self.mesh.shape)}. "
+          "Sample with a mesh whose tensor axis stays within a host "
+          "(sample.mesh_shape / eval.mesh_shape).")
 
   def chunks(self, num_rows: int, batch_size: int) -> list[slice]:
     """This process's `num_rows` in sampler calls of `batch_size` rows in all.
