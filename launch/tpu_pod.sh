@@ -15,9 +15,10 @@
 # package installed: `pip install -e '.[tpu]'`). JAX finds the coordinator
 # itself on TPU pods. STEPS picks the stages (default: all four); the compile
 # check runs here (no TPU needed; the [tpu] extra) and stops the script if a
-# step does not fit, before the pod spends time. Eval runs one job per host
-# (eval.process_index/count), each on its own slice of the references; the
-# last to finish merges.
+# step does not fit, before the pod spends time. Eval is one jax.distributed
+# job over every host, like training (so a model sharded over hosts can be
+# scored): process i samples and writes slice i of the references, process 0
+# merges into <workdir>/eval/step_<step>/results.json.
 set -euo pipefail
 tpu=$1 zone=$2 config=$3 workdir=$4 data_dir=$5
 shift 5
@@ -44,11 +45,5 @@ if [[ " $steps " == *" train "* ]]; then
   on_workers all "--config.distributed.initialize=True"
 fi
 if [[ " $steps " == *" eval "* ]]; then
-  hosts=$(gcloud compute tpus tpu-vm describe "$tpu" --zone="$zone" \
-    --format='value(networkEndpoints.ipAddress)' | tr ';' '\n' | grep -c .)
-  for ((i = 0; i < hosts; i++)); do
-    on_workers "$i" "--mode=eval --config.eval.process_index=$i \
-      --config.eval.process_count=$hosts" &
-  done
-  wait
+  on_workers all "--mode=eval --config.distributed.initialize=True"
 fi

@@ -23,7 +23,8 @@ def free_port() -> int:
 
 def start(n: int, workdir, flags, devices_per_process: int = 4,
           config: str = "tests/tiny_config.py") -> list[subprocess.Popen]:
-  """Launches n processes of `codeclm.main --mode=train`; stderr is piped."""
+  """Launches n processes of `codeclm.main` (train, unless `flags` give
+  --mode=); stderr is piped."""
   address = f"localhost:{free_port()}"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              PYTHONUNBUFFERED="1",

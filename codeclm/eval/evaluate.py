@@ -42,13 +42,24 @@ with M = config.sample.max_new_tokens, or when 0, max_len - ceil(ratio *
 max_len) (uncond: max_len - 1); rows sharing a budget are batched together,
 so the budget of a row never depends on its batch.
 
-Slices are independent JAX jobs (one per host or GPU), each with its own
-mesh (eval.mesh_shape); a multi-controller run (jax.distributed) is refused,
-since the sampler would then be one collective over every host.
+Two ways to run the slices, with the same numbers:
+- One jax.distributed job (config.distributed.initialize=True; a model
+  sharded over hosts needs it): process p of n writes slice p of n. The
+  sampler is one collective over every host: each process feeds its own
+  references into the global batch and keeps its own rows. The processes
+  all sample or all skip (a rerun redoes every slice unless all are done);
+  process 0 merges once all have written, so out_dir must be shared
+  (gs://, NFS).
+- Independent JAX jobs (one per host or GPU, no jax.distributed), each with
+  its own mesh (eval.mesh_shape) and eval.process_index/process_count.
 
   # Demo: the synthetic held-out images of a CPU demo run.
   python -m codeclm.main --config=configs/jpeg_lm.py:demo \
       --workdir=/tmp/jpeg_demo --mode=eval \
+      --config.eval.inception_weights=fid_inception.npz
+  # One job over every host of a pod (launch/tpu_pod.sh runs this on each):
+  python -m codeclm.main --config=configs/jpeg_lm.py:1b --workdir=gs://b/run \
+      --mode=eval --config.distributed.initialize=True \
       --config.eval.inception_weights=fid_inception.npz
   # ImageNet (5,000 validation images), 8 hosts: one job per host, then
   # (if no job found all slices) a merge.
@@ -80,6 +91,7 @@ from typing import Any, Callable, Sequence
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -145,7 +157,8 @@ def sample_ids(slot: Slot, indices: Sequence[int]) -> np.ndarray:
 
 def slice_bounds(num_examples: int, index: int, count: int) -> tuple[int, int]:
   """Process `index` of `count` takes the contiguous indices [lo, hi)."""
-  return index * num_examples // count, (index + 1) * num_examples // count
+  mine = sampler_lib.share(num_examples, index, count)
+  return mine.start, mine.stop
 
 
 def slice_name(index: int, count: int) -> str:
@@ -282,9 +295,14 @@ def complete(sampler: sampler_lib.Sampler, params, tokenizer, codec,
         "alone (results.json: no_room_fraction). Use smaller ratios or a "
         "longer seq_len.", full, len(prompts), max_len)
     progress(full)
-  for budget, rows in sorted(groups.items(), reverse=True):
-    for start in range(0, len(rows), batch_size):
-      chunk = rows[start:start + batch_size]
+  # The budgets of every process (sampler calls are collective under
+  # jax.distributed): each process joins each group's calls, rows or not.
+  counts = np.bincount(list(groups), minlength=max_len + 1)
+  every = sampler_lib.gather_ints(counts).sum(axis=0)
+  for budget in np.flatnonzero(every)[::-1].tolist():
+    rows = groups.get(budget, [])
+    for part in sampler.chunks(len(rows), batch_size):
+      chunk = rows[part]
       extra = grammar.sampler_args([prompts[r] for r in chunk]) if (
           grammar) else {}
       drawn = sampler(params, [tokens[r] for r in chunk],
@@ -345,6 +363,7 @@ def _evaluate_slice(config, loaded: workdir_lib.Loaded, extractor, source,
   slots = slots_of(ec.ratios, ec.unconditional)
   sampler = workdir_lib.sampler_of(config.sample, loaded.model, tokenizer,
                                    loaded.mesh, loaded.rules)
+  sampler.check_split()  # Each process samples its own slice.
   grammar = workdir_lib.grammar_of(config.sample.constrained, codec,
                                      tokenizer)
   max_len = loaded.model.config.max_len
@@ -596,15 +615,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """
   from codeclm import codecs  # pylint: disable=g-import-not-at-top
   ec = config.eval
-  if jax.process_count() > 1:
-    raise RuntimeError(
-        "evaluate runs one JAX process per slice, but this is a "
-        f"{jax.process_count()}-process jax.distributed run. Start one job "
-        "per host without it (config.distributed.initialize=False) and set "
-        "eval.process_index and eval.process_count.")
+  distributed = jax.process_count() > 1
   p, count = prepare.resolve_process(
       None if ec.process_index < 0 else ec.process_index,
       None if ec.process_count <= 0 else ec.process_count)
+  if distributed and (p, count) != (jax.process_index(),
+                                    jax.process_count()):
+    raise ValueError(
+        f"eval.process_index={ec.process_index} and eval.process_count="
+        f"{ec.process_count} name separate jobs, but this is a "
+        f"{jax.process_count()}-process jax.distributed run, whose process i "
+        "writes slice i itself: leave them unset (-1 and 0).")
+  if distributed and ec.num_examples < count:
+    raise ValueError(f"eval.num_examples={ec.num_examples} is fewer than the "
+                     f"{count} processes; each needs one reference at least.")
   if ec.num_examples < 2 or not ec.seeds or ec.batch_size < 1:
     raise ValueError(f"eval.num_examples={ec.num_examples} (need >= 2), "
                      f"eval.seeds={ec.seeds} (need one), eval.batch_size="
@@ -628,7 +652,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
                        constrained=bool(config.sample.constrained))
   name = slice_name(p, count)
   lo, hi = slice_bounds(ec.num_examples, p, count)
-  if _finished_slice(out_dir, name, settings):
+  done = _finished_slice(out_dir, name, settings)
+  if distributed:  # One collective job: every process samples, or none.
+    done = bool(sampler_lib.gather_ints([done]).all())
+  if done:
     logging.info("%s is done; skipping it.",
                  storage.path(out_dir) / SLICES / name)
   else:
@@ -643,6 +670,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
         seconds=round(time.time() - start, 1)))
     logging.info("Wrote %s (indices %d:%d).",
                  storage.path(out_dir) / SLICES / name, lo, hi)
+  if distributed:  # Process 0 merges once every slice is written.
+    multihost_utils.sync_global_devices("eval slices written")
+    if p:
+      return None
   present = all((storage.path(out_dir) / SLICES / f"{slice_name(j, count)}"
                  ".json").exists() for j in range(count))
   if not (ec.merge and present):

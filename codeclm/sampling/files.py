@@ -9,6 +9,10 @@ of prompt | completions | original:
       --sample.images=cat.png,dog.jpg --sample.ratios='(0.5,)'
   python -m codeclm.main --config=configs/jpeg_lm.py:demo \
       --workdir=/tmp/jpeg_demo --mode=sample --config.sample.num_samples=8
+
+Under jax.distributed (a model sharded over hosts) process p of n draws and
+writes its contiguous share of each request list (sampler.share), with the
+global sample ids; process 0 also writes the grids of all of them.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class Result:
   data: bytes              # prompt + generated codec bytes
   pixels: np.ndarray
   report: Any              # the codec's DecodeReport
-  sample: sampler_lib.Sample
+  sample: sampler_lib.Sample | None  # None: another process's (everyone)
 
 
 def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
@@ -58,11 +62,14 @@ def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
   Request i uses sample id first_id + i, so results do not depend on
   batch_size. settings.max_new_tokens is lowered where a prompt would not
   fit the model's max_len. grammar: a token_grammar.TokenGrammar that
-  constrains every row (None: unconstrained).
+  constrains every row (None: unconstrained). Under jax.distributed every
+  process calls this together with its own requests (none included) and
+  their first global id; batch_size counts the rows of all processes.
   """
   prompts = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(r.prompt)])
              .astype(np.int32) for r in requests]
-  longest = max(len(x) for x in prompts)
+  longest = int(sampler_lib.gather_ints(
+      [max((len(x) for x in prompts), default=0)]).max())
   room = sampler.model.config.max_len - longest
   if room < 1:
     raise ValueError(f"A prompt of {longest} tokens leaves no room in the "
@@ -71,8 +78,7 @@ def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
   settings = dataclasses.replace(
       settings, max_new_tokens=min(settings.max_new_tokens, room))
   results = []
-  for start in range(0, len(requests), batch_size):
-    chunk = slice(start, start + batch_size)
+  for chunk in sampler.chunks(len(requests), batch_size):
     extra = grammar.sampler_args(
         [r.prompt for r in requests[chunk]],
         [r.name for r in requests[chunk]]) if grammar else {}
@@ -84,6 +90,17 @@ def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
       pixels, report = codec.decode(data)
       results.append(Result(request, data, pixels, report, sample))
   return results
+
+
+def everyone(codec, requests: Sequence[Request],
+             mine: Sequence[Result]) -> list[Result]:
+  """Every process's results for `requests`, each process having drawn its
+  `sampler.share` (collective under jax.distributed). Other processes' rows
+  are decoded here from their bytes and carry sample=None."""
+  every = sampler_lib.gather_bytes([r.data for r in mine], len(requests))
+  own = {r.request.name: r for r in mine}
+  return [own.get(q.name) or Result(q, data, *codec.decode(data), None)
+          for q, data in zip(requests, every)]
 
 
 def grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> np.ndarray:
@@ -165,13 +182,15 @@ def _write(local: str, result: Result, codec, info: dict) -> None:
 
 def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """The sample command: writes samples, completions and grids; returns a
-  summary {out_dir, step, constrained, samples: {name: decode report dict}}."""
+  summary {out_dir, step, constrained, samples: {name: decode report dict}}
+  (under jax.distributed: the samples this process drew and wrote)."""
   loaded = workdir_lib.load(workdir, sample_cfg.step or None,
                 sample_cfg.mesh_shape or None)
   out_dir = storage.path(sample_cfg.out_dir or storage.path(workdir) /
                          "samples" / f"step_{loaded.step}")
   sampler = workdir_lib.sampler_of(sample_cfg, loaded.model, loaded.tokenizer,
                        loaded.mesh, loaded.rules)
+  sampler.check_split()  # Each process draws its own share.
   max_new = sample_cfg.max_new_tokens or loaded.model.config.max_len
   settings = workdir_lib.settings_of(sample_cfg, max_new)
   grammar = workdir_lib.grammar_of(sample_cfg.constrained, loaded.codec,
@@ -183,43 +202,51 @@ def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                             loaded.codec, seed=sample_cfg.seed,
                             batch_size=sample_cfg.batch_size, grammar=grammar)
   codec, summary = loaded.codec, {}
-  write = jax.process_index() == 0
   with storage.local_dir(out_dir) as local:  # Uploaded if out_dir is remote.
-    _draw_and_write(sample_cfg, draw_, codec, settings, info, local, write,
-                    summary)
+    _draw_and_write(sample_cfg, draw_, codec, info, local, settings, summary)
   logging.info("Wrote %d samples to %s.", len(summary), out_dir)
   return dict(out_dir=os.fspath(out_dir), step=loaded.step,
               constrained=grammar is not None, samples=summary)
 
 
-def _draw_and_write(sample_cfg, draw_, codec, settings, info, local: str,
-                    write: bool, summary: dict) -> None:
-  """Draws the config's samples and completions; files go to `local`."""
+def _draw_and_write(sample_cfg, draw_, codec, info, local: str, settings,
+                    summary: dict) -> None:
+  """Draws the config's samples and completions; files go to `local`.
+
+  Each process draws and writes its share of each request list (see
+  sampler.share); process 0 also writes the grids, which show them all.
+  """
+  grids = jax.process_index() == 0
   requests = [Request(f"sample_{i:04d}")
               for i in range(sample_cfg.num_samples)]
   if requests:
-    results = draw_(requests, settings)
-    if write:
-      for r in results:
-        _write(local, r, codec, info)
-      cols = math.ceil(math.sqrt(len(results)))
-      pics = [codec.preview(r.pixels) for r in results]
+    mine = sampler_lib.share(len(requests))
+    results = draw_(requests[mine.start:mine.stop], settings,
+                    first_id=mine.start)
+    for r in results:
+      _write(local, r, codec, info)
+    summary.update({r.request.name: r.report.to_dict() for r in results})
+    every = everyone(codec, requests, results)
+    if grids:
+      cols = math.ceil(math.sqrt(len(every)))
+      pics = [codec.preview(r.pixels) for r in every]
       Image.fromarray(grid([pics[i:i + cols] for i in range(
           0, len(pics), cols)])).save(os.path.join(local, "samples.png"))
-    summary.update({r.request.name: r.report.to_dict() for r in results})
 
   images = [x for x in sample_cfg.images.split(",") if x]
   if images:
     requests, originals = completion_requests(
         codec, images, sample_cfg.ratios, sample_cfg.completions)
+    mine = sampler_lib.share(len(requests))
     # Ids after the unconditional ones: each sample has its own stream.
-    results = draw_(requests, settings, first_id=sample_cfg.num_samples)
-    for name, original in originals.items():
-      mine = [r for r in results if r.request.image == name]
-      if write:
-        for r in mine:
-          _write(local, r, codec, info)
-        codec.save(os.path.join(local, f"{name}_original"), original)
-        Image.fromarray(completion_grid(codec, mine, original)).save(
-            os.path.join(local, f"{name}_grid.png"))
-      summary.update({r.request.name: r.report.to_dict() for r in mine})
+    results = draw_(requests[mine.start:mine.stop], settings,
+                    first_id=sample_cfg.num_samples + mine.start)
+    for r in results:
+      _write(local, r, codec, info)
+    summary.update({r.request.name: r.report.to_dict() for r in results})
+    every = everyone(codec, requests, results)
+    for name, original in originals.items() if grids else ():
+      codec.save(os.path.join(local, f"{name}_original"), original)
+      Image.fromarray(completion_grid(
+          codec, [r for r in every if r.request.image == name],
+          original)).save(os.path.join(local, f"{name}_grid.png"))

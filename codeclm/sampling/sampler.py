@@ -9,6 +9,14 @@ greedy. Settings, seed, `max_new_tokens` and the EOS/PAD ids are traced
 values, so changing them never recompiles. Prompts and outputs split over
 the mesh's batch axes.
 
+Several processes (jax.distributed): a call is collective. Each process
+passes its own prompts (any number, none included) and gets back its own
+rows; the global batch is assembled from the rows each process's devices
+hold, so no process needs another's prompts or outputs. The processes agree
+on the shapes (most rows, longest prompt) with one small all-gather; a
+process with fewer prompts fills its rows with inactive padding. `chunks`
+gives every process the same number of calls.
+
 Params: before the loop, inside the same jit, the weights are cast once to
 the compute dtype (norm scales stay as stored: the model reads them in fp32)
 and laid out for decoding: replicated over the mesh axes the batch is split
@@ -346,8 +354,19 @@ def _loop_for(model: llama.Llama, mesh: jax.sharding.Mesh, rules: tuple,
                                  param_shardings=shardings,
                                  unroll_layers=unroll_layers,
                                  trace_counter=traces),
-               static_argnames=("cache_len",))
+               static_argnames=("cache_len",),
+               out_shardings=_token_sharding(mesh, rules))
   return fn, traces
+
+
+def _token_sharding(mesh: jax.sharding.Mesh,
+                    rules: Sequence) -> jax.sharding.NamedSharding:
+  """Tokens [B, C]: rows split over the batch axes, each row whole, so each
+  process reads its own rows from its own devices."""
+  with nn.logical_axis_rules(rules):
+    batch = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  return jax.sharding.NamedSharding(mesh,
+                                    jax.sharding.PartitionSpec(batch, None))
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -400,6 +419,8 @@ class Sampler:
     batch_axes = spec[0] if isinstance(spec[0], tuple) else (
         () if spec[0] is None else (spec[0],))
     self.batch_multiple = math.prod(self.mesh.shape[a] for a in batch_axes)
+    # Processes the batch is split over (1 in a single-process run).
+    self.feeds = self.batch_multiple // len(self.rows(self.batch_multiple))
     self._jitted, self._traces = _loop_for(model, self.mesh, self.rules,
                                            self.cache_dtype,
                                            bool(reshard_params),
@@ -409,6 +430,55 @@ class Sampler:
   def num_compilations(self) -> int:
     """Traces of the jitted loop (shared by equal Samplers, see _loop_for)."""
     return len(self._traces)
+
+  def rows(self, batch: int) -> list[int]:
+    """The rows of a `batch`-row global batch this process's devices hold.
+
+    Processes that hold the same rows (a tensor axis across hosts) must pass
+    the same prompts; `check_split` refuses such a mesh where they do not.
+    """
+    owners = self._owners(batch)
+    mine = sorted(r for r, who in owners.items()
+                  if jax.process_index() in who)
+    if not mine:
+      raise ValueError(
+          f"The sampler's mesh {dict(self.mesh.shape)} holds no device of "
+          f"process {jax.process_index()}; under jax.distributed give a mesh "
+          "over every process's devices (a mesh_shape with -1).")
+    return mine
+
+  def _owners(self, batch: int) -> dict[int, set[int]]:
+    owners: dict[int, set[int]] = {}
+    for device, index in self._row_sharding.devices_indices_map(
+        (batch,)).items():
+      for r in range(*index[0].indices(batch)):
+        owners.setdefault(r, set()).add(device.process_index)
+    return owners
+
+  def check_split(self) -> None:
+    """Raises unless each row sits on one process's devices, as processes
+    that each pass their own share of the requests need (see `share`)."""
+    owners = self._owners(self.batch_multiple)
+    shared = [r for r, who in owners.items() if len(who) > 1]
+    if shared:
+      raise ValueError(
+          f"Rows {shared[:8]} of the sampler's batch sit on devices of "
+          f"processes {sorted(owners[shared[0]])}: a mesh axis the batch is "
+          f"not split over (tensor) spans hosts in {dict(self.mesh.shape)}. "
+          "Sample with a mesh whose tensor axis stays within a host "
+          "(sample.mesh_shape / eval.mesh_shape).")
+
+  def chunks(self, num_rows: int, batch_size: int) -> list[slice]:
+    """This process's `num_rows` in sampler calls of `batch_size` rows in all.
+
+    Collective under jax.distributed: every process gets the same number of
+    slices (the most any process needs), each of up to batch_size / feeds
+    of its rows; a process with fewer rows gets empty ones at the end and
+    must still make those calls.
+    """
+    per = max(1, -(-batch_size // self.feeds))
+    most = int(gather_ints([num_rows])[:, 0].max())
+    return [slice(i, i + per) for i in range(0, most, per)]
 
   def _context(self):
     stack = contextlib.ExitStack()
@@ -439,17 +509,23 @@ class Sampler:
                ) -> list[Sample]:
     """Continues each prompt (token ids, BOS included; none may be empty).
 
+    Under jax.distributed every process calls this together with its own
+    prompts (and their global sample_ids) and gets back those rows only.
     starts: each row's (constraint state, counter) after its prompt; default
     (constraint.initial_state, 0).
     """
-    args, cache_len, lengths = self._arguments(
+    args, cache_len, lengths, rows = self._arguments(
         params, prompts, settings, seed, sample_ids, constraint, starts)
     with self._context():
       out = self._jitted(*args, cache_len=cache_len)
-    out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
+    held = {}
+    for shard in out.addressable_shards:  # This process's rows, each whole.
+      data = np.asarray(shard.data)
+      for j, r in enumerate(range(*shard.index[0].indices(out.shape[0]))):
+        held[r] = data[j]
     results = []
     for i, length in enumerate(lengths):
-      new = out[i, length:length + settings.max_new_tokens]
+      new = held[rows[i]][length:length + settings.max_new_tokens]
       stop = np.flatnonzero(new == self.eos_id)
       ended = bool(len(stop))
       results.append(Sample(new[:stop[0]] if ended else new, ended,
@@ -461,18 +537,19 @@ class Sampler:
             starts: Sequence[tuple[int, int]] | None = None
             ) -> jax.stages.Lowered:
     """The jitted loop lowered for this call's bucket (to read its HLO)."""
-    args, cache_len, _ = self._arguments(params, prompts, settings, 0, None,
-                                         constraint, starts)
+    args, cache_len, _, _ = self._arguments(params, prompts, settings, 0,
+                                            None, constraint, starts)
     with self._context():
       return self._jitted.lower(*args, cache_len=cache_len)
 
   def _arguments(self, params, prompts, settings, seed, sample_ids,
-                 constraint, starts) -> tuple[tuple, int, np.ndarray]:
-    """The jitted loop's arguments, its cache length and the prompt lengths."""
+                 constraint, starts) -> tuple[tuple, int, np.ndarray, list]:
+    """The jitted loop's arguments, its cache length, the prompt lengths and
+    the global rows this process's prompts fill."""
     prompts = [np.asarray(x, np.int32).reshape(-1) for x in prompts]
-    if not prompts or any(not len(x) for x in prompts):
-      raise ValueError("Sampler needs at least one prompt and no empty one; "
-                       "an unconditional sample starts from [BOS].")
+    if any(not len(x) for x in prompts):
+      raise ValueError("Sampler got an empty prompt; an unconditional sample "
+                       "starts from [BOS].")
     vocab = self.model.config.vocab_size
     for i, x in enumerate(prompts):
       if x.min() < 0 or x.max() >= vocab:
@@ -485,31 +562,85 @@ class Sampler:
       raise ValueError(f"sample_ids has shape {sample_ids.shape}; give one "
                        f"id per prompt ({n}).")
     lengths = np.array([len(x) for x in prompts], np.int32)
+    first = int(constraint.initial_state) if constraint is not None else 0
     if starts is None:
-      first = int(constraint.initial_state) if constraint is not None else 0
       starts = [(first, 0)] * n
     starts = np.asarray(starts, np.int32).reshape(-1, 2)
     if starts.shape != (n, 2):
       raise ValueError(f"starts has {len(starts)} entries; give one (state, "
                        f"count) per prompt ({n}).")
-    b, p, cache_len = self.shapes(n, int(lengths.max()),
+    most, longest = gather_ints([n, lengths.max(initial=0)]).max(axis=0)
+    if not most:
+      raise ValueError("Sampler needs at least one prompt (on some "
+                       "process); an unconditional sample starts from [BOS].")
+    b, p, cache_len = self.shapes(int(most) * self.feeds, int(longest),
                                   settings.max_new_tokens)
+    rows = self.rows(b)[:n]  # Global rows; the rest of ours stay inactive.
     batch = np.full((b, p), self.pad_id, np.int32)
-    for i, x in enumerate(prompts):
-      batch[i, :len(x)] = x
-    rows = lambda x: np.concatenate([x, np.ones(b - n, x.dtype)])
+    for r, x in zip(rows, prompts):
+      batch[r, :len(x)] = x
+    def per_row(values, fill, dtype):
+      out = np.full(b, fill, dtype)
+      out[rows] = values
+      return out
+    # Each process fills only its own rows (the callback sees only those).
     put = lambda x, s: jax.make_array_from_callback(
         x.shape, s, lambda idx: x[idx])
+    replicated = jax.sharding.NamedSharding(self.mesh,
+                                            jax.sharding.PartitionSpec())
+    if constraint is not None:  # Host tables, the same on every process.
+      constraint = jax.tree.map(
+          lambda x: put(np.asarray(x), replicated), constraint)
     args = (params, put(batch, self._batch_sharding),
-            put(rows(lengths), self._row_sharding),
-            put(np.arange(b) < n, self._row_sharding),
-            put(rows(sample_ids.astype(np.uint32)), self._row_sharding),
-            put(np.concatenate([starts[:, 0], np.full(b - n, starts[0, 0],
-                                                      np.int32)]),
+            put(per_row(lengths, 1, np.int32), self._row_sharding),
+            put(per_row(True, False, bool), self._row_sharding),
+            put(per_row(sample_ids.astype(np.uint32), 0, np.uint32),
                 self._row_sharding),
-            put(rows(starts[:, 1]), self._row_sharding),
+            put(per_row(starts[:, 0], first, np.int32), self._row_sharding),
+            put(per_row(starts[:, 1], 0, np.int32), self._row_sharding),
             np.uint32(seed), np.int32(settings.max_new_tokens),
             np.float32(settings.temperature), np.int32(settings.top_k),
             np.float32(settings.top_p), np.int32(self.eos_id),
             np.int32(self.pad_id), constraint)
-    return args, cache_len, lengths
+    return args, cache_len, lengths, rows
+
+
+def share(num: int, index: int | None = None,
+          count: int | None = None) -> range:
+  """Process `index` of `count`'s contiguous share of `num` requests.
+
+  [index*num//count, (index+1)*num//count); default: this process of all.
+  Ids stay global (the share's start + i), so what a request draws does not
+  depend on the number of processes.
+  """
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  return range(index * num // count, (index + 1) * num // count)
+
+
+def gather_bytes(local: Sequence[bytes], num: int) -> list[bytes]:
+  """Every process's `share(num)` byte strings, in global order (collective
+  under jax.distributed; `local` itself in a single process)."""
+  count = jax.process_count()
+  if count == 1:
+    return list(local)
+  most = -(-num // count)
+  lengths = np.zeros(most, np.int32)
+  lengths[:len(local)] = [len(x) for x in local]
+  width = max(1, int(gather_ints([lengths.max(initial=0)]).max()))
+  padded = np.zeros((most, width), np.uint8)
+  for j, x in enumerate(local):
+    padded[j, :len(x)] = np.frombuffer(x, np.uint8)
+  every, sizes = (np.asarray(x) for x in multihost_utils.process_allgather(
+      (padded, lengths)))
+  return [every[p, j, :sizes[p, j]].tobytes() for p in range(count)
+          for j in range(len(share(num, p, count)))]
+
+
+def gather_ints(values: Sequence[int]) -> np.ndarray:
+  """int32 [processes, len(values)]: every process's values (collective
+  under jax.distributed; no communication in a single process)."""
+  values = np.asarray(values, np.int32)[None]
+  if jax.process_count() == 1:
+    return values
+  return np.asarray(multihost_utils.process_allgather(values, tiled=True))

@@ -70,7 +70,15 @@ def load(workdir: str, step: int | None = None,
         manifest["codec"])
   rules = _tuples(config.mesh.rules)
   shape = _tuples(mesh_shape or config.mesh.shape)
-  # A shape without -1 may use fewer devices than there are (e.g. (1, 1, 1)).
+  # A shape without -1 may use fewer devices than there are (e.g. (1, 1, 1)),
+  # but not under jax.distributed: every process samples its own rows.
+  if (-1 not in shape and jax.process_count() > 1
+      and math.prod(shape) != jax.device_count()):
+    raise ValueError(
+        f"mesh_shape={shape} uses {math.prod(shape)} of the "
+        f"{jax.device_count()} devices of this {jax.process_count()}-process "
+        "jax.distributed run, which samples on every process: use a shape "
+        "with -1, e.g. (-1, 1, 1).")
   devices = None if -1 in shape else jax.devices()[:math.prod(shape)]
   mesh = sharding.make_mesh(shape, devices)
   model = llama.Llama(config_base.model_config(config, tokenizer.vocab_size))
