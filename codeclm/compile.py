@@ -19,6 +19,7 @@ needs CUDA to compile for them).
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import importlib.util
 import json
 import math
@@ -180,26 +181,46 @@ def _array_bytes(text: str) -> list[int]:
           for d, dims in _SHAPE.findall(text)]
 
 
-def collectives(hlo_text: str) -> dict:
-  """Collective ops of a compiled HLO module and their bytes per step.
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+  """HLO text -> {computation: instruction lines}, ENTRY's name.
 
-  Walks the call graph from ENTRY: ops in a while loop's body count once per
-  trip (the trip count is the bound in its condition, e.g. the scanned
-  layers), ops in fusions and calls once per call. An op's bytes are its
-  result's (all arrays of a combined op; the output of an async start): the
-  gathered array, the reduced one, a reduce-scatter's shard.
+  A computation ends at a line that is a lone "}": a Pallas kernel's
+  frontend attributes (kernel_metadata, e.g. splash attention's) hold
+  multi-line JSON whose lines may start with "}" too.
   """
   comps, entry, name = {}, None, None
   for line in hlo_text.splitlines():
     head = re.match(r"^(ENTRY )?%(\S+) .*\{\s*$", line)
-    if head:
+    if name is None and head:
       name = head.group(2)
       comps[name] = []
       entry = name if head.group(1) else entry
-    elif line.startswith("}"):
+    elif line.rstrip() == "}":
       name = None
     elif name is not None:
-      comps[name].append(line)
+      if line.startswith("  %") or line.startswith("  ROOT %"):
+        comps[name].append(line)
+      elif comps[name]:  # A continuation of the instruction above.
+        comps[name][-1] += line
+  return comps, entry
+
+
+def collectives(hlo_text: str) -> dict:
+  """Collective ops of a compiled HLO module and their bytes per step.
+
+  Walks the call graph from ENTRY: ops in a while loop's body count once per
+  trip (the trip count is XLA's known_trip_count, else the bound in its
+  condition, e.g. the scanned layers), ops in fusions, calls and async
+  wrappers once per call, each branch of a conditional as if it ran (an upper
+  bound; the train step has none). One collective counts once per execution
+  of the computation that runs it, however many copies the HLO holds: TPU's
+  async collective fusion splits one all-gather over a start fusion, the
+  compute fusions that overlap it and a done fusion, each with a copy of the
+  op under the same channel_id. An op's bytes are its result's (all arrays of
+  a combined op; the output of an async start): the gathered array, the
+  reduced one, a reduce-scatter's shard.
+  """
+  comps, entry = _computations(hlo_text)
 
   def trip_count(cond: str) -> int:
     consts = [int(c) for line in comps.get(cond, ())
@@ -208,9 +229,11 @@ def collectives(hlo_text: str) -> dict:
 
   totals: dict[str, dict] = {}
 
-  def walk(comp: str, times: int, depth: int = 0) -> None:
-    if depth > 50:
-      return
+  def walk(comp: str, times: int, counted: set, depth: int = 0) -> None:
+    """counted: the collectives already counted in this execution of the
+    computation that a while body (or ENTRY) runs, by channel."""
+    if depth > 64:
+      raise ValueError(f"HLO calls nest deeper than 64 at {comp!r}")
     for line in comps.get(comp, ()):
       op = _OP.search(line)
       if op and op.group(1) == "while":
@@ -220,19 +243,27 @@ def collectives(hlo_text: str) -> dict:
         n = int(trips.group(1)) if trips else trip_count(
             cond.group(1) if cond else "")
         if body:
-          walk(body.group(1), times * n, depth + 1)
+          walk(body.group(1), times * n, set(), depth + 1)
         continue
       if op:
-        arrays = _array_bytes(line[line.index(" = ") + 3:op.start()])
-        size = max(arrays, default=0) if op.group(2) else sum(arrays)
-        total = totals.setdefault(op.group(1), dict(count=0, bytes=0))
-        total["count"] += times
-        total["bytes"] += times * size
-      for called in re.findall(r"(?:calls|to_apply)=%([^\s,}]+)", line):
-        walk(called, times, depth + 1)
+        channel = re.search(r"channel_id=(\d+)", line)
+        key = channel.group(1) if channel else (comp, line.split(" = ")[0])
+        if key not in counted:
+          counted.add(key)
+          arrays = _array_bytes(line[line.index(" = ") + 3:op.start()])
+          size = max(arrays, default=0) if op.group(2) else sum(arrays)
+          total = totals.setdefault(op.group(1), dict(count=0, bytes=0))
+          total["count"] += times
+          total["bytes"] += times * size
+      for group in re.findall(
+          r"\b(?:calls|to_apply|called_computations|branch_computations|"
+          r"true_computation|false_computation)=\{?((?:%[^\s,}]+(?:, )?)+)",
+          line):
+        for called in re.findall(r"%([^\s,}]+)", group):
+          walk(called, times, counted, depth + 1)
 
   if entry is not None:
-    walk(entry, 1)
+    walk(entry, 1, set())
   return totals
 
 
@@ -243,8 +274,12 @@ def _flops(compiled) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def _compile(name: str, fn, args, context) -> dict:
-  """Compiles fn(*args); RESOURCE_EXHAUSTED becomes a result, not a crash."""
+def _compile(name: str, fn, args, context, hlo_dir: epath.Path) -> dict:
+  """Compiles fn(*args); RESOURCE_EXHAUSTED becomes a result, not a crash.
+
+  The compiled HLO is kept in hlo_dir (gzipped text, one file per program):
+  the collectives can be read there, or recounted without recompiling.
+  """
   t = time.perf_counter()
   with context():
     lowered = fn.lower(*args)
@@ -256,10 +291,13 @@ def _compile(name: str, fn, args, context) -> dict:
     return dict(name=name, fits=False, error=str(e).splitlines()[0][:500],
                 memory=_exhausted_numbers(str(e)),
                 compile_s=time.perf_counter() - t)
+  hlo = compiled.as_text()
+  hlo_file = hlo_dir / (re.sub(r"\W+", "_", name.split(" (")[0]) + ".hlo.gz")
+  hlo_dir.mkdir(parents=True, exist_ok=True)
+  hlo_file.write_bytes(gzip.compress(hlo.encode()))
   return dict(name=name, fits=True, memory=_memory(compiled),
-              xla_flops=_flops(compiled),
-              collectives=collectives(compiled.as_text()),
-              compile_s=time.perf_counter() - t)
+              xla_flops=_flops(compiled), collectives=collectives(hlo),
+              hlo=hlo_file.name, compile_s=time.perf_counter() - t)
 
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -376,10 +414,11 @@ def run(config, workdir: str) -> dict:
   if "sample" in steps:
     programs += _sampler_steps(config, setup)
 
+  out = epath.Path(workdir)
   results = []
   for name, fn, args in programs:
     logging.info("Compiling the %s for %s ...", name, topology.name)
-    results.append(_compile(name, fn, args, setup.context))
+    results.append(_compile(name, fn, args, setup.context, out))
 
   hbm = topology.hbm_bytes
   train_result = results[0] if "train" in steps else {}
@@ -414,7 +453,6 @@ def run(config, workdir: str) -> dict:
                 "XLA's count includes remat recomputation; model FLOPs "
                 "do not.")),
       verdict=verdict)
-  out = epath.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   (out / "compile_report.json").write_text(json.dumps(report, indent=1))
   print(table(report))

@@ -134,3 +134,48 @@ def test_a_config_that_cannot_fit_gets_the_verdict(tmp_path):
   assert verdict["over_bytes"] > 0
   assert "attention_impl='splash'" in verdict["knobs"][0]
   assert "RESOURCE_EXHAUSTED" in report["programs"][0]["error"]
+
+
+@needs_libtpu
+def test_collective_bytes_equal_the_closed_form():
+  """A scan of N steps, each gathering K fsdp-sharded [D, D] bf16 weights
+  (the all-gathers that feed a matmul become TPU async collective fusions:
+  one op, copied into its start, overlap and done fusions) and a psum of D
+  floats after a Pallas kernel (whose multi-line kernel_metadata once ended
+  the computation's parse early): the count is K*N gathers of D*D*2 bytes
+  and N all-reduces of D*4 bytes, each once."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  n, d, k, rows = 5, 256, 3, 8
+  mesh = jax.sharding.Mesh(
+      np.array(aot.topology_devices(aot.parse_topology("v5e-4"))), ("x",))
+
+  def add_one(x_ref, o_ref):
+    o_ref[...] = x_ref[...] + 1
+
+  def step(h, w_shards):
+    for w_shard in w_shards:
+      w = jax.lax.all_gather(w_shard, "x", axis=0, tiled=True)
+      h = jnp.tanh(jnp.dot(h.astype(jnp.bfloat16), w,
+                           preferred_element_type=jnp.float32))
+    h = pl.pallas_call(add_one, out_shape=jax.ShapeDtypeStruct(h.shape,
+                                                               h.dtype),
+                       metadata={"note": "multi-line in the HLO text"})(h)
+    return h + jax.lax.psum(h.sum(0), "x"), None
+
+  f = jax.jit(jax.shard_map(
+      lambda h, ws: jax.lax.scan(step, h, ws)[0], mesh=mesh,
+      in_specs=(P("x"), [P(None, "x")] * k), out_specs=P("x"),
+      check_vma=False))
+  weights = jax.ShapeDtypeStruct((n, d, d), jnp.bfloat16,
+                                 sharding=NamedSharding(mesh, P(None, "x")))
+  hlo = f.lower(jax.ShapeDtypeStruct((4 * rows, d), jnp.float32,
+                                     sharding=NamedSharding(mesh, P("x"))),
+                [weights] * k).compile().as_text()
+  assert "async_collective_fusion" in hlo  # The copies this test is about.
+  assert aot.collectives(hlo) == {
+      "all-gather": dict(count=k * n, bytes=k * n * d * d * 2),
+      "all-reduce": dict(count=n, bytes=n * d * 4)}
