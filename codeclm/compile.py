@@ -205,12 +205,78 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
   return comps, entry
 
 
+def _defs(lines: list[str]) -> dict[str, str]:
+  return {m.group(1): line for line in lines
+          if (m := re.match(r"\s*(?:ROOT )?%(\S+) = ", line))}
+
+
+def _operands(line: str, op: str) -> list[str]:
+  m = re.search(r"\s" + re.escape(op) + r"\(([^)]*)\)", line)
+  return re.findall(r"%([^\s,)]+)", m.group(1)) if m else []
+
+
+def _int_constant(line: str | None) -> int | None:
+  m = re.search(r"\s[su]\d+\[\][^=]* constant\((-?\d+)\)", line or "")
+  return int(m.group(1)) if m else None
+
+
+def _tuple_index(line: str | None) -> int | None:
+  m = re.search(r"get-tuple-element\(%[^)]*\), index=(\d+)", line or "")
+  return int(m.group(1)) if m else None
+
+
+def _trip_count(while_line: str, caller: list[str], cond: list[str],
+                body: list[str]) -> int:
+  """How often a while loop runs: XLA's known_trip_count when it is there,
+  else from its induction variable, i in [start, bound) by step: the
+  condition's compare(i, bound), the body's i + step, the init's start.
+  Windowed einsum loops (an all-gather or reduce-scatter done as a ring of
+  collective-permutes) count by 2 in unsigned ints: a count taken from the
+  bound alone would double them."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
+  if known:
+    return int(known.group(1))
+  cdefs = _defs(cond)
+  root = next((line for line in cond if line.lstrip().startswith("ROOT")), "")
+  args = _operands(root, "compare")
+  direction = re.search(r"direction=(\w+)", root)
+  fallback = max((c for line in cond if (c := _int_constant(line))
+                  is not None), default=1)
+  if len(args) != 2 or not direction:
+    return fallback
+  a, b = (cdefs.get(x) for x in args)
+  op = direction.group(1)
+  if _int_constant(a) is not None:  # bound > i: read it as i < bound.
+    a, b = b, a
+    op = {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}.get(op, op)
+  index, bound = _tuple_index(a), _int_constant(b)
+  if index is None or bound is None or op not in ("LT", "LE", "NE"):
+    return fallback
+  bdefs = _defs(body)
+  broot = next((line for line in body if line.lstrip().startswith("ROOT")),
+               "")
+  step = 1
+  outs = _operands(broot, "tuple")
+  if index < len(outs):
+    add = bdefs.get(outs[index], "")
+    terms = [_int_constant(bdefs.get(x)) for x in _operands(add, "add")]
+    step = next((t for t in terms if t), 1)
+  start = 0
+  init = _operands(while_line, "while")
+  tuple_line = _defs(caller).get(init[0]) if init else None
+  inits = _operands(tuple_line or "", "tuple")
+  if index < len(inits):
+    start = _int_constant(_defs(caller).get(inits[index])) or 0
+  span = bound - start + (1 if op == "LE" else 0)
+  return max(0, -(-span // step)) if step > 0 else fallback
+
+
 def collectives(hlo_text: str) -> dict:
   """Collective ops of a compiled HLO module and their bytes per step.
 
   Walks the call graph from ENTRY: ops in a while loop's body count once per
-  trip (the trip count is XLA's known_trip_count, else the bound in its
-  condition, e.g. the scanned layers), ops in fusions, calls and async
+  trip (the scanned layers, the micro-batches, a windowed einsum's ring; see
+  _trip_count), ops in fusions, calls and async
   wrappers once per call, each branch of a conditional as if it ran (an upper
   bound; the train step has none). One collective counts once per execution
   of the computation that runs it, however many copies the HLO holds: TPU's
@@ -221,11 +287,6 @@ def collectives(hlo_text: str) -> dict:
   reduced one, a reduce-scatter's shard.
   """
   comps, entry = _computations(hlo_text)
-
-  def trip_count(cond: str) -> int:
-    consts = [int(c) for line in comps.get(cond, ())
-              for c in re.findall(r"s32\[\][^=]*constant\((\d+)\)", line)]
-    return max(consts, default=1)
 
   totals: dict[str, dict] = {}
 
@@ -239,10 +300,9 @@ def collectives(hlo_text: str) -> dict:
       if op and op.group(1) == "while":
         body = re.search(r"body=%([^\s,]+)", line)
         cond = re.search(r"condition=%([^\s,]+)", line)
-        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-        n = int(trips.group(1)) if trips else trip_count(
-            cond.group(1) if cond else "")
-        if body:
+        if body and cond:
+          n = _trip_count(line, comps[comp], comps[cond.group(1)],
+                          comps[body.group(1)])
           walk(body.group(1), times * n, set(), depth + 1)
         continue
       if op:

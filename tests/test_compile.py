@@ -10,6 +10,11 @@ import json
 import os
 import sys
 
+import jax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
 import pytest
 
 from codeclm import compile as aot
@@ -144,14 +149,8 @@ def test_collective_bytes_equal_the_closed_form():
   floats after a Pallas kernel (whose multi-line kernel_metadata once ended
   the computation's parse early): the count is K*N gathers of D*D*2 bytes
   and N all-reduces of D*4 bytes, each once."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   n, d, k, rows = 5, 256, 3, 8
-  mesh = jax.sharding.Mesh(
-      np.array(aot.topology_devices(aot.parse_topology("v5e-4"))), ("x",))
+  mesh = _mesh("v5e-4")
 
   def add_one(x_ref, o_ref):
     o_ref[...] = x_ref[...] + 1
@@ -179,3 +178,36 @@ def test_collective_bytes_equal_the_closed_form():
   assert aot.collectives(hlo) == {
       "all-gather": dict(count=k * n, bytes=k * n * d * d * 2),
       "all-reduce": dict(count=n, bytes=n * d * 4)}
+
+
+def _mesh(topology):
+  return jax.sharding.Mesh(
+      np.array(aot.topology_devices(aot.parse_topology(topology))), ("x",))
+
+
+@needs_libtpu
+def test_windowed_einsum_ring_counts_its_trips():
+  """On 16 chips XLA gathers a small fsdp weight for a long activation as a
+  windowed einsum: a while loop of collective-permutes, a bidirectional ring
+  whose unsigned counter steps by 2 to 8 (4 trips of 4 permutes), after one
+  permute before it: 17 shards of D/16 rows per gathered [D, M] weight. A
+  trip count read from the loop's bound alone (8) doubles it; one that finds
+  no signed bound (1) quarters it."""
+  n, d, m, rows = 3, 64, 64, 512
+  mesh = _mesh("v5e-16")
+
+  def f(h, ws):
+    step = lambda h, w: (jnp.tanh(jnp.dot(
+        h.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)), None)
+    return jax.lax.scan(step, h, ws)[0]
+
+  hlo = jax.jit(f, out_shardings=NamedSharding(mesh, P("x"))).lower(
+      jax.ShapeDtypeStruct((16 * rows, d), jnp.float32,
+                           sharding=NamedSharding(mesh, P("x"))),
+      jax.ShapeDtypeStruct((n, d, m), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P(None, "x")))
+  ).compile().as_text()
+  assert "windowed_dot_general" in hlo
+  shard = d // 16 * m * 2
+  assert aot.collectives(hlo) == {
+      "collective-permute": dict(count=n * 17, bytes=n * 17 * shard)}
