@@ -6,7 +6,8 @@ the sampler's prefill and decode steps for a named Cloud TPU topology
 chip: argument / output / temporary / code bytes against the chip's HBM with a
 verdict (and, when it does not fit, the knobs to turn); XLA's FLOPs next to
 the model FLOPs; and the collectives in the compiled HLO with their bytes per
-step. Written to <workdir>/compile_report.json and printed as a table.
+step. Written to <workdir>/compile_report.json and printed as a table; each
+program's compiled HLO is kept next to it (train_step.hlo.gz, ...).
 
   python -m codeclm.main --config=configs/jpeg_lm.py:7b --workdir=/tmp/aot \
       --mode=compile --config.compile.topology=v5p-128 \

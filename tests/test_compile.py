@@ -100,6 +100,7 @@ def test_report_of_every_step(tmp_path, capsys):
     assert set(program["memory"]) == {"argument", "output", "alias",
                                       "temporary", "code", "total"}
     assert program["memory"]["argument"] > 0
+    assert (tmp_path / program["hlo"]).stat().st_size > 0  # Kept, gzipped.
   train = report["programs"][0]
   # fsdp over 4 chips: the step gathers the weights (bf16, layer by layer).
   assert train["collectives"]["all-gather"]["bytes"] > 0
