@@ -262,12 +262,11 @@ def _trip_count(while_line: str, caller: list[str], cond: list[str],
     add = bdefs.get(outs[index], "")
     terms = [_int_constant(bdefs.get(x)) for x in _operands(add, "add")]
     step = next((t for t in terms if t), 1)
-  start = 0
+  start, defs = 0, _defs(caller)
   init = _operands(while_line, "while")
-  tuple_line = _defs(caller).get(init[0]) if init else None
-  inits = _operands(tuple_line or "", "tuple")
+  inits = _operands(defs.get(init[0], "") if init else "", "tuple")
   if index < len(inits):
-    start = _int_constant(_defs(caller).get(inits[index])) or 0
+    start = _int_constant(defs.get(inits[index])) or 0
   span = bound - start + (1 if op == "LE" else 0)
   return max(0, -(-span // step)) if step > 0 else fallback
 
@@ -277,9 +276,9 @@ def collectives(hlo_text: str) -> dict:
 
   Walks the call graph from ENTRY: ops in a while loop's body count once per
   trip (the scanned layers, the micro-batches, a windowed einsum's ring; see
-  _trip_count), ops in fusions, calls and async
-  wrappers once per call, each branch of a conditional as if it ran (an upper
-  bound; the train step has none). One collective counts once per execution
+  _trip_count), ops in fusions, calls and async wrappers once per call, each
+  branch of a conditional as if it ran (an upper bound; the train step has
+  none). One collective counts once per execution
   of the computation that runs it, however many copies the HLO holds: TPU's
   async collective fusion splits one all-gather over a start fusion, the
   compute fusions that overlap it and a done fusion, each with a copy of the
@@ -291,11 +290,9 @@ def collectives(hlo_text: str) -> dict:
 
   totals: dict[str, dict] = {}
 
-  def walk(comp: str, times: int, counted: set, depth: int = 0) -> None:
+  def walk(comp: str, times: int, counted: set) -> None:
     """counted: the collectives already counted in this execution of the
     computation that a while body (or ENTRY) runs, by channel."""
-    if depth > 64:
-      raise ValueError(f"HLO calls nest deeper than 64 at {comp!r}")
     for line in comps.get(comp, ()):
       op = _OP.search(line)
       if op and op.group(1) == "while":
@@ -304,7 +301,7 @@ def collectives(hlo_text: str) -> dict:
         if body and cond:
           n = _trip_count(line, comps[comp], comps[cond.group(1)],
                           comps[body.group(1)])
-          walk(body.group(1), times * n, set(), depth + 1)
+          walk(body.group(1), times * n, set())
         continue
       if op:
         channel = re.search(r"channel_id=(\d+)", line)
@@ -321,7 +318,7 @@ def collectives(hlo_text: str) -> dict:
           r"true_computation|false_computation)=\{?((?:%[^\s,}]+(?:, )?)+)",
           line):
         for called in re.findall(r"%([^\s,}]+)", group):
-          walk(called, times, counted, depth + 1)
+          walk(called, times, counted)
 
   if entry is not None:
     walk(entry, 1, set())
