@@ -10,6 +10,11 @@ import json
 import os
 import sys
 
+import jax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
 import pytest
 
 from codeclm import compile as aot
@@ -95,6 +100,7 @@ def test_report_of_every_step(tmp_path, capsys):
     assert set(program["memory"]) == {"argument", "output", "alias",
                                       "temporary", "code", "total"}
     assert program["memory"]["argument"] > 0
+    assert (tmp_path / program["hlo"]).stat().st_size > 0  # Kept, gzipped.
   train = report["programs"][0]
   # fsdp over 4 chips: the step gathers the weights (bf16, layer by layer).
   assert train["collectives"]["all-gather"]["bytes"] > 0
@@ -134,3 +140,75 @@ def test_a_config_that_cannot_fit_gets_the_verdict(tmp_path):
   assert verdict["over_bytes"] > 0
   assert "attention_impl='splash'" in verdict["knobs"][0]
   assert "RESOURCE_EXHAUSTED" in report["programs"][0]["error"]
+
+
+@needs_libtpu
+def test_collective_bytes_equal_the_closed_form():
+  """A scan of N steps, each gathering K fsdp-sharded [D, D] bf16 weights
+  (the all-gathers that feed a matmul become TPU async collective fusions:
+  one op, copied into its start, overlap and done fusions) and a psum of D
+  floats after a Pallas kernel (whose multi-line kernel_metadata once ended
+  the computation's parse early): the count is K*N gathers of D*D*2 bytes
+  and N all-reduces of D*4 bytes, each once."""
+  n, d, k, rows = 5, 256, 3, 8
+  mesh = _mesh("v5e-4")
+
+  def add_one(x_ref, o_ref):
+    o_ref[...] = x_ref[...] + 1
+
+  def step(h, w_shards):
+    for w_shard in w_shards:
+      w = jax.lax.all_gather(w_shard, "x", axis=0, tiled=True)
+      h = jnp.tanh(jnp.dot(h.astype(jnp.bfloat16), w,
+                           preferred_element_type=jnp.float32))
+    h = pl.pallas_call(add_one, out_shape=jax.ShapeDtypeStruct(h.shape,
+                                                               h.dtype),
+                       metadata={"note": "multi-line in the HLO text"})(h)
+    return h + jax.lax.psum(h.sum(0), "x"), None
+
+  f = jax.jit(jax.shard_map(
+      lambda h, ws: jax.lax.scan(step, h, ws)[0], mesh=mesh,
+      in_specs=(P("x"), [P(None, "x")] * k), out_specs=P("x"),
+      check_vma=False))
+  weights = jax.ShapeDtypeStruct((n, d, d), jnp.bfloat16,
+                                 sharding=NamedSharding(mesh, P(None, "x")))
+  hlo = f.lower(jax.ShapeDtypeStruct((4 * rows, d), jnp.float32,
+                                     sharding=NamedSharding(mesh, P("x"))),
+                [weights] * k).compile().as_text()
+  assert "async_collective_fusion" in hlo  # The copies this test is about.
+  assert aot.collectives(hlo) == {
+      "all-gather": dict(count=k * n, bytes=k * n * d * d * 2),
+      "all-reduce": dict(count=n, bytes=n * d * 4)}
+
+
+def _mesh(topology):
+  return jax.sharding.Mesh(
+      np.array(aot.topology_devices(aot.parse_topology(topology))), ("x",))
+
+
+@needs_libtpu
+def test_windowed_einsum_ring_counts_its_trips():
+  """On 16 chips XLA gathers a small fsdp weight for a long activation as a
+  windowed einsum: a while loop of collective-permutes, a bidirectional ring
+  whose unsigned counter steps by 2 to 8 (4 trips of 4 permutes), after one
+  permute before it: 17 shards of D/16 rows per gathered [D, M] weight. A
+  trip count read from the loop's bound alone (8) doubles it; one that finds
+  no signed bound (1) quarters it."""
+  n, d, m, rows = 3, 64, 64, 512
+  mesh = _mesh("v5e-16")
+
+  def f(h, ws):
+    step = lambda h, w: (jnp.tanh(jnp.dot(
+        h.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)), None)
+    return jax.lax.scan(step, h, ws)[0]
+
+  hlo = jax.jit(f, out_shardings=NamedSharding(mesh, P("x"))).lower(
+      jax.ShapeDtypeStruct((16 * rows, d), jnp.float32,
+                           sharding=NamedSharding(mesh, P("x"))),
+      jax.ShapeDtypeStruct((n, d, m), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P(None, "x")))
+  ).compile().as_text()
+  assert "windowed_dot_general" in hlo
+  shard = d // 16 * m * 2
+  assert aot.collectives(hlo) == {
+      "collective-permute": dict(count=n * 17, bytes=n * 17 * shard)}
