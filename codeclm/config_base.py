@@ -149,6 +149,7 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       # Scanned layers split and run unrolled while sampling: XLA (on CPU)
       # copies a scanned layer's weights before each matmul, every token.
       # False: one layer body to compile (faster compiles, slower decode).
+      # Only with reshard_params (sharded weights are gathered per layer).
       unroll_layers=True,
       tb_every=50 if size == "demo" else 0,  # TensorBoard samples; 0 = off
       tb_samples=4,               # unconditional samples in the TB grid

@@ -35,7 +35,8 @@ batch 1: 214 ms per step scanned vs 119 ms unrolled, same process). So the
 sampler splits the stack into per-layer weights once, beside the cast, and
 runs the layers unrolled (`unroll_layers=False` keeps the scan: one layer
 body to compile instead of L, for a very deep model whose compile time
-matters more than its decode).
+matters more than its decode). With reshard_params=False the scan stays:
+the point there is to gather one layer's weights at a time.
 
 Reproducibility: row b draws step i with the key
 fold_in(fold_in(key(seed), sample_id[b]), i), so a sample depends on its
@@ -352,7 +353,9 @@ def _loop_for(model: llama.Llama, mesh: jax.sharding.Mesh, rules: tuple,
   fn = jax.jit(functools.partial(_generate, model=model,
                                  cache_dtype=cache_dtype,
                                  param_shardings=shardings,
-                                 unroll_layers=unroll_layers,
+                                 # Sharded weights stay scanned (doc).
+                                 unroll_layers=(unroll_layers
+                                                and reshard_params),
                                  trace_counter=traces),
                static_argnames=("cache_len",),
                out_shardings=_token_sharding(mesh, rules))
@@ -387,10 +390,10 @@ class Sampler:
 
   Params may come in any layout (e.g. restored with the training shardings,
   see `load`); each call lays them out for decoding first (module docstring)
-  unless reshard_params=False, and splits scanned layers to run them
-  unrolled unless unroll_layers=False. Prompts and outputs are split over the mesh's
-  batch axes by the logical rules. Batches are padded to a power of two (a multiple of the
-  data-parallel size); prompts to a power of two >= `min_bucket`; the cache
+  unless reshard_params=False, and then splits scanned layers to run them
+  unrolled unless unroll_layers=False. Prompts and outputs are split over
+  the mesh's batch axes by the logical rules. Batches are padded to a power
+  of two (a multiple of the data-parallel size); prompts to a power of two >= `min_bucket`; the cache
   holds the prompt bucket + max_new_tokens rounded up to a power of two
   >= `min_bucket`, capped at the model's max_len. So prompts of any length
   within a bucket share one compilation, and a decode step attends over
