@@ -393,7 +393,8 @@ class Sampler:
   unless reshard_params=False, and then splits scanned layers to run them
   unrolled unless unroll_layers=False. Prompts and outputs are split over
   the mesh's batch axes by the logical rules. Batches are padded to a power
-  of two (a multiple of the data-parallel size); prompts to a power of two >= `min_bucket`; the cache
+  of two (a multiple of the data-parallel size); prompts to a power of two
+  >= `min_bucket`; the cache
   holds the prompt bucket + max_new_tokens rounded up to a power of two
   >= `min_bucket`, capped at the model's max_len. So prompts of any length
   within a bucket share one compilation, and a decode step attends over
