@@ -43,6 +43,7 @@ setuptools.setup(
             "nbclient",
             "nbformat",
             "pytest",
+            "pytest-timeout",  # a hung test fails with its stack (pytest.ini)
             "pytest-xdist",
             "scikit-image",  # real photographs for tests and benchmarks
             "scipy",

@@ -71,7 +71,7 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def gcs():
+def gcs(tmp_path_factory):
   """A Google Cloud Storage API on localhost with the bucket `test-bucket`.
 
   gcp-storage-emulator from PyPI (tests/gcs_emulator.py). Yields the
@@ -83,10 +83,15 @@ def gcs():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   url = f"http://127.0.0.1:{port}"
-  proc = subprocess.Popen(
-      [sys.executable, os.path.join(os.path.dirname(__file__),
-                                    "gcs_emulator.py"), str(port),
-       "test-bucket"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  # Its log goes to a file, not a pipe: it writes a traceback for each
+  # request a client drops, and once a pipe nobody reads holds 64 KiB the
+  # emulator blocks mid-response and every later gs:// call waits forever.
+  log = tmp_path_factory.mktemp("gcs") / "emulator.log"
+  with open(log, "wb") as log_file:
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(os.path.dirname(__file__),
+                                      "gcs_emulator.py"), str(port),
+         "test-bucket"], stdout=subprocess.DEVNULL, stderr=log_file)
   try:
     for _ in range(300):
       try:
@@ -94,7 +99,7 @@ def gcs():
         break
       except OSError:
         if proc.poll() is not None:
-          pytest.fail(f"The storage emulator exited: {proc.stderr.read()}")
+          pytest.fail(f"The storage emulator exited: {log.read_text()}")
         time.sleep(0.1)
     else:
       pytest.fail(f"The storage emulator did not answer at {url}.")

@@ -4,6 +4,8 @@ import os
 import re
 import subprocess
 import shutil
+import urllib.error
+import urllib.request
 
 from etils import epath
 import pytest
@@ -67,6 +69,20 @@ def test_local_dir_uploads_what_libraries_wrote(base):
     with open(os.path.join(local, "a.txt"), "w") as f:
       f.write("hi")
   assert (storage.path(base) / "out" / "a.txt").read_text() == "hi"
+
+
+def test_the_emulator_answers_after_a_long_log(gcs_env):
+  """Every request to a method the emulator lacks logs an error line: 1,500
+  of them (well past a 64 KiB pipe) and it must still answer. CI hung for
+  90 minutes when its log went to a pipe nobody read."""
+  url = gcs_env["STORAGE_EMULATOR_HOST"]
+  for _ in range(1500):
+    request = urllib.request.Request(f"{url}/no/such/api", method="PATCH")
+    with pytest.raises(urllib.error.HTTPError, match="501"):
+      urllib.request.urlopen(request, timeout=10)
+  with urllib.request.urlopen(f"{url}/storage/v1/b/test-bucket",
+                              timeout=10) as answer:
+    assert answer.status == 200
 
 
 def test_bad_workdirs_fail_before_compiling(gcs_env, tmp_path, monkeypatch):
