@@ -240,6 +240,12 @@ class _Loop:
   count: jax.Array         # int32 [B]: constraint counter
 
 
+def batch_mesh_axes(rules: Sequence) -> tuple[str, ...]:
+  """The mesh axes the rules split the batch over (data and fsdp by default)."""
+  axes = nn.logical_to_mesh_axes(("batch",), tuple(rules))[0]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def decode_shardings(model: llama.Llama, mesh: jax.sharding.Mesh,
                      rules: Sequence) -> Any:
   """The params' decode layout: the rules without the batch's mesh axes.
@@ -250,10 +256,9 @@ def decode_shardings(model: llama.Llama, mesh: jax.sharding.Mesh,
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(model.init, jax.random.key(0),
                            jnp.zeros((1, 1), jnp.int32))["params"]
-    batch = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  batch = batch_mesh_axes(rules)
   as_tuple = lambda axes: ((axes,) if isinstance(axes, str) else
                            tuple(axes or ()))
-  batch = as_tuple(batch)
   decode_rules = tuple(
       (name, tuple(a for a in as_tuple(axes) if a not in batch) or None)
       for name, axes in rules)
@@ -366,10 +371,8 @@ def _token_sharding(mesh: jax.sharding.Mesh,
                     rules: Sequence) -> jax.sharding.NamedSharding:
   """Tokens [B, C]: rows split over the batch axes, each row whole, so each
   process reads its own rows from its own devices."""
-  with nn.logical_axis_rules(rules):
-    batch = nn.logical_to_mesh_axes(("batch",), rules)[0]
-  return jax.sharding.NamedSharding(mesh,
-                                    jax.sharding.PartitionSpec(batch, None))
+  return jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(batch_mesh_axes(rules) or None, None))
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -420,9 +423,8 @@ class Sampler:
     self._batch_sharding = jax.sharding.NamedSharding(self.mesh, spec)
     self._row_sharding = jax.sharding.NamedSharding(
         self.mesh, jax.sharding.PartitionSpec(spec[0]))
-    batch_axes = spec[0] if isinstance(spec[0], tuple) else (
-        () if spec[0] is None else (spec[0],))
-    self.batch_multiple = math.prod(self.mesh.shape[a] for a in batch_axes)
+    self.batch_multiple = math.prod(
+        self.mesh.shape[a] for a in batch_mesh_axes(self.rules))
     # Processes the batch is split over (1 in a single-process run).
     self.feeds = self.batch_multiple // len(self.rows(self.batch_multiple))
     self._jitted, self._traces = _loop_for(model, self.mesh, self.rules,
