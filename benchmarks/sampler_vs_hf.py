@@ -23,6 +23,22 @@ on scikit-image photos; prompts are a photo's first tokens). HF has no such
 constraint, so its unconstrained time is the reference there: the ratio
 charges the constraint's whole cost to codeclm.
 
+--breakdown times the prefill's parts instead (on CPU), to show where a
+prefill ratio comes from. Each is timed the same way, and each ratio is
+torch seconds / JAX seconds:
+
+  forward    the whole model: codeclm's `Llama.apply` (jitted, logits at the
+             last position only, as the sampler asks) against transformers'
+             forward (`logits_to_keep=1`), same weights;
+  matmuls    only the layers' weight matmuls (q, k, v, o, gate, up, down),
+             chained as in the model (k and v summed into the residual, so
+             neither side can drop them): XLA's dots against torch's;
+  attention  only causal attention over [B, T, H, F]: jax.nn.
+             dot_product_attention against torch's scaled_dot_product_attention.
+
+If `matmuls` and `forward` have about the same ratio, the matmul kernels set
+the pace and no change in codeclm's model code can move it.
+
 The script runs unchanged on a GPU (both sides then use it; JAX does not
 preallocate, so torch fits beside it); there it also prints the HBM
 bandwidth bound of a decode step: (weights + KV cache bytes) / peak
@@ -30,6 +46,7 @@ bandwidth (--peak_gbps, or a table of known devices).
 
   python benchmarks/sampler_vs_hf.py --sizes=demo,100m --prompts=128,512 \
       --batches=1,8 --new_tokens=128 --repeats=3 --grammar=none,jpeg
+  python benchmarks/sampler_vs_hf.py --sizes=100m --prompts=512 --breakdown
   python benchmarks/sampler_vs_hf.py --tiny   # a smoke run (CI), not timed
 """
 
@@ -39,6 +56,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import platform  # pylint: disable=g-import-not-at-top,wrong-import-position
+import statistics  # pylint: disable=g-import-not-at-top,wrong-import-position
 import time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app  # pylint: disable=g-import-not-at-top
@@ -69,6 +87,8 @@ _GRAMMAR = flags.DEFINE_list("grammar", ["none"],
                              "grammar constraint).")
 _PEAK = flags.DEFINE_float("peak_gbps", 0.0, "Peak memory bandwidth of the "
                            "accelerator in GB/s (0: from a table).")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Time the prefill's parts "
+                                "(forward, matmuls, attention) instead.")
 _TINY = flags.DEFINE_bool("tiny", False, "A smoke run of a few seconds: the "
                           "tiny model, short prompts, few tokens, 1 repeat.")
 
@@ -256,6 +276,98 @@ def logits_agree(device: str, cache: dict) -> float:
                       - theirs.float().cpu().numpy()).max())
 
 
+def prefill_parts(config: llama.LlamaConfig, params: dict, hf, batch: int,
+                  t: int):
+  """{part: (jax_fn, torch_fn)}, each a thunk running that part once."""
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(batch)
+  ids = rng.integers(0, config.vocab_size, (batch, t))
+  model = llama.Llama(config)
+  last = jnp.full((batch, 1), t - 1, jnp.int32)
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x,
+                                              logits_at=last))
+  jparams, jids, tids = jax.device_put(params), jnp.asarray(ids), (
+      torch.from_numpy(ids))
+
+  layer = jax.tree.map(lambda x: np.asarray(x[0]), params["layers"])
+  names = [("attn", f"{n}_proj") for n in "qkvo"] + [
+      ("mlp", f"{n}_proj") for n in ("gate", "up", "down")]
+  mats = [layer[a][n].reshape(-1, layer[a][n].shape[-1]) if n == "o_proj"
+          else layer[a][n].reshape(layer[a][n].shape[0], -1)
+          for a, n in names]
+  x = rng.normal(size=(batch * t, config.emb_dim)).astype(np.float32)
+
+  def chain_jax(x, ws):
+    for _ in range(config.num_layers):
+      q, k, v = (x @ w for w in ws[:3])
+      x = x + q @ ws[3] + (k.sum(-1, keepdims=True)
+                           + v.sum(-1, keepdims=True))
+      x = x + (jax.nn.silu(x @ ws[4]) * (x @ ws[5])) @ ws[6]
+    return x
+
+  def chain_torch(x, ws):
+    for _ in range(config.num_layers):
+      q, k, v = (x @ w for w in ws[:3])
+      x = x + q @ ws[3] + (k.sum(-1, keepdims=True)
+                           + v.sum(-1, keepdims=True))
+      x = x + (torch.nn.functional.silu(x @ ws[4]) * (x @ ws[5])) @ ws[6]
+    return x
+
+  jchain = jax.jit(chain_jax)
+  jmats, jx = [jnp.asarray(m) for m in mats], jnp.asarray(x)
+  tmats, tx = [torch.from_numpy(m) for m in mats], torch.from_numpy(x)
+
+  shape = (batch, t, config.num_heads, config.head_dim)
+  q, k, v = (rng.normal(size=shape).astype(np.float32) for _ in range(3))
+  jattn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True))
+  jq, jk, jv = (jnp.asarray(a) for a in (q, k, v))
+  tq, tk, tv = (torch.from_numpy(a).transpose(1, 2) for a in (q, k, v))
+
+  def no_grad(fn):
+    def run():
+      with torch.no_grad():
+        return fn()
+    return run
+
+  return {
+      "forward": (lambda: forward(jparams, jids),
+                  no_grad(lambda: hf(tids, logits_to_keep=1).logits)),
+      "matmuls": (lambda: jchain(jx, jmats),
+                  no_grad(lambda: chain_torch(tx, tmats))),
+      "attention": (lambda: jattn(jq, jk, jv), no_grad(
+          lambda: torch.nn.functional.scaled_dot_product_attention(
+              tq, tk, tv, is_causal=True))),
+  }
+
+
+def breakdown(size: str, prompt_len: int, batch: int, cache: dict) -> dict:
+  """One row of --breakdown: each prefill part's medians and ratio."""
+  key = (size, _VOCAB.value)
+  if key not in cache:
+    config = llama.LlamaConfig.from_size(
+        size, vocab_size=_VOCAB.value, max_len=4096, dtype="float32",
+        remat_policy="none")
+    params = random_params(config)
+    cache[key] = (config, params, hf_model(config, params, "cpu"), None)
+  config, params, hf, _ = cache[key]
+  fns = prefill_parts(config, params, hf, batch, prompt_len)
+  timer = Timer("cpu")
+  for jfn, tfn in fns.values():
+    jfn(), tfn()  # Compile / warm up.
+  times = {(p, side): [] for p in fns for side in ("jax", "torch")}
+  for _ in range(_REPEATS.value):
+    for p, (jfn, tfn) in fns.items():
+      times[p, "jax"].append(timer(jfn)[0])
+      times[p, "torch"].append(timer(tfn)[0])
+  row = {"size": size, "prompt": prompt_len, "batch": batch}
+  for p in fns:
+    j, h = (statistics.median(times[p, s]) for s in ("jax", "torch"))
+    row[p] = {"jax_s": round(j, 4), "torch_s": round(h, 4),
+              "ratio": round(h / j, 2)}
+  return row
+
+
 def main(argv):
   del argv
   torch_compat.importable_torchvision()  # Before transformers is imported.
@@ -277,6 +389,10 @@ def main(argv):
   for size in _SIZES.value:
     for prompt_len in map(int, _PROMPTS.value):
       for batch in map(int, _BATCHES.value):
+        if _BREAKDOWN.value:
+          print(json.dumps(breakdown(size, prompt_len, batch, cache)),
+                flush=True)
+          continue
         for grammar in _GRAMMAR.value:
           print(json.dumps(compare(size, prompt_len, batch, grammar, device,
                                    cache)), flush=True)

@@ -534,3 +534,10 @@ def test_sampler_vs_hf_benchmark_smoke(capsys):
   for r in rows[1:]:
     assert set(r["prefill_s"]) == {"codeclm", "hf"} and r["prefill_ratio"] > 0
     assert r["full_length_rows"] == 2
+  with flagsaver.flagsaver(tiny=True, breakdown=True):
+    bench.main([])
+  rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()][1:]
+  assert [(r["prompt"], r["batch"]) for r in rows] == [(8, 2), (24, 2)]
+  for r in rows:
+    for part in ("forward", "matmuls", "attention"):
+      assert r[part]["jax_s"] > 0 and r[part]["torch_s"] > 0, r
