@@ -195,22 +195,30 @@ def test_unrolled_layers_draw_what_the_scan_draws():
   """The sampler splits the scanned layers and unrolls them (module doc):
   the same tokens as the scan, greedy and sampled, and no layer loop left
   (a scan is one while per forward pass, prefill and decode; the rest are
-  the decode loop and the sampling's own)."""
+  the decode loop and the sampling's own). Params laid out once
+  (Sampler.prepare) draw the same again, and their call copies no weights:
+  it slices none out of the stacked layers."""
   model, params = model_and_params()
   settings = sampler_lib.Settings(temperature=1.0, top_k=40,
                                   max_new_tokens=32)
-  whiles, drawn = {}, {}
-  for unroll in (False, True):
+  whiles, drawn, slices = {}, {}, {}
+  for unroll in (False, True, "prepared"):
     s = sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD,
-                            cache_dtype="float32", unroll_layers=unroll)
-    whiles[unroll] = s.lower(params, PROMPTS, GREEDY).as_text().count(
-        "stablehlo.while")
-    drawn[unroll] = [[g.tokens for g in s(params, PROMPTS, x, seed=3)]
+                            cache_dtype="float32", unroll_layers=bool(unroll))
+    given = s.prepare(params) if unroll == "prepared" else params
+    hlo = s.lower(given, PROMPTS, GREEDY).as_text()
+    whiles[unroll] = hlo.count("stablehlo.while")
+    slices[unroll] = hlo.count("stablehlo.slice")
+    drawn[unroll] = [[g.tokens for g in s(given, PROMPTS, x, seed=3)]
                      for x in (GREEDY, settings)]
   assert whiles[False] - whiles[True] == 2, whiles
-  for scanned, unrolled in zip(drawn[False], drawn[True]):
-    for a, b in zip(scanned, unrolled):
-      np.testing.assert_array_equal(a, b)
+  assert whiles["prepared"] == whiles[True], whiles
+  # 2 layers x 9 weights sliced out of the stack, in the plain call only.
+  assert slices[True] - slices["prepared"] >= 18, slices
+  for other in (True, "prepared"):
+    for scanned, unrolled in zip(drawn[False], drawn[other]):
+      for a, b in zip(scanned, unrolled):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_seeded_and_independent_of_the_batch():

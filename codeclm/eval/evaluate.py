@@ -297,6 +297,7 @@ def complete(sampler: sampler_lib.Sampler, params, tokenizer, codec,
     progress(full)
   # The budgets of every process (sampler calls are collective under
   # jax.distributed): each process joins each group's calls, rows or not.
+  params = sampler.prepare(params)  # Once for every call (DecodeParams).
   counts = np.bincount(list(groups), minlength=max_len + 1)
   every = sampler_lib.gather_ints(counts).sum(axis=0)
   for budget in np.flatnonzero(every)[::-1].tolist():

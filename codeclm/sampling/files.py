@@ -78,6 +78,7 @@ def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
   settings = dataclasses.replace(
       settings, max_new_tokens=min(settings.max_new_tokens, room))
   results = []
+  params = sampler.prepare(params)  # Once for every chunk (DecodeParams).
   for chunk in sampler.chunks(len(requests), batch_size):
     extra = grammar.sampler_args(
         [r.prompt for r in requests[chunk]],
