@@ -33,8 +33,8 @@ torch seconds / JAX seconds:
              last position only, as the sampler asks) against transformers'
              forward (`logits_to_keep=1`), same weights;
   matmuls    only the layers' weight matmuls (q, k, v, o, gate, up, down),
-             chained as in the model (k and v summed into the residual, so
-             neither side can drop them): XLA's dots against torch's;
+             chained as in the model (k and v returned, so neither side
+             can drop them): XLA's dots against torch's;
   attention  only causal attention over [B, T, H, F]: jax.nn.
              dot_product_attention against torch's scaled_dot_product_attention.
 
@@ -56,6 +56,7 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import platform  # pylint: disable=g-import-not-at-top,wrong-import-position
 import statistics  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -300,23 +301,16 @@ def prefill_parts(config: llama.LlamaConfig, params: dict, hf, batch: int,
           for a, n in names]
   x = rng.normal(size=(batch * t, config.emb_dim)).astype(np.float32)
 
-  def chain_jax(x, ws):
+  def chain(x, ws, silu):
+    kv = []  # Returned, so neither side can drop them.
     for _ in range(config.num_layers):
       q, k, v = (x @ w for w in ws[:3])
-      x = x + q @ ws[3] + (k.sum(-1, keepdims=True)
-                           + v.sum(-1, keepdims=True))
-      x = x + (jax.nn.silu(x @ ws[4]) * (x @ ws[5])) @ ws[6]
-    return x
+      kv += [k, v]
+      x = x + q @ ws[3]
+      x = x + (silu(x @ ws[4]) * (x @ ws[5])) @ ws[6]
+    return x, kv
 
-  def chain_torch(x, ws):
-    for _ in range(config.num_layers):
-      q, k, v = (x @ w for w in ws[:3])
-      x = x + q @ ws[3] + (k.sum(-1, keepdims=True)
-                           + v.sum(-1, keepdims=True))
-      x = x + (torch.nn.functional.silu(x @ ws[4]) * (x @ ws[5])) @ ws[6]
-    return x
-
-  jchain = jax.jit(chain_jax)
+  jchain = jax.jit(functools.partial(chain, silu=jax.nn.silu))
   jmats, jx = [jnp.asarray(m) for m in mats], jnp.asarray(x)
   tmats, tx = [torch.from_numpy(m) for m in mats], torch.from_numpy(x)
 
@@ -337,7 +331,8 @@ def prefill_parts(config: llama.LlamaConfig, params: dict, hf, batch: int,
       "forward": (lambda: forward(jparams, jids),
                   no_grad(lambda: hf(tids, logits_to_keep=1).logits)),
       "matmuls": (lambda: jchain(jx, jmats),
-                  no_grad(lambda: chain_torch(tx, tmats))),
+                  no_grad(lambda: chain(tx, tmats,
+                                        torch.nn.functional.silu))),
       "attention": (lambda: jattn(jq, jk, jv), no_grad(
           lambda: torch.nn.functional.scaled_dot_product_attention(
               tq, tk, tv, is_causal=True))),
