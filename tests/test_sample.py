@@ -215,6 +215,12 @@ def test_unrolled_layers_draw_what_the_scan_draws():
   assert whiles["prepared"] == whiles[True], whiles
   # 2 layers x 9 weights sliced out of the stack, in the plain call only.
   assert slices[True] - slices["prepared"] >= 18, slices
+  # Params kept as trained (reshard_params=False) need no layout: prepare
+  # returns them as they are, not a copy of the model.
+  kept = sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD,
+                             reshard_params=False).prepare(params)
+  assert all(a is b for a, b in zip(jax.tree.leaves(kept.tree),
+                                    jax.tree.leaves(params)))
   for other in (True, "prepared"):
     for scanned, unrolled in zip(drawn[False], drawn[other]):
       for a, b in zip(scanned, unrolled):

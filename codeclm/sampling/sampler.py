@@ -445,6 +445,7 @@ class Sampler:
         self.mesh.shape[a] for a in batch_mesh_axes(self.rules))
     # Processes the batch is split over (1 in a single-process run).
     self.feeds = self.batch_multiple // len(self.rows(self.batch_multiple))
+    self._reshard_params = bool(reshard_params)
     self._jitted, self._traces, self._prepare = _loop_for(
         model, self.mesh, self.rules, self.cache_dtype, bool(reshard_params),
         bool(unroll_layers))
@@ -460,6 +461,8 @@ class Sampler:
     given plain params needs anyway (it makes the same copy inside)."""
     if isinstance(params, DecodeParams):
       return params
+    if not self._reshard_params:  # Nothing to lay out: no copy either.
+      return DecodeParams(params, self.model)
     with self._context():
       return self._prepare(params)
 
