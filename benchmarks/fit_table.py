@@ -46,6 +46,9 @@ ROWS = [
     ("avc-7b-v5p-64", "configs/avc_lm.py:7b", 32_768, 256, "v5p-64"),
     ("jpeg-1b-v6e-8", "configs/jpeg_lm.py:1b", 12_288, 128, "v6e-8"),
     ("jpeg-7b-v6e-64", "configs/jpeg_lm.py:7b", 12_288, 256, "v6e-64"),
+    ("jpeg-1b-v5p-8", "configs/jpeg_lm.py:1b", 12_288, 128, "v5p-8"),
+    ("avc-7b-v5e-256", "configs/avc_lm.py:7b", 32_768, 256, "v5e-256"),
+    ("avc-7b-v6e-64", "configs/avc_lm.py:7b", 32_768, 256, "v6e-64"),
 ]
 # The order rows run in: the targets with splash and XLA first.
 PLAN = [
@@ -55,6 +58,9 @@ PLAN = [
     ("jpeg-7b-v5p-64", "xla"), ("avc-7b-v5p-64", "xla"),
     ("jpeg-1b-v6e-8", "splash"), ("jpeg-7b-v6e-64", "splash"),
     ("jpeg-1b-v6e-8", "xla"), ("jpeg-7b-v6e-64", "xla"),
+    ("jpeg-1b-v5p-8", "splash"), ("jpeg-1b-v5p-8", "xla"),
+    ("avc-7b-v5e-256", "xla"), ("avc-7b-v6e-64", "xla"),
+    ("avc-7b-v5e-256", "splash"), ("avc-7b-v6e-64", "splash"),
 ]
 
 
