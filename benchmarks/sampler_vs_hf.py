@@ -127,6 +127,20 @@ def hf_model(config: llama.LlamaConfig, params: dict, device: str):
   return model.to(device=device, dtype=getattr(torch, config.dtype)).eval()
 
 
+def models(size: str, vocab: int, device: str, cache: dict):
+  """(config, numpy params, HF model, params on the JAX device) of one size
+  and vocabulary, made once per run (`cache`)."""
+  key = (size, vocab)
+  if key not in cache:
+    config = llama.LlamaConfig.from_size(
+        size, vocab_size=vocab, max_len=4096, dtype=_DTYPE.value,
+        remat_policy="none")
+    params = random_params(config)
+    cache[key] = (config, params, hf_model(config, params, device),
+                  jax.device_put(params))
+  return cache[key]
+
+
 def jpeg_grammar_and_prompt(length: int):
   """The JPEG token grammar and a photo's first `length` tokens (with BOS)."""
   from skimage import data  # pylint: disable=g-import-not-at-top
@@ -175,15 +189,7 @@ def compare(size: str, prompt_len: int, batch: int, grammar: str,
     vocab = tokenizer.vocab_size
   else:
     vocab = _VOCAB.value
-  key = (size, vocab)
-  if key not in cache:
-    config = llama.LlamaConfig.from_size(
-        size, vocab_size=vocab, max_len=4096, dtype=_DTYPE.value,
-        remat_policy="none")
-    params = random_params(config)
-    cache[key] = (config, params, hf_model(config, params, device),
-                  jax.device_put(params))
-  config, params, hf, jparams = cache[key]
+  config, params, hf, jparams = models(size, vocab, device, cache)
   rng = np.random.default_rng(prompt_len)
   if grammar == "jpeg":
     prompts = np.array([ids] * batch, np.int64)
@@ -262,16 +268,8 @@ def compare(size: str, prompt_len: int, batch: int, grammar: str,
 def logits_agree(device: str, cache: dict) -> float:
   """Max |codeclm - HF| of the last prompt logits (the conversion's check)."""
   import torch  # pylint: disable=g-import-not-at-top
-  size = _SIZES.value[0]
-  compare_key = (size, _VOCAB.value)
-  if compare_key not in cache:
-    config = llama.LlamaConfig.from_size(
-        size, vocab_size=_VOCAB.value, max_len=4096, dtype=_DTYPE.value,
-        remat_policy="none")
-    params = random_params(config)
-    cache[compare_key] = (config, params, hf_model(config, params, device),
-                          jax.device_put(params))
-  config, _, hf, jparams = cache[compare_key]
+  config, _, hf, jparams = models(_SIZES.value[0], _VOCAB.value, device,
+                                  cache)
   tokens = np.random.default_rng(0).integers(0, _VOCAB.value, (1, 16))
   ours = llama.Llama(config).apply({"params": jparams}, tokens)[0, -1]
   with torch.no_grad():
@@ -341,14 +339,7 @@ def prefill_parts(config: llama.LlamaConfig, params: dict, hf, batch: int,
 
 def breakdown(size: str, prompt_len: int, batch: int, cache: dict) -> dict:
   """One row of --breakdown: each prefill part's medians and ratio."""
-  key = (size, _VOCAB.value)
-  if key not in cache:
-    config = llama.LlamaConfig.from_size(
-        size, vocab_size=_VOCAB.value, max_len=4096, dtype="float32",
-        remat_policy="none")
-    params = random_params(config)
-    cache[key] = (config, params, hf_model(config, params, "cpu"), None)
-  config, params, hf, _ = cache[key]
+  config, params, hf, _ = models(size, _VOCAB.value, "cpu", cache)
   fns = prefill_parts(config, params, hf, batch, prompt_len)
   timer = Timer("cpu")
   for jfn, tfn in fns.values():
