@@ -327,10 +327,9 @@ def _generate(params, prompts, lengths, active, sample_ids, states, counts,
   row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
       jax.random.key(seed), sample_ids)
 
-  def cond(s: _Loop):
-    return (s.step < max_new_tokens) & ~jnp.all(s.done)
-
-  def body(s: _Loop) -> _Loop:
+  def draw(s: _Loop):
+    """Token s.step of each row (PAD once done), the constraint's state and
+    counter after it, and the token buffer holding it."""
     logits, state, count = s.logits, s.state, s.count
     if constraint is not None:
       row = constraint.next_state[state]                      # [B, V]
@@ -341,23 +340,35 @@ def _generate(params, prompts, lengths, active, sample_ids, states, counts,
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, s.step)
     token = choose(logits, keys, temperature, top_k, top_p)
     token = jnp.where(s.done, pad_id, token)
-    pos = lengths + s.step
     if constraint is not None:
       moved = jnp.take_along_axis(row, token[:, None], axis=1)[:, 0]
       if constraint.counter is not None:
         count = jnp.where(s.done, count,
                           constraint.counter.advance(state, count, token))
       state = jnp.where(s.done, state, moved)
-    new_logits, cache = apply(token[:, None], pos[:, None], cache=s.cache)
     # Mapped over the rows: a batch split over the mesh writes its own rows.
-    tokens = jax.vmap(lambda t, i, x: t.at[i].set(x))(s.tokens, pos, token)
+    tokens = jax.vmap(lambda t, i, x: t.at[i].set(x))(
+        s.tokens, lengths + s.step, token)
+    return token, state, count, tokens
+
+  # Each step draws a token and runs the model on it for the next logits;
+  # the last token needs no model step after it, so the loop stops one
+  # short and a final draw (PAD when nothing is left to draw) ends it.
+  def cond(s: _Loop):
+    return (s.step < max_new_tokens - 1) & ~jnp.all(s.done)
+
+  def body(s: _Loop) -> _Loop:
+    token, state, count, tokens = draw(s)
+    pos = lengths + s.step
+    new_logits, cache = apply(token[:, None], pos[:, None], cache=s.cache)
     return _Loop(step=s.step + 1, tokens=tokens,
                  logits=new_logits[:, 0], cache=cache,
                  done=s.done | (token == eos_id), state=state, count=count)
 
   init = _Loop(step=jnp.zeros((), jnp.int32), tokens=tokens, logits=last[:, 0],
                cache=cache, done=~active, state=states, count=counts)
-  return jax.lax.while_loop(cond, body, init).tokens
+  end = jax.lax.while_loop(cond, body, init)
+  return draw(end.replace(done=end.done | (end.step >= max_new_tokens)))[3]
 
 
 @functools.lru_cache(maxsize=16)
