@@ -3,6 +3,8 @@ r"""The fit table: the paper's runs compiled for TPU slices (--mode=compile).
   python benchmarks/fit_table.py --out=/tmp/fit.jsonl            # compile
   python benchmarks/fit_table.py --out=/tmp/fit.jsonl --markdown # the table
   python benchmarks/fit_table.py --out=/tmp/fit.jsonl --recount  # from HLO
+  python benchmarks/fit_table.py --out=/tmp/fit.jsonl --smallest=all
+  python benchmarks/fit_table.py --out=/tmp/fit.jsonl --smallest=all --markdown
 
 Each row compiles the real train step (`python -m codeclm.main --mode=compile
 --config.compile.steps='(train,)'`, one process per row, so a crash or an
@@ -12,6 +14,13 @@ chip holds one sequence per micro-batch; splash first, then XLA on the same
 slice. Results are appended to --out as JSON lines as they finish, so a run
 stopped early keeps its rows. Needs the [tpu] extra; a 7B row takes minutes of
 CPU.
+
+--smallest searches, per model, TPU generation and attention, for the smallest
+slice that fits: slices upward from the first on which the fp32 parameters
+and AdamW moments (12 bytes per parameter) alone fit a chip's HBM, stopping
+at the first that fits, or at one whose temporaries alone exceed HBM (with
+one sequence per chip per micro-batch they do not shrink with more chips).
+Rows already in --out are reused, not compiled again.
 """
 
 import gzip
@@ -31,6 +40,9 @@ _ONLY = flags.DEFINE_list(
     "only", [], "Rows to run: a name runs it with both attentions, "
     "name:attention (jpeg-7b-v6e-64:xla) one of them (default: all).")
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 3600, "Per compile.")
+_SMALLEST = flags.DEFINE_list(
+    "smallest", [], "Searches to run, model:generation[:attention] "
+    "(jpeg-7b:v5e:splash), or 'all'; with --markdown, the search table.")
 _RECOUNT = flags.DEFINE_bool(
     "recount", False, "Recount --out's collectives from the HLO each compile "
     "kept in its workdir (after a change to compile.collectives), in place.")
@@ -50,6 +62,14 @@ ROWS = [
     ("avc-7b-v5e-256", "configs/avc_lm.py:7b", 32_768, 256, "v5e-256"),
     ("avc-7b-v6e-64", "configs/avc_lm.py:7b", 32_768, 256, "v6e-64"),
 ]
+# The searches (--smallest): model -> (config, seq_len, global batch).
+MODELS = {
+    "jpeg-1b": ("configs/jpeg_lm.py:1b", 12_288, 128),
+    "jpeg-7b": ("configs/jpeg_lm.py:7b", 12_288, 256),
+    "avc-7b": ("configs/avc_lm.py:7b", 32_768, 256),
+}
+SEARCH_GENERATIONS = ("v5e", "v5p", "v6e")
+STATE_BYTES_PER_PARAM = 12  # fp32 parameter + AdamW's two fp32 moments.
 # The order rows run in: the issue's targets with splash and XLA first.
 PLAN = [
     ("jpeg-1b-v5e-16", "splash"), ("jpeg-1b-v5e-16", "xla"),
@@ -113,6 +133,111 @@ def compile_row(name, config, seq_len, batch, topology, impl) -> dict:
   return row
 
 
+def state_bytes(config: str) -> int:
+  """Parameters + AdamW moments of a config name's model size, in bytes."""
+  _aot()
+  from codeclm.model import llama  # pylint: disable=g-import-not-at-top
+  size = config.split(":")[1]
+  return STATE_BYTES_PER_PARAM * llama.param_count(
+      llama.LlamaConfig.from_size(size, vocab_size=322))
+
+
+def fits(row) -> bool:
+  return bool(row.get("report", {}).get("verdict", {}).get("fits"))
+
+
+def temporaries(row) -> int:
+  progs = row.get("report", {}).get("programs", ())
+  return progs[0]["memory"]["temporary"] if progs else 0
+
+
+def search(model: str, generation: str, impl: str, done: dict):
+  """Yields the rows of one search (see the module docstring), compiling
+  the ones `done` ({(config, seq, topology, attention): row}) lacks."""
+  config, seq_len, batch = MODELS[model]
+  spec = _aot().GENERATIONS[generation]
+  state = state_bytes(config)
+  same = [r for r in done.values() if (r["config"], r["seq_len"],
+                                       r["attention"]) == (config, seq_len, impl)
+          and r["topology"].startswith(generation + "-")]
+  if any(temporaries(r) > spec.hbm_bytes for r in same):
+    return  # Known already: no slice of this generation fits.
+  for size in spec.sizes:
+    topology = f"{generation}-{size}"
+    chips = chips_of(topology)
+    if batch % chips or state / chips > spec.hbm_bytes:
+      continue  # The table says why the slices below the first tried fail.
+    key = (config, seq_len, topology, impl)
+    if key not in done:
+      print(f"compiling {model} on {topology} with {impl} ...", flush=True)
+      done[key] = compile_row(f"{model}-{topology}", config, seq_len, batch,
+                              topology, impl)
+      print(f"  done in {done[key]['wall_s']} s", flush=True)
+      yield done[key]
+    row = done[key]
+    if fits(row) or temporaries(row) > spec.hbm_bytes or (
+        "report" not in row):
+      return
+
+
+def smallest_markdown(rows) -> str:
+  """One line per (model, generation, attention) searched or compiled."""
+  aot = _aot()
+  out = ["| model | seq | global batch | generation | attention | smallest "
+         "slice that fits | mesh | GiB per chip | collectives GiB/step | "
+         "the slice below it |", "|" + "---|" * 10]
+  groups = {}
+  for r in rows:
+    gen = aot.parse_topology(r["topology"]).generation
+    groups.setdefault((r["config"], r["seq_len"], gen, r["attention"]),
+                      []).append(r)
+  for (config, seq_len, gen, impl), group in sorted(groups.items()):
+    spec = aot.GENERATIONS[gen]
+    group.sort(key=lambda r: chips_of(r["topology"]))
+    fit = next((r for r in group if fits(r)), None)
+    chips = chips_of(fit["topology"]) if fit else None
+    below = [size for size in spec.sizes
+             if chips_of(f"{gen}-{size}") < (chips or 0)]
+    state = state_bytes(config)
+    if fit is None:
+      last = group[-1]
+      why = (f"temporaries alone {temporaries(last) / GIB:.1f} GiB per chip"
+             if temporaries(last) > spec.hbm_bytes else "see log")
+      tried = ", ".join(
+          f"{r['topology']} over by "
+          f"{r['report']['verdict'].get('over_bytes', 0) / GIB:.1f} GiB"
+          for r in group if "report" in r)
+      out.append(f"| {config.split('/')[-1]} | {seq_len:,} | "
+                 f"{group[0]['batch']} | {gen} | {impl} | none | | | | "
+                 f"{tried}: {why} |")
+      continue
+    if not below:
+      under = f"none: {fit['topology']} is {gen}'s smallest"
+    else:
+      topology = f"{gen}-{below[-1]}"
+      tried = [r for r in group if r["topology"] == topology]
+      per_chip = state / chips_of(topology)
+      if tried and "report" in tried[0]:
+        v = tried[0]["report"]["verdict"]
+        under = f"{topology}: over by {v.get('over_bytes', 0) / GIB:.1f} GiB"
+      elif per_chip > spec.hbm_bytes:
+        under = (f"{topology}: parameters + AdamW alone {per_chip / GIB:.1f}"
+                 f" GiB per chip")
+      else:
+        under = f"{topology}: not compiled"
+    rep = fit["report"]
+    prog = rep["programs"][0]
+    mesh = "x".join(str(rep["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+    moved = sum(c["bytes"] for c in prog["collectives"].values())
+    out.append(
+        f"| {config.split('/')[-1]} | {seq_len:,} | {fit['batch']} "
+        f"({fit['grad_accum']}) | {gen} | {impl} | {fit['topology']} | "
+        f"{mesh} | {prog['memory']['total'] / GIB:.1f} of "
+        f"{rep['hbm_bytes_per_chip'] / GIB:.0f} | {moved / GIB:.1f}"
+        f"{'' if 'hlo' in prog else ' (old count)'} | {under} |")
+  return "\n".join(out)
+
+
 def markdown(rows) -> str:
   out = ["| model | seq | global batch (accum) | slice | mesh | remat | "
          "attention | GiB per chip (temp) | of HBM | collectives GiB/step | "
@@ -148,7 +273,8 @@ def markdown(rows) -> str:
 def main(_):
   if _MARKDOWN.value:
     with open(_OUT.value) as f:
-      print(markdown([json.loads(line) for line in f if line.strip()]))
+      rows = [json.loads(line) for line in f if line.strip()]
+    print(smallest_markdown(rows) if _SMALLEST.value else markdown(rows))
     return
   if _RECOUNT.value:
     with open(_OUT.value) as f:
@@ -156,10 +282,23 @@ def main(_):
     with open(_OUT.value, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in rows)
     return
-  done = set()
+  rows = []
   if os.path.exists(_OUT.value):  # A rerun continues where one stopped.
     with open(_OUT.value) as f:
-      done = {(r["name"], r["attention"]) for r in map(json.loads, f)}
+      rows = [json.loads(line) for line in f if line.strip()]
+  if _SMALLEST.value:
+    done = {(r["config"], r["seq_len"], r["topology"], r["attention"]): r
+            for r in rows}
+    wanted = ([f"{m}:{g}" for m in MODELS for g in SEARCH_GENERATIONS]
+              if _SMALLEST.value == ["all"] else _SMALLEST.value)
+    for item in wanted:
+      model, generation, *impls = item.split(":")
+      for impl in impls or ("splash", "xla"):
+        for row in search(model, generation, impl, done):
+          with open(_OUT.value, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return
+  done = {(r["name"], r["attention"]) for r in rows}
   by_name = {row[0]: row for row in ROWS}
   plan = [(by_name[name], impl) for name, impl in PLAN
           if (not _ONLY.value or name in _ONLY.value

@@ -69,6 +69,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from codeclm.model import attention  # pylint: disable=g-import-not-at-top
 from codeclm.model import hf  # pylint: disable=g-import-not-at-top
 from codeclm.model import llama  # pylint: disable=g-import-not-at-top
 from codeclm.sampling import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
@@ -286,8 +287,10 @@ def prefill_parts(config: llama.LlamaConfig, params: dict, hf, batch: int,
   ids = rng.integers(0, config.vocab_size, (batch, t))
   model = llama.Llama(config)
   last = jnp.full((batch, 1), t - 1, jnp.int32)
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, x,
-                                              logits_at=last))
+  # The sampler's prefill: the prompt written into a fresh KV cache.
+  forward = jax.jit(lambda p, x: model.apply(
+      {"params": p}, x, logits_at=last,
+      cache=llama.init_cache(config, batch, t, config.dtype)))
   jparams, jids, tids = jax.device_put(params), jnp.asarray(ids), (
       torch.from_numpy(ids))
 
@@ -314,8 +317,9 @@ def prefill_parts(config: llama.LlamaConfig, params: dict, hf, batch: int,
 
   shape = (batch, t, config.num_heads, config.head_dim)
   q, k, v = (rng.normal(size=shape).astype(np.float32) for _ in range(3))
-  jattn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-      q, k, v, is_causal=True))
+  jattn = jax.jit(lambda q, k, v: attention.attend(  # As the prefill does.
+      q, k, v, impl=config.attention_impl, segment_ids=None, mask=None,
+      is_causal=True, prefill=True))
   jq, jk, jv = (jnp.asarray(a) for a in (q, k, v))
   tq, tk, tv = (torch.from_numpy(a).transpose(1, 2) for a in (q, k, v))
 

@@ -1,4 +1,5 @@
-"""Splash attention (Pallas, interpret mode on CPU) against dense XLA attention.
+"""Splash attention (Pallas, interpret mode on CPU) and the tiled CPU kernel
+against dense XLA attention.
 
 Tolerance: both paths compute in fp32 from the same inputs; splash takes the
 softmax online over key blocks of 128 (running max and rescaled sums) and XLA
@@ -6,7 +7,8 @@ over the whole row, so they differ only by fp32 rounding in a different
 summation order. With unit-scale inputs the outputs are O(1) and each sums
 256 terms: a few ulps of 1.2e-7 each gives ~1e-6; we allow 2e-5 (the measured
 worst case is below 2e-6), far below any masking error (a key leaking across
-a segment or the causal boundary moves outputs by ~1e-1).
+a segment or the causal boundary moves outputs by ~1e-1). The tiled kernel
+takes each block's softmax over its whole key range, in the same fp32.
 """
 
 import dataclasses
@@ -58,7 +60,8 @@ def _run(mesh, impl, q, k, v, ids, cotangent):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["concat", "packed"])
-def test_splash_equals_xla_output_and_gradients(mesh, packed):
+@pytest.mark.parametrize("impl", ["splash", "tiled"])
+def test_kernel_equals_xla_output_and_gradients(mesh, impl, packed):
   rng = np.random.default_rng(1)
   b = 4
   q, cotangent = (jnp.asarray(rng.normal(size=(b, T, H, F)), jnp.float32)
@@ -66,7 +69,7 @@ def test_splash_equals_xla_output_and_gradients(mesh, packed):
   k, v = (jnp.asarray(rng.normal(size=(b, T, K, F)), jnp.float32)
           for _ in range(2))
   ids = jnp.asarray(packed_ids(b, T)) if packed else None
-  out_s, grads_s = _run(mesh, "splash", q, k, v, ids, cotangent)
+  out_s, grads_s = _run(mesh, impl, q, k, v, ids, cotangent)
   out_x, grads_x = _run(mesh, "xla", q, k, v, ids, cotangent)
   np.testing.assert_allclose(out_s, out_x, atol=TOL, rtol=0)
   for name, gs, gx in zip("qkv", grads_s, grads_x):
@@ -75,6 +78,27 @@ def test_splash_equals_xla_output_and_gradients(mesh, packed):
   if packed:
     out_plain, _ = _run(mesh, "xla", q, k, v, None, cotangent)
     assert np.max(np.abs(np.asarray(out_plain) - np.asarray(out_x))) > 0.1
+
+
+@pytest.mark.parametrize("t, kv, tensor", [(200, 2, 2), (256, 2, 4),
+                                           (96, 1, 2)])
+def test_tiled_odd_lengths_and_head_splits(t, kv, tensor):
+  """A last block shorter than TILE (200, 96), KV heads the tensor axis does
+  not divide (2 on 4: each device's query heads must still meet their own KV
+  head), one KV head for all; packed rows, against XLA."""
+  rng = np.random.default_rng(t)
+  b = 4
+  mesh = sharding.make_mesh((1, 2, tensor), jax.devices()[:2 * tensor])
+  q, cotangent = (jnp.asarray(rng.normal(size=(b, t, H, F)), jnp.float32)
+                  for _ in range(2))
+  k, v = (jnp.asarray(rng.normal(size=(b, t, kv, F)), jnp.float32)
+          for _ in range(2))
+  ids = jnp.asarray(packed_ids(b, t, seed=t))
+  out_t, grads_t = _run(mesh, "tiled", q, k, v, ids, cotangent)
+  out_x, grads_x = _run(mesh, "xla", q, k, v, ids, cotangent)
+  np.testing.assert_allclose(out_t, out_x, atol=TOL, rtol=0)
+  for name, gt, gx in zip("qkv", grads_t, grads_x):
+    np.testing.assert_allclose(gt, gx, atol=TOL, rtol=0, err_msg=f"d{name}")
 
 
 def test_splash_in_the_model_matches_xla(mesh):
@@ -113,7 +137,10 @@ def test_auto_resolves_per_platform():
   assert r("auto", "tpu", jnp.bfloat16, 4096, False) == "splash"
   assert r("auto", "gpu", jnp.bfloat16, 4096, False) == "cudnn"
   assert r("auto", "cuda", jnp.float32, 4096, False) == "xla"  # cuDNN: 16-bit
-  assert r("auto", "cpu", jnp.bfloat16, 4096, False) == "xla"
+  assert r("auto", "cpu", jnp.bfloat16, 4096, False) == "xla"  # training
+  assert r("auto", "cpu", jnp.float32, 512, False, prefill=True) == "tiled"
+  assert r("auto", "tpu", jnp.float32, 512, False, prefill=True) == "splash"
+  assert r("tiled", "cpu", jnp.float32, 512, True) == "xla"    # dense mask
   assert r("auto", "tpu", jnp.bfloat16, 1, True) == "xla"      # decode step
   assert r("splash", "tpu", jnp.bfloat16, 100, False) == "xla"  # T % 128
   assert r("splash", "tpu", jnp.bfloat16, 256, True) == "xla"   # dense mask

@@ -361,7 +361,8 @@ class Attention(nn.Module):
     # mask drops it.
     out = attention.attend(q, keys, values, impl=c.attention_impl,
                            segment_ids=segment_ids, mask=mask,
-                           is_causal=is_causal)            # [B, T, H, F]
+                           is_causal=is_causal,
+                           prefill=self.prefill)          # [B, T, H, F]
     out = checkpoint_name(out, "attention_out")
     out = jnp.einsum("BTHF,HFD->BTD", out, wo.astype(dt))
     return nn.with_logical_constraint(out, ("batch", "length", "embed")), new_kv
