@@ -18,9 +18,11 @@ CPU.
 --smallest searches, per model, TPU generation and attention, for the smallest
 slice that fits: slices upward from the first on which the fp32 parameters
 and AdamW moments (12 bytes per parameter) alone fit a chip's HBM, stopping
-at the first that fits, or at one whose temporaries alone exceed HBM (with
-one sequence per chip per micro-batch they do not shrink with more chips).
-Rows already in --out are reused, not compiled again.
+at the first that fits. (Temporaries shrink with more chips too: gradients
+and optimizer updates are sharded. A slice over on temporaries fails in
+seconds, one over on the sum compiles in full.) Rows already in --out are
+reused, not compiled again; a generation whose largest slice (up to one
+sequence per chip) is known not to fit is skipped.
 """
 
 import gzip
@@ -130,6 +132,9 @@ def compile_row(name, config, seq_len, batch, topology, impl) -> dict:
       row["report"] = json.load(f)
   else:
     row["error"] = result.stderr[-2000:]
+    row["error_line"] = next(
+        (line.strip() for line in result.stderr.splitlines()
+         if "Check failed" in line or "Error" in line), "")[:300]
   return row
 
 
@@ -157,15 +162,14 @@ def search(model: str, generation: str, impl: str, done: dict):
   config, seq_len, batch = MODELS[model]
   spec = _aot().GENERATIONS[generation]
   state = state_bytes(config)
-  same = [r for r in done.values() if (r["config"], r["seq_len"],
-                                       r["attention"]) == (config, seq_len, impl)
-          and r["topology"].startswith(generation + "-")]
-  if any(temporaries(r) > spec.hbm_bytes for r in same):
+  sizes = [size for size in spec.sizes
+           if batch % chips_of(f"{generation}-{size}") == 0]
+  largest = done.get((config, seq_len, f"{generation}-{sizes[-1]}", impl))
+  if largest is not None and not fits(largest):
     return  # Known already: no slice of this generation fits.
-  for size in spec.sizes:
+  for size in sizes:
     topology = f"{generation}-{size}"
-    chips = chips_of(topology)
-    if batch % chips or state / chips > spec.hbm_bytes:
+    if state / chips_of(topology) > spec.hbm_bytes:
       continue  # The table says why the slices below the first tried fail.
     key = (config, seq_len, topology, impl)
     if key not in done:
@@ -174,9 +178,7 @@ def search(model: str, generation: str, impl: str, done: dict):
                               topology, impl)
       print(f"  done in {done[key]['wall_s']} s", flush=True)
       yield done[key]
-    row = done[key]
-    if fits(row) or temporaries(row) > spec.hbm_bytes or (
-        "report" not in row):
+    if fits(done[key]):
       return
 
 
@@ -200,16 +202,24 @@ def smallest_markdown(rows) -> str:
              if chips_of(f"{gen}-{size}") < (chips or 0)]
     state = state_bytes(config)
     if fit is None:
-      last = group[-1]
-      why = (f"temporaries alone {temporaries(last) / GIB:.1f} GiB per chip"
-             if temporaries(last) > spec.hbm_bytes else "see log")
-      tried = ", ".join(
-          f"{r['topology']} over by "
-          f"{r['report']['verdict'].get('over_bytes', 0) / GIB:.1f} GiB"
-          for r in group if "report" in r)
+      tried = [r for r in group if "report" in r] or group
+      last = tried[-1]
+      if "report" not in last:
+        out.append(f"| {config.split('/')[-1]} | {seq_len:,} | "
+                   f"{last['batch']} | {gen} | {impl} | none | | | | "
+                   f"{last['topology']}: the compiler failed: "
+                   f"{last.get('error_line') or 'see log'} |")
+        continue
+      over = last["report"]["verdict"].get("over_bytes", 0) / GIB
+      alone = (f", temporaries alone {temporaries(last) / GIB:.1f} GiB"
+               if temporaries(last) > spec.hbm_bytes else "")
+      slices = (tried[0]["topology"] if len(tried) == 1 else
+                f"{len(tried)} slices, {tried[0]['topology']} to "
+                f"{last['topology']}")
       out.append(f"| {config.split('/')[-1]} | {seq_len:,} | "
                  f"{group[0]['batch']} | {gen} | {impl} | none | | | | "
-                 f"{tried}: {why} |")
+                 f"tried {slices}; {last['topology']} over by {over:.1f} "
+                 f"GiB per chip{alone} |")
       continue
     if not below:
       under = f"none: {fit['topology']} is {gen}'s smallest"
@@ -217,7 +227,10 @@ def smallest_markdown(rows) -> str:
       topology = f"{gen}-{below[-1]}"
       tried = [r for r in group if r["topology"] == topology]
       per_chip = state / chips_of(topology)
-      if tried and "report" in tried[0]:
+      if tried and "report" not in tried[0]:
+        under = (f"{topology}: the compiler failed: "
+                 f"{tried[0].get('error_line') or 'see log'}")
+      elif tried:
         v = tried[0]["report"]["verdict"]
         under = f"{topology}: over by {v.get('over_bytes', 0) / GIB:.1f} GiB"
       elif per_chip > spec.hbm_bytes:

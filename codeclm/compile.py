@@ -123,8 +123,12 @@ def topology_devices(topology: Topology) -> list:
   # hold libtpu too; without this the second one fails on its lockfile.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  hosts = {}
+  if topology.chips < 4:  # libtpu's default host of 2x2 chips cannot hold it.
+    hosts["chips_per_host_bounds"] = topology.grid + (1,) * (
+        3 - len(topology.grid))
   return list(topologies.get_topology_desc(
-      platform="tpu", topology_name=topology.libtpu_name).devices)
+      platform="tpu", topology_name=topology.libtpu_name, **hosts).devices)
 
 
 def check_mesh(shape, topology: Topology) -> None:

@@ -59,6 +59,15 @@ def test_cloud_names_translate_for_libtpu(name, libtpu_name, chips):
   assert (t.libtpu_name, t.chips) == (libtpu_name, chips)
 
 
+@needs_libtpu
+@pytest.mark.parametrize("name", ["v5e-1", "v6e-1", "v5e-4"])
+def test_slices_of_one_chip_have_their_device(name):
+  """A one-chip slice is smaller than libtpu's default 2x2-chip host."""
+  devices = aot.topology_devices(aot.parse_topology(name))
+  assert len(devices) == aot.parse_topology(name).chips
+  assert devices[0].platform == "tpu"
+
+
 def test_unknown_topology_lists_the_known_ones():
   with pytest.raises(ValueError, match=r"Unknown TPU topology 'v9-8'.*v5e-N"):
     aot.parse_topology("v9-8")

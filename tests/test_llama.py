@@ -237,6 +237,61 @@ def test_prefill_fast_path_matches_the_masked_path(scan_layers, cache_dtype):
                               np.asarray(old[:, :, :, :6], np.float32))
 
 
+def unrolled_params(config):
+  """init_params(config) with the layer stack split into layers_i."""
+  params = init_params(config)
+  return {k: v for k, v in params.items() if k != "layers"} | {
+      f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], params["layers"])
+      for i in range(config.num_layers)}
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
+def test_per_layer_cache_matches_the_stacked_one(cache_dtype):
+  """Unrolled, rematerialised layers: a prefill and three decode steps give
+  the same logits with a per-layer cache as with a stacked one, and the
+  same cache contents; a decode step reads its layer's keys in place (the
+  stack is sliced, a copy per layer, every step)."""
+  config = tiny(scan_layers=False, remat_policy="full")
+  params = unrolled_params(tiny(remat_policy="full"))
+  tokens = random_tokens((2, 9))
+  model = llama.Llama(config)
+  step = jax.jit(lambda p, t, pos, c: model.apply(
+      {"params": p}, t, pos, cache=c))
+  results, hlo = {}, {}
+  for per_layer in (False, True):
+    cache = llama.init_cache(config, 2, 16, cache_dtype, per_layer=per_layer)
+    assert isinstance(cache.k, tuple) == per_layer and cache.length == 16
+    logits, cache = forward(config, params, tokens[:, :6], cache=cache)
+    outs = [logits]
+    for i in range(6, 9):
+      pos = jnp.full((2, 1), i, jnp.int32)
+      logits, cache = step(params, tokens[:, i:i + 1], pos, cache)
+      outs.append(logits)
+    results[per_layer] = (np.concatenate(outs, 1), cache)
+    hlo[per_layer] = step.lower(params, tokens[:, :1], pos,
+                                cache).compile().as_text()
+  (stacked, cache_s), (per_layer, cache_p) = results[False], results[True]
+  np.testing.assert_array_equal(per_layer, stacked)
+  np.testing.assert_allclose(per_layer, forward(config, params, tokens),
+                             atol=3e-2 if cache_dtype == jnp.bfloat16
+                             else 1e-5)
+  for whole, layers in ((cache_s.k, cache_p.k), (cache_s.v, cache_p.v)):
+    np.testing.assert_array_equal(np.asarray(whole, np.float32),
+                                  np.asarray(jnp.stack(layers), np.float32))
+  if cache_dtype == jnp.float32:  # (A bf16 cache is widened either way.)
+    one = re.escape(f"[2,{config.num_kv_heads},16,{config.head_dim}]")
+    sliced = lambda text: re.findall(
+        rf"= f32{one}\S* (?:slice|dynamic-slice|fusion)\(.*"
+        r"(?:slice|calls=%[\w.-]*slice)", text)
+    assert sliced(hlo[False])  # The copy this layout avoids (can fail).
+    assert not sliced(hlo[True]), sliced(hlo[True])[:2]
+
+
+def test_per_layer_cache_needs_unrolled_layers():
+  with pytest.raises(ValueError, match="unrolled"):
+    llama.init_cache(tiny(), 1, 8, per_layer=True)
+
+
 def test_bf16_cache_holds_the_fp32_cache_rounded():
   """The bf16 cache (written through its uint16 bits) holds the fp32 cache's
   values rounded to bf16, at [layer, row, head, position], nothing else."""

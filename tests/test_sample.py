@@ -1,6 +1,7 @@
 """The KV-cache sampler against full recomputation; its masks; the command."""
 
 import atexit
+import dataclasses
 import functools
 import json
 import os
@@ -199,6 +200,8 @@ def test_unrolled_layers_draw_what_the_scan_draws():
   (Sampler.prepare) draw the same again, and their call copies no weights:
   it slices none out of the stacked layers."""
   model, params = model_and_params()
+  # Dense attention: the tiled CPU prefill kernel adds loops of its own.
+  model = llama.Llama(dataclasses.replace(model.config, attention_impl="xla"))
   settings = sampler_lib.Settings(temperature=1.0, top_k=40,
                                   max_new_tokens=32)
   whiles, drawn, slices = {}, {}, {}

@@ -147,15 +147,26 @@ class LlamaConfig:
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer, [L, B, K, S, F] (stacked like the scan).
+  """Keys and values of every layer: [L, B, K, S, F] stacked like the scan,
+  or (per_layer, for unrolled layers) a tuple of L arrays [B, K, S, F].
 
   Head-major (K before S): a decode step's attention dots are batched over
   (B, K), so each head's [S, F] block is contiguous; from [.., S, K, F] XLA
   first gathers every layer into that order, every step (on CPU about half
   the decode speed at 4K context, 100m-sized caches).
+
+  Per layer: a layer's keys are then a buffer of their own that its dots
+  read in place. From a stack XLA's CPU backend copies the layer out first,
+  every decode step: the whole cache once per token (at batch 8 x 576
+  slots, 100m, 40% of a step).
   """
-  k: jax.Array
-  v: jax.Array
+  k: Any  # jax.Array or tuple[jax.Array, ...]
+  v: Any
+
+  @property
+  def length(self) -> int:
+    """Positions it holds (S)."""
+    return jax.tree.leaves(self.k)[0].shape[-2]
 
 
 @flax.struct.dataclass
@@ -173,12 +184,18 @@ class _Stacked:
 
   @classmethod
   def of(cls, cache: KVCache) -> _Stacked:
-    return cls(_bits(cache.k), _bits(cache.v), cache.k.dtype)
+    return cls(jax.tree.map(_bits, cache.k), jax.tree.map(_bits, cache.v),
+               jax.tree.leaves(cache.k)[0].dtype)
 
   def cache(self) -> KVCache:
-    unbits = lambda a: nn.with_logical_constraint(
-        _unbits(a, self.dtype), CACHE_AXES)
-    return KVCache(k=unbits(self.k), v=unbits(self.v))
+    unbits = lambda a: _constrain_cache(_unbits(a, self.dtype))
+    return KVCache(k=jax.tree.map(unbits, self.k),
+                   v=jax.tree.map(unbits, self.v))
+
+
+def _constrain_cache(x: jax.Array) -> jax.Array:
+  """CACHE_AXES on a stacked cache array, or on one layer's."""
+  return nn.with_logical_constraint(x, CACHE_AXES[-x.ndim:])
 
 
 def _bits(x: jax.Array) -> jax.Array:
@@ -193,15 +210,25 @@ def _unbits(x: jax.Array, dtype) -> jax.Array:
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_len: int,
-               dtype=jnp.bfloat16) -> KVCache:
-  """An empty cache for `batch_size` rows of up to `max_len` positions."""
+               dtype=jnp.bfloat16, per_layer: bool = False) -> KVCache:
+  """An empty cache for `batch_size` rows of up to `max_len` positions.
+
+  per_layer: a tuple of one array per layer (unrolled layers only; faster
+  decoding on CPU, see KVCache); else stacked [L, B, K, S, F].
+  """
   if max_len > config.max_len:
     raise ValueError(f"Cache max_len={max_len} exceeds the model's max_len="
                      f"{config.max_len}; lower it or raise config.max_len.")
-  shape = (config.num_layers, batch_size, config.num_kv_heads, max_len,
-           config.head_dim)
-  zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype),
-                                             CACHE_AXES)
+  if per_layer and config.scan_layers:
+    raise ValueError("A per-layer cache needs unrolled layers "
+                     "(scan_layers=False): the scan indexes a stacked one.")
+  shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+  if per_layer:
+    zeros = lambda: tuple(_constrain_cache(jnp.zeros(shape, dtype))
+                          for _ in range(config.num_layers))
+  else:
+    zeros = lambda: _constrain_cache(
+        jnp.zeros((config.num_layers, *shape), dtype))
   return KVCache(k=zeros(), v=zeros())
 
 
@@ -324,12 +351,17 @@ class Attention(nn.Module):
     new_kv, mask, is_causal = None, None, True
     if cache_kv is not None:
       stored = lambda new: _bits(new.astype(cache_kv.dtype))
+      # One layer's [B, K, S, F], written at index `at` of its leading dims
+      # (this layer's in a stack; none in a per-layer cache).
+      per_layer = isinstance(cache_kv.k, tuple)
+      at = () if per_layer else (layer,)
       if self.prefill:
         # Every row starts at 0: one slab write, and causal attention over
         # just these T keys (the cache's older contents there are
         # overwritten, and nothing beyond T is visible to these queries).
         write = lambda cache, new: jax.lax.dynamic_update_slice(
-            cache, jnp.swapaxes(stored(new), 1, 2)[None], (layer, 0, 0, 0, 0))
+            cache, jnp.swapaxes(stored(new), 1, 2)[(None,) * len(at)],
+            (*at, 0, 0, 0, 0))
       else:
         # Each row writes at its own positions (out-of-range ones are
         # dropped), then attends to every cached index <= its query's
@@ -338,12 +370,16 @@ class Attention(nn.Module):
         # rows and indices; mapping the write over the batch instead makes
         # XLA's CPU backend transpose the whole cache every step.)
         rows = jnp.arange(q.shape[0])[:, None]
-        write = lambda cache, new: cache.at[layer, rows, :, positions].set(
-            stored(new))
-      new_kv = _Stacked(
-          nn.with_logical_constraint(write(cache_kv.k, keys), CACHE_AXES),
-          nn.with_logical_constraint(write(cache_kv.v, values), CACHE_AXES),
-          cache_kv.dtype)
+        write = lambda cache, new: cache.at[(*at, rows, slice(None),
+                                             positions)].set(stored(new))
+      if per_layer:
+        update = lambda layers, new: (
+            layers[:layer] + (_constrain_cache(write(layers[layer], new)),)
+            + layers[layer + 1:])
+      else:
+        update = lambda cache, new: _constrain_cache(write(cache, new))
+      new_kv = _Stacked(update(cache_kv.k, keys), update(cache_kv.v, values),
+                        cache_kv.dtype)
       if not self.prefill:
         # This layer, [B, K, S, F] -> [B, S, K, F]: XLA fuses the swap and
         # the astype (free when the cache is in the compute dtype) into the
@@ -489,10 +525,13 @@ class Llama(nn.Module):
       if segment_ids is not None:
         raise ValueError("segment_ids cannot be combined with a KV cache; "
                          "right-pad prompts and pass segment_ids=None.")
-      if t > cache.k.shape[3]:
+      if t > cache.length:
         raise ValueError(f"{t} tokens do not fit a cache of length "
-                         f"{cache.k.shape[3]}; make a longer cache.")
-      _check_positions(positions, cache.k.shape[3], "the cache length")
+                         f"{cache.length}; make a longer cache.")
+      if isinstance(cache.k, tuple) and c.scan_layers:
+        raise ValueError("A per-layer cache needs unrolled layers "
+                         "(scan_layers=False).")
+      _check_positions(positions, cache.length, "the cache length")
       cache_kv = _Stacked.of(cache)
 
     embedding = _param(self, "embedding", nn.initializers.normal(1.0),
@@ -509,7 +548,10 @@ class Llama(nn.Module):
     layer = DecoderLayer
     policy = REMAT_POLICIES[c.remat_policy]
     if c.remat_policy != "none":
-      layer = nn.remat(layer, policy=policy, prevent_cse=not c.scan_layers)
+      # Unrolled, the layer index stays a Python int (argument 4, self
+      # counted): a per-layer cache is picked by it.
+      layer = nn.remat(layer, policy=policy, prevent_cse=not c.scan_layers,
+                       static_argnums=() if c.scan_layers else (4,))
     carry = (x, cache_kv)
     if c.scan_layers:
       stack = nn.scan(

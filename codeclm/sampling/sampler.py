@@ -318,7 +318,8 @@ def _generate(params, prompts, lengths, active, sample_ids, states, counts,
                       unroll_layers=unroll_layers)
   params, model = params.tree, params.model
   apply = functools.partial(model.apply, {"params": params})
-  cache = llama.init_cache(model.config, b, cache_len, cache_dtype)
+  cache = llama.init_cache(model.config, b, cache_len, cache_dtype,
+                           per_layer=not model.config.scan_layers)
   # No positions: every row from 0, the model's causal prefill fast path.
   last, cache = apply(prompts, cache=cache, logits_at=(lengths - 1)[:, None])
   tokens = jnp.full((b, cache_len), pad_id, jnp.int32)
