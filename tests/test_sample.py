@@ -558,3 +558,19 @@ def test_sampler_vs_hf_benchmark_smoke(capsys):
   for r in rows:
     for part in ("forward", "matmuls", "attention"):
       assert r[part]["jax_s"] > 0 and r[part]["torch_s"] > 0, r
+
+
+def test_sampler_profile_benchmark_smoke():
+  """benchmarks/sampler_profile.py traces a call and names the ops that ran
+  (not timed: CI's smoke test)."""
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "sampler_profile.py"),
+       "--size=demo", "--batch=1", "--prompt=16", "--new_tokens=3",
+       "--top=40"], capture_output=True, text=True, timeout=300, check=True,
+      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")).stdout
+  assert re.search(r"^call: [\d.]+ s", out, re.M), out
+  ops = re.findall(r"^\s*([\d.]+) ms  (\S+)\s+(.*)$", out, re.M)
+  assert sum(float(ms) for ms, _, _ in ops) > 0, out
+  names = " ".join(name for _, _, name in ops)
+  # Prefill and decode loop both show, by the model code that made them.
+  assert "Llama/" in names and "while/body" in names, out
