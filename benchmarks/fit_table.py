@@ -28,6 +28,7 @@ sequence per chip) is known not to fit is skipped.
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -182,6 +183,16 @@ def search(model: str, generation: str, impl: str, done: dict):
       return
 
 
+def _gib(n: int) -> str:
+  return f"{n / GIB:.2f}" if n < GIB / 10 else f"{n / GIB:.1f}"
+
+
+def _reason(row) -> str:
+  """A failed compile's first error line, without glog's time and thread."""
+  line = row.get("error_line") or "see log"
+  return re.sub(r"^[FEW]\d{4} [\d:.]+\s+\d+ ", "", line)
+
+
 def smallest_markdown(rows) -> str:
   """One line per (model, generation, attention) searched or compiled."""
   aot = _aot()
@@ -208,9 +219,9 @@ def smallest_markdown(rows) -> str:
         out.append(f"| {config.split('/')[-1]} | {seq_len:,} | "
                    f"{last['batch']} | {gen} | {impl} | none | | | | "
                    f"{last['topology']}: the compiler failed: "
-                   f"{last.get('error_line') or 'see log'} |")
+                   f"{_reason(last)} |")
         continue
-      over = last["report"]["verdict"].get("over_bytes", 0) / GIB
+      over = _gib(last["report"]["verdict"].get("over_bytes", 0))
       alone = (f", temporaries alone {temporaries(last) / GIB:.1f} GiB"
                if temporaries(last) > spec.hbm_bytes else "")
       slices = (tried[0]["topology"] if len(tried) == 1 else
@@ -218,7 +229,7 @@ def smallest_markdown(rows) -> str:
                 f"{last['topology']}")
       out.append(f"| {config.split('/')[-1]} | {seq_len:,} | "
                  f"{group[0]['batch']} | {gen} | {impl} | none | | | | "
-                 f"tried {slices}; {last['topology']} over by {over:.1f} "
+                 f"tried {slices}; {last['topology']} over by {over} "
                  f"GiB per chip{alone} |")
       continue
     if not below:
@@ -228,11 +239,10 @@ def smallest_markdown(rows) -> str:
       tried = [r for r in group if r["topology"] == topology]
       per_chip = state / chips_of(topology)
       if tried and "report" not in tried[0]:
-        under = (f"{topology}: the compiler failed: "
-                 f"{tried[0].get('error_line') or 'see log'}")
+        under = f"{topology}: the compiler failed: {_reason(tried[0])}"
       elif tried:
         v = tried[0]["report"]["verdict"]
-        under = f"{topology}: over by {v.get('over_bytes', 0) / GIB:.1f} GiB"
+        under = f"{topology}: over by {_gib(v.get('over_bytes', 0))} GiB"
       elif per_chip > spec.hbm_bytes:
         under = (f"{topology}: parameters + AdamW alone {per_chip / GIB:.1f}"
                  f" GiB per chip")
