@@ -25,6 +25,7 @@ reused, not compiled again; a generation whose largest slice (up to one
 sequence per chip) is known not to fit is skipped.
 """
 
+import functools
 import gzip
 import json
 import os
@@ -139,6 +140,7 @@ def compile_row(name, config, seq_len, batch, topology, impl) -> dict:
   return row
 
 
+@functools.lru_cache(maxsize=None)  # An eval_shape of the whole model.
 def state_bytes(config: str) -> int:
   """Parameters + AdamW moments of a config name's model size, in bytes."""
   _aot()
@@ -208,10 +210,6 @@ def smallest_markdown(rows) -> str:
     spec = aot.GENERATIONS[gen]
     group.sort(key=lambda r: chips_of(r["topology"]))
     fit = next((r for r in group if fits(r)), None)
-    chips = chips_of(fit["topology"]) if fit else None
-    below = [size for size in spec.sizes
-             if chips_of(f"{gen}-{size}") < (chips or 0)]
-    state = state_bytes(config)
     if fit is None:
       tried = [r for r in group if "report" in r] or group
       last = tried[-1]
@@ -232,12 +230,14 @@ def smallest_markdown(rows) -> str:
                  f"tried {slices}; {last['topology']} over by {over} "
                  f"GiB per chip{alone} |")
       continue
+    below = [size for size in spec.sizes
+             if chips_of(f"{gen}-{size}") < chips_of(fit["topology"])]
     if not below:
       under = f"none: {fit['topology']} is {gen}'s smallest"
     else:
       topology = f"{gen}-{below[-1]}"
       tried = [r for r in group if r["topology"] == topology]
-      per_chip = state / chips_of(topology)
+      per_chip = state_bytes(config) / chips_of(topology)
       if tried and "report" not in tried[0]:
         under = f"{topology}: the compiler failed: {_reason(tried[0])}"
       elif tried:

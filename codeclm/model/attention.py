@@ -143,9 +143,8 @@ def _tiled_rows(q, k, v, segment_ids):
   pairs = b * kv
   q = q.reshape(pairs, h // kv, t, f)
   k, v = k.reshape(pairs, t, f), v.reshape(pairs, t, f)
-  ids = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
-         else segment_ids)
-  ids = jnp.repeat(ids, kv, axis=0)                        # [pairs, T]
+  ids = (None if segment_ids is None
+         else jnp.repeat(segment_ids, kv, axis=0))         # [pairs, T]
 
   def one_head(qh, kh, vh, idh):
     """[T, F] queries of one head against its KV head's [T, F]."""
@@ -154,8 +153,9 @@ def _tiled_rows(q, k, v, segment_ids):
       end = min(start + TILE, t)
       logits = jnp.einsum("qf,kf->qk", qh[start:end], kh[:end],
                           preferred_element_type=jnp.float32)
-      seen = ((jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])
-              & (idh[start:end, None] == idh[None, :end]))
+      seen = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+      if idh is not None:  # Packed rows: within the segment too.
+        seen &= idh[start:end, None] == idh[None, :end]
       logits = jnp.where(seen, logits, -jnp.inf)  # The diagonal is seen.
       weights = jnp.exp(logits - logits.max(-1, keepdims=True))
       out = jnp.einsum("qk,kf->qf", weights.astype(vh.dtype), vh[:end],
@@ -166,8 +166,10 @@ def _tiled_rows(q, k, v, segment_ids):
   group = jax.vmap(one_head, in_axes=(0, None, None, None))
   parts = next(p for p in (4, 2, 1) if pairs % p == 0)
   split = lambda x: x.reshape(parts, pairs // parts, *x.shape[1:])
-  q, k, v, ids = map(split, (q, k, v, ids))
-  out = [jax.lax.map(lambda a: group(*a), (q[i], k[i], v[i], ids[i]))
+  q, k, v = map(split, (q, k, v))
+  ids = None if ids is None else split(ids)
+  out = [jax.lax.map(lambda a: group(*a),
+                     (q[i], k[i], v[i], None if ids is None else ids[i]))
          for i in range(parts)]
   return jnp.stack(out).reshape(b, h, t, f)
 
