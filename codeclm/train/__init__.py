@@ -1,0 +1,2 @@
+"""Training: the loop, optimizer, checkpoints, preemption, MFU and the
+ahead-of-time compile report."""
