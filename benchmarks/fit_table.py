@@ -90,7 +90,7 @@ PLAN = [
 
 def _aot():
   sys.path.insert(0, ROOT)
-  from codeclm import compile as aot  # pylint: disable=g-import-not-at-top
+  from codeclm.train import compile as aot  # pylint: disable=g-import-not-at-top
   return aot
 
 

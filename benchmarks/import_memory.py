@@ -1,4 +1,4 @@
-r"""Peak host memory of `codeclm.import_hf` and `codeclm.export_hf`.
+r"""Peak host memory of `codeclm.hf.import_hf` and `codeclm.hf.export_hf`.
 
   python benchmarks/import_memory.py --size=1b [--dir=/tmp/import_memory]
 
@@ -25,8 +25,8 @@ from safetensors.numpy import save_file
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
-from codeclm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm.model import llama  # pylint: disable=g-import-not-at-top,wrong-import-position
+from codeclm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _SIZE = flags.DEFINE_string("size", "1b", "A key of llama.SIZES.")
 _DIR = flags.DEFINE_string("dir", "/tmp/import_memory", "Scratch folder.")
@@ -101,7 +101,7 @@ def main(argv):
   ckpt_bytes = write_hf(src, _SIZE.value)
   workdir = os.path.join(_DIR.value, "workdir")
   rss_in, t_in = child_peak_rss([
-      sys.executable, "-m", "codeclm.import_hf", f"--src={src}",
+      sys.executable, "-m", "codeclm.hf.import_hf", f"--src={src}",
       f"--workdir={workdir}", "--config=configs/jpeg_lm.py:demo",
       "--mesh_shape=(1,1,1)"])
   n = ckpt_bytes // 2
@@ -110,7 +110,7 @@ def main(argv):
   print(f"import_hf: peak RSS {rss_in:.2f} GiB in {t_in:.0f} s")
   if _EXPORT.value:
     rss_out, t_out = child_peak_rss([
-        sys.executable, "-m", "codeclm.export_hf", f"--workdir={workdir}",
+        sys.executable, "-m", "codeclm.hf.export_hf", f"--workdir={workdir}",
         f"--dst={os.path.join(_DIR.value, 'export')}", "--dtype=bfloat16"])
     print(f"export_hf: peak RSS {rss_out:.2f} GiB in {t_out:.0f} s")
   print(f"(this process, writing the random checkpoint: "

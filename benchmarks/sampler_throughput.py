@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codeclm.sampling import sampler as sampler_lib
 from codeclm.model import llama
+from codeclm.sampling import sampler as sampler_lib
 
 _SIZES = flags.DEFINE_list("sizes", ["demo", "100m"], "Model sizes.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "4096"],

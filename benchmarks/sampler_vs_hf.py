@@ -1,7 +1,7 @@
 r"""codeclm's sampler against Hugging Face `generate` on the same weights.
 
 Random weights (speed does not depend on them) are made once in codeclm's
-layout and converted with codeclm/model/hf.py into a transformers
+layout and converted with codeclm/hf/weights.py into a transformers
 LlamaForCausalLM; the logits of both on one prompt are compared first. Then,
 for each size x prompt length x batch (x constraint), both sides draw with
 top-k 40 sampling, timed the same way:
@@ -69,8 +69,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from codeclm.hf import weights as hf_weights  # pylint: disable=g-import-not-at-top
 from codeclm.model import attention  # pylint: disable=g-import-not-at-top
-from codeclm.model import hf  # pylint: disable=g-import-not-at-top
 from codeclm.model import llama  # pylint: disable=g-import-not-at-top
 from codeclm.sampling import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
 from tests import torch_compat  # pylint: disable=g-import-not-at-top
@@ -112,7 +112,7 @@ def random_params(config: llama.LlamaConfig) -> dict:
 
 
 def hf_model(config: llama.LlamaConfig, params: dict, device: str):
-  """transformers' Llama holding the same weights (codeclm/model/hf.py)."""
+  """transformers' Llama holding the same weights (codeclm/hf/weights.py)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   hf_config = transformers.LlamaConfig(
@@ -124,7 +124,7 @@ def hf_model(config: llama.LlamaConfig, params: dict, device: str):
       max_position_embeddings=config.max_len, tie_word_embeddings=False)
   model = transformers.LlamaForCausalLM(hf_config)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in
-                         hf.params_to_hf(params, config).items()})
+                         hf_weights.params_to_hf(params, config).items()})
   return model.to(device=device, dtype=getattr(torch, config.dtype)).eval()
 
 
@@ -215,7 +215,7 @@ def compare(size: str, prompt_len: int, batch: int, grammar: str,
   def theirs(n):
     def run():
       with torch.no_grad():
-        return hf.generate(inputs, attention_mask=torch.ones_like(inputs),
+        return hf_weights.generate(inputs, attention_mask=torch.ones_like(inputs),
                            do_sample=True, top_k=top_k, top_p=1.0,
                            temperature=1.0, max_new_tokens=n,
                            min_new_tokens=n, eos_token_id=None,

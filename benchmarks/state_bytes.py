@@ -2,7 +2,7 @@ r"""Params + optimizer bytes per device for each size's default mesh.
 
   python benchmarks/state_bytes.py
 
-Shapes only (eval_shape and the shardings train.build makes; nothing is
+Shapes only (eval_shape and the shardings loop.build makes; nothing is
 allocated or compiled), on simulated CPU devices: the number the trainer's
 start-up report prints, from each leaf's shard shape.
 """
@@ -16,8 +16,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from codeclm import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
-from codeclm import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm.model import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from codeclm.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VOCAB = 322
 
@@ -29,7 +29,7 @@ def main():
     for n in (8, 64, 256):
       config = config_base.lm_config(size)
       config.batch_size = max(config.batch_size, n)  # Rows for every device.
-      setup = train.build(config, VOCAB, np.ones(VOCAB, np.float32),
+      setup = loop.build(config, VOCAB, np.ones(VOCAB, np.float32),
                           jax.devices()[:n])
       total = sum(x.size * x.dtype.itemsize
                   for x in jax.tree.leaves(setup.abstract_state))

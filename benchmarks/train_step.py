@@ -6,7 +6,7 @@ r"""Times the jitted train step: tokens/s and MFU for a config and mesh.
 
 Random tokens stand in for data (the loader is measured separately in
 data_throughput.py), so this is the model's speed alone. MFU uses the peak
-bf16 FLOP/s table in codeclm/mfu.py; on CPUs, where no peak is known, it
+bf16 FLOP/s table in codeclm/train/mfu.py; on CPUs, where no peak is known, it
 measures one: the best of a few large fp32 matmuls.
 """
 
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from codeclm import mfu
-from codeclm import train
+from codeclm.train import loop
+from codeclm.train import mfu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 322, "320 BPE entries + BOS/EOS.")
@@ -45,8 +45,8 @@ def _time(fn) -> float:
 
 def main(_):
   config = _CONFIG.value
-  setup = train.build(config, _VOCAB.value, np.ones(_VOCAB.value, np.float32))
-  train.report(config, setup, config.batch_size)
+  setup = loop.build(config, _VOCAB.value, np.ones(_VOCAB.value, np.float32))
+  loop.report(config, setup, config.batch_size)
   rng = np.random.default_rng(0)
   shape = (config.batch_size, config.seq_len)
   local = dict(
@@ -56,7 +56,7 @@ def main(_):
       positions=np.broadcast_to(np.arange(config.seq_len, dtype=np.int32),
                                 shape).copy(),
       loss_mask=np.ones(shape, np.float32))
-  batch = train.global_batch(local, setup.data_sharding,
+  batch = loop.global_batch(local, setup.data_sharding,
                              list(range(config.batch_size)), config.batch_size)
   with setup.context():
     state = setup.init_fn(jax.random.key(0))

@@ -157,7 +157,7 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       tb_ratio=0.5,
   ))
 
-  # Ahead-of-time compilation for a TPU slice (codeclm/compile.py):
+  # Ahead-of-time compilation for a TPU slice (codeclm/train/compile.py):
   # --mode=compile.
   c.compile = ml_collections.ConfigDict(dict(
       topology="",                # v5e-16 (= v5litepod-16), v5p-128, v4-32, v6e-64

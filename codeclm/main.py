@@ -38,27 +38,27 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config, workdir = _CONFIG.value, _WORKDIR.value
   # Imported here so --help is fast and flags parse before JAX starts.
-  from codeclm import distributed  # pylint: disable=g-import-not-at-top
+  from codeclm.runtime import distributed  # pylint: disable=g-import-not-at-top
   distributed.skip_absent_tpu()
   if _MODE.value == "compile":  # One process on a host with no TPU.
-    from codeclm import compile as aot  # pylint: disable=g-import-not-at-top
+    from codeclm.train import compile as aot  # pylint: disable=g-import-not-at-top
     if not aot.run(config, workdir)["verdict"]["fits"]:
       sys.exit(2)  # Launchers stop here (launch/tpu_pod.sh).
     return
   distributed.initialize(config.distributed)
   if _MODE.value in ("sample", "eval"):  # Train checks its own, first thing.
-    from codeclm import storage  # pylint: disable=g-import-not-at-top
+    from codeclm.runtime import storage  # pylint: disable=g-import-not-at-top
     storage.check_writable(workdir)  # A bad store fails before compiling.
 
   if _MODE.value == "prepare":
-    from codeclm import train  # pylint: disable=g-import-not-at-top
+    from codeclm.train import loop  # pylint: disable=g-import-not-at-top
     from codeclm.data import prepare  # pylint: disable=g-import-not-at-top
-    manifest = prepare.run(config, train.data_dir_of(config, workdir))
+    manifest = prepare.run(config, loop.data_dir_of(config, workdir))
     logging.info("Prepared: %s", {k: manifest[k] for k in ("counts",)
                                   if k in manifest})
   elif _MODE.value == "train":
-    from codeclm import train  # pylint: disable=g-import-not-at-top
-    train.train(config, workdir)
+    from codeclm.train import loop  # pylint: disable=g-import-not-at-top
+    loop.train(config, workdir)
   elif _MODE.value == "sample":
     from codeclm.sampling import files  # pylint: disable=g-import-not-at-top
     files.run(config.sample, workdir)

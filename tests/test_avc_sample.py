@@ -10,11 +10,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from codeclm import config_base
-from codeclm import train
 from codeclm.codecs import avc
+from codeclm import config_base
 from codeclm.data import sources
 from codeclm.sampling import files
+from codeclm.train import loop
 from tests import tiny_avc_config
 
 RATIO = 0.2  # 3 of 15 frames: short prompts keep the test's windows small.
@@ -43,7 +43,7 @@ def workdir(tmp_path_factory):
                  compilation_cache=False)
   c.sample.update(tb_every=2, tb_samples=2, tb_images=1, completions=1,
                   tb_ratio=RATIO, max_new_tokens=24, min_bucket=512)
-  train.train(c, path)
+  loop.train(c, path)
   return path
 
 

@@ -15,12 +15,12 @@ import shutil
 import jax
 import pytest
 
-from codeclm import checkpoint
-from codeclm.sampling import workdir as workdir_lib
-from codeclm import train
 from codeclm.codecs import jpeg
 from codeclm.data import loader
+from codeclm.sampling import workdir as workdir_lib
 from codeclm.tokenizer import ByteBPE
+from codeclm.train import checkpoint
+from codeclm.train import loop
 from tests import tiny_config
 
 STEPS = 5
@@ -41,7 +41,7 @@ def tiny(data_dir, **train_overrides):
 
 
 def run(config, workdir) -> dict:
-  return train.train(config, str(workdir), devices=jax.devices()[:1])
+  return loop.train(config, str(workdir), devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +153,8 @@ def test_resume_ignores_and_logs_a_leftover_tmp_dir(data_dir, straight,
 
 def restore_target(config, data_dir):
   tokenizer = ByteBPE.load(os.path.join(data_dir, "tokenizer.json"))
-  setup = train.build(config, tokenizer.vocab_size,
-                      train.token_byte_lengths(tokenizer), jax.devices()[:1])
+  setup = loop.build(config, tokenizer.vocab_size,
+                      loop.token_byte_lengths(tokenizer), jax.devices()[:1])
   abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                 setup.state_shardings)
   iterator = loader.TrainBatches(config, data_dir, tokenizer)

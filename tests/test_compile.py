@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
-from codeclm import compile as aot
+from codeclm.train import compile as aot
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position

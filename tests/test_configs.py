@@ -7,8 +7,8 @@ import pytest
 
 from codeclm import codecs
 from codeclm import config_base
-from codeclm import optimizer
 from codeclm.model import llama
+from codeclm.train import optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 322  # 320 BPE entries + BOS + EOS.

@@ -1,4 +1,4 @@
-"""Multi-host start with real processes: codeclm.distributed.initialize.
+"""Multi-host start with real processes: codeclm.runtime.distributed.initialize.
 
 Each test starts fresh Python processes on this machine (a coordinator on a
 free localhost port), as a two-host launch would.
@@ -14,7 +14,7 @@ _DRIVER = """
 import sys
 from absl import logging
 import ml_collections
-from codeclm import distributed
+from codeclm.runtime import distributed
 logging.set_verbosity(logging.INFO)
 address, n, i, timeout = sys.argv[1:]
 cfg = ml_collections.ConfigDict(dict(

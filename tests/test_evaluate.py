@@ -14,11 +14,11 @@ import sys
 import numpy as np
 import pytest
 
+from codeclm.data import sources
+from codeclm.data.sources import DataError
 from codeclm.eval import evaluate
 from codeclm.eval import fid
 from codeclm.eval import inception
-from codeclm.data import sources
-from codeclm.data.sources import DataError
 from tests import test_sample
 from tests import tiny_config
 
@@ -240,11 +240,13 @@ def test_a_prompt_that_fills_max_len_is_scored_as_the_prompt(workdir):
                                 loaded.codec.decode(too_long)[0])
 
 
-@pytest.mark.parametrize("old, flag", [("codeclm.evaluate", "--merge_only"),
-                                       ("codeclm.convert_inception", "--src")])
-def test_commands_from_before_the_eval_package_still_run(old, flag):
+@pytest.mark.parametrize("module, flag", [
+    ("codeclm.eval.evaluate", "--merge_only"),
+    ("codeclm.eval.convert_inception", "--src"),
+    ("codeclm.sampling", "--sample: ConfigDict")])
+def test_command_line_modules_define_their_flags(module, flag):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  done = subprocess.run([sys.executable, "-m", old, "--help"],
+  done = subprocess.run([sys.executable, "-m", module, "--helpfull"],
                         capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, PYTHONPATH=root), check=False)
   assert flag in done.stdout + done.stderr, done.stderr[-2000:]

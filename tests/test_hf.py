@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from codeclm.model import hf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from codeclm.hf import weights as hf_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm.model import llama  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -33,11 +33,11 @@ def hf_model(num_kv_heads: int):
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_logits_match_transformers(num_kv_heads, scan_layers):
   model = hf_model(num_kv_heads)
-  config = hf.config_from_hf(model.config, dtype="float32",
+  config = hf_weights.config_from_hf(model.config, dtype="float32",
                              remat_policy="none", scan_layers=scan_layers)
   assert (config.num_kv_heads, config.head_dim, config.rope_theta) == (
       num_kv_heads, 16, 1e4)
-  params = hf.params_from_hf(model.state_dict(), config)
+  params = hf_weights.params_from_hf(model.state_dict(), config)
   tokens = np.random.default_rng(0).integers(0, 300, (2, 12))
   with torch.no_grad():
     want = model(torch.from_numpy(tokens)).logits.numpy()
@@ -49,9 +49,9 @@ def test_logits_match_transformers(num_kv_heads, scan_layers):
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_round_trip_is_exact(scan_layers):
   model = hf_model(2)
-  config = hf.config_from_hf(model.config, scan_layers=scan_layers)
+  config = hf_weights.config_from_hf(model.config, scan_layers=scan_layers)
   sd = model.state_dict()
-  back = hf.params_to_hf(hf.params_from_hf(sd, config), config)
+  back = hf_weights.params_to_hf(hf_weights.params_from_hf(sd, config), config)
   assert set(back) == set(sd)
   for name, value in sd.items():
     assert back[name].dtype == np.float32
@@ -74,7 +74,7 @@ def test_codeclm_init_exports_to_transformers():
       rms_norm_eps=1e-5, rope_theta=1e4, tie_word_embeddings=False)
   model = transformers.LlamaForCausalLM(hf_config).eval().float()
   model.load_state_dict({k: torch.from_numpy(v) for k, v in
-                         hf.params_to_hf(params, config).items()})
+                         hf_weights.params_to_hf(params, config).items()})
   with torch.no_grad():
     want = model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
   got = jax.jit(llama.Llama(config).apply)({"params": params}, tokens)
@@ -83,9 +83,9 @@ def test_codeclm_init_exports_to_transformers():
 
 def test_bf16_state_dict_converts():
   model = hf_model(2)
-  config = hf.config_from_hf(model.config)
+  config = hf_weights.config_from_hf(model.config)
   sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-  params = hf.params_from_hf(sd, config)
+  params = hf_weights.params_from_hf(sd, config)
   assert params["embedding"].dtype == np.float32
   np.testing.assert_array_equal(
       params["embedding"], sd["model.embed_tokens.weight"].float().numpy())
@@ -93,16 +93,16 @@ def test_bf16_state_dict_converts():
 
 def test_mismatches_fail_clearly():
   model = hf_model(2)
-  config = hf.config_from_hf(model.config)
+  config = hf_weights.config_from_hf(model.config)
   sd = dict(model.state_dict())
   del sd["model.layers.1.mlp.up_proj.weight"]
   with pytest.raises(ValueError, match="missing.*up_proj"):
-    hf.params_from_hf(sd, config)
-  wrong = hf.config_from_hf(model.config, mlp_dim=96)
+    hf_weights.params_from_hf(sd, config)
+  wrong = hf_weights.config_from_hf(model.config, mlp_dim=96)
   with pytest.raises(ValueError, match="shape"):
-    hf.params_from_hf(model.state_dict(), wrong)
+    hf_weights.params_from_hf(model.state_dict(), wrong)
   biased = transformers.LlamaConfig(
       hidden_size=32, intermediate_size=64, num_hidden_layers=1,
       num_attention_heads=4, vocab_size=10, attention_bias=True)
   with pytest.raises(ValueError, match="bias"):
-    hf.config_from_hf(biased)
+    hf_weights.config_from_hf(biased)

@@ -19,13 +19,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from codeclm import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm import codecs  # pylint: disable=g-import-not-at-top,wrong-import-position
-from codeclm import import_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from codeclm.hf import import_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from codeclm.model import llama  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm.sampling import sampler as sampling_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm.sampling import workdir as sampling_workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from codeclm.model import llama  # pylint: disable=g-import-not-at-top,wrong-import-position
+from codeclm.train import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _LLAMA_SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -263,7 +263,7 @@ def trained():
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-  from codeclm import export_hf  # pylint: disable=g-import-not-at-top
+  from codeclm.hf import export_hf  # pylint: disable=g-import-not-at-top
   dst = str(tmp_path_factory.mktemp("export") / "hf")
   # Tiny shards: the index and several files are exercised.
   return export_hf.run(trained, dst, dtype="float32", max_shard_mb=0)
@@ -334,7 +334,7 @@ def test_exported_tokenizer_round_trips_arbitrary_bytes(trained, exported):
     assert back.decode(ids) == data
 
 
-# -- train.init_from ------------------------------------------------------------
+# -- loop.init_from ------------------------------------------------------------
 
 
 def _finetune_config(imported, **train):
@@ -354,12 +354,12 @@ def _finetune_config(imported, **train):
 
 def test_init_from_first_loss_is_the_imported_models_loss(foreign, imported,
                                                            tmp_path):
-  from codeclm import train  # pylint: disable=g-import-not-at-top
+  from codeclm.train import loop  # pylint: disable=g-import-not-at-top
   from codeclm.data import loader  # pylint: disable=g-import-not-at-top
   c = _finetune_config(imported)
   workdir = str(tmp_path / "finetune")
-  metrics = train.train(c, workdir)
-  data_dir = train.data_dir_of(c, workdir)
+  metrics = loop.train(c, workdir)
+  data_dir = loop.data_dir_of(c, workdir)
   tok = tokenizer_lib.load(os.path.join(data_dir, "tokenizer.json"))
   assert isinstance(tok, tokenizer_lib.ByteCharTokenizer)
   batch = next(loader.TrainBatches(c, data_dir, tok))
@@ -380,13 +380,13 @@ def test_init_from_first_loss_is_the_imported_models_loss(foreign, imported,
 
 def test_init_from_with_another_vocabulary_names_both_sizes(imported,
                                                            tmp_path):
-  from codeclm import train  # pylint: disable=g-import-not-at-top
+  from codeclm.train import loop  # pylint: disable=g-import-not-at-top
   c = _finetune_config(imported)
   c.data.tokenizer = ""  # A BPE trained on the new data: 300 + BOS/EOS ids.
   imported_vocab = tokenizer_lib.load(
       os.path.join(imported, "tokenizer.json")).vocab_size
   with pytest.raises(ValueError) as info:
-    train.train(c, str(tmp_path / "w"))
+    loop.train(c, str(tmp_path / "w"))
   assert f"vocab_size {imported_vocab}" in str(info.value)
   assert "vocab_size 302" in str(info.value)
   assert not os.path.isdir(tmp_path / "w" / "checkpoints" / "1")

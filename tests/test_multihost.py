@@ -32,7 +32,7 @@ import signal
 import numpy as np
 import pytest
 
-from codeclm import train
+from codeclm.train import loop
 from tests import multihost
 from tests import tiny_config
 
@@ -77,7 +77,7 @@ def train_here(data_dir, workdir, steps: int) -> str:
   root.addHandler(handler)
   root.setLevel(logging.INFO)
   try:
-    train.train(config, str(workdir))
+    loop.train(config, str(workdir))
   finally:
     root.removeHandler(handler)
     root.setLevel(level)

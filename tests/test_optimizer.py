@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from codeclm import optimizer
 from codeclm.model import llama
+from codeclm.train import optimizer
 from tests import tiny_config
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from codeclm import codecs
-from codeclm import storage
 from codeclm.data import prepare
 from codeclm.data import sources
+from codeclm.runtime import storage
 from codeclm.tokenizer import ByteBPE
 from tests.test_sources import make_config
 from tests.test_sources import write_image_folder

@@ -58,7 +58,7 @@ TINY = {
     ("codeclm.main", "configs/jpeg_lm.py:demo", "sample"): [
         f"--config.sample.{o}" for o in _SAMPLE_TINY],
     ("codeclm.main", "configs/jpeg_lm.py:demo", "eval"): _EVAL_TINY,
-    ("codeclm.sample", None, None): [f"--sample.{o}" for o in _SAMPLE_TINY],
+    ("codeclm.sampling", None, None): [f"--sample.{o}" for o in _SAMPLE_TINY],
     ("codeclm.eval.convert_inception", None, None): [],
     ("codeclm.main", "configs/avc_lm.py:demo", "prepare"): _AVC_DEMO_DATA,
     ("codeclm.main", "configs/avc_lm.py:demo", "train"):
@@ -71,8 +71,8 @@ TINY = {
         "--config.model.num_heads=2", "--config.model.num_kv_heads=2",
         "--config.model.mlp_dim=128", "--config.seq_len=512",
         "--config.batch_size=64", "--config.compile.steps=('train',)"],
-    ("codeclm.export_hf", None, None): [],
-    ("codeclm.import_hf", "configs/jpeg_lm.py:demo", None): [],
+    ("codeclm.hf.export_hf", None, None): [],
+    ("codeclm.hf.import_hf", "configs/jpeg_lm.py:demo", None): [],
 }
 
 # Files each key must leave, as globs under the command's --workdir.
@@ -86,7 +86,7 @@ OUTPUTS = {
         "samples/step_2/sample_0000.jpg", "samples/step_2/*_grid.png"],
     ("codeclm.main", "configs/jpeg_lm.py:demo", "eval"): [
         "eval/step_2/results.json"],
-    ("codeclm.sample", None, None): ["samples/step_*/*_grid.png"],
+    ("codeclm.sampling", None, None): ["samples/step_*/*_grid.png"],
     ("codeclm.eval.convert_inception", None, None): ["fid_inception.npz"],
     ("codeclm.main", "configs/avc_lm.py:demo", "prepare"): [
         "data/manifest.json", "data/tokenizer.json"],
@@ -97,10 +97,10 @@ OUTPUTS = {
     ("codeclm.main", "configs/avc_lm.py:demo", "sample"): [
         "samples/step_2/sample_0000.json", "samples/step_2/samples.png",
         "samples/step_2/clip_r67_0.mp4", "samples/step_2/clip_grid.png"],
-    ("codeclm.export_hf", None, None): [  # --dst is beside the workdir.
+    ("codeclm.hf.export_hf", None, None): [  # --dst is beside the workdir.
         "../jpeg_demo_hf/model.safetensors.index.json",
         "../jpeg_demo_hf/tokenizer.json", "../jpeg_demo_hf/README.md"],
-    ("codeclm.import_hf", "configs/jpeg_lm.py:demo", None): [
+    ("codeclm.hf.import_hf", "configs/jpeg_lm.py:demo", None): [
         "checkpoints/0/commit_success.txt", "config.json", "tokenizer.json",
         "manifest.json"],
 }

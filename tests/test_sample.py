@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from codeclm import checkpoint
 from codeclm import codecs
 from codeclm import config_base
 from codeclm.model import llama
@@ -28,6 +27,7 @@ from codeclm.sampling import files
 from codeclm.sampling import sampler as sampler_lib
 from codeclm.sampling import tensorboard
 from codeclm.sampling import workdir as workdir_lib
+from codeclm.train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
@@ -389,7 +389,7 @@ def tiny_workdir() -> str:
 
   Shared by every test of the session that needs one (test_notebook.py too).
   """
-  from codeclm import train  # pylint: disable=g-import-not-at-top
+  from codeclm.train import loop  # pylint: disable=g-import-not-at-top
   from tests import tiny_config  # pylint: disable=g-import-not-at-top
   path = tempfile.mkdtemp(prefix="codeclm_sample_")
   atexit.register(shutil.rmtree, path, ignore_errors=True)
@@ -397,7 +397,7 @@ def tiny_workdir() -> str:
   c.seq_len = 256
   c.train.update(steps=1, ckpt_every=1, eval_every=0, async_checkpoints=False,
                  compilation_cache=False)
-  train.train(c, path)
+  loop.train(c, path)
   return path
 
 
@@ -507,10 +507,10 @@ def test_tensorboard_sampler(workdir):
 
 
 def test_command_lines(workdir, tmp_path):
-  """`python -m codeclm.sample` and `codeclm.main --mode=sample`, at once."""
+  """`python -m codeclm.sampling` and `codeclm.main --mode=sample`, at once."""
   env = dict(os.environ, PYTHONPATH=ROOT)
   cmds = {
-      "cli": [sys.executable, "-m", "codeclm.sample", f"--workdir={workdir}",
+      "cli": [sys.executable, "-m", "codeclm.sampling", f"--workdir={workdir}",
               "--sample.num_samples=1", "--sample.max_new_tokens=16",
               "--sample.mesh_shape=(1,1,1)",
               f"--sample.out_dir={tmp_path / 'cli'}"],

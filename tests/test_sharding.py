@@ -142,12 +142,12 @@ def test_make_mesh_errors_name_the_fix():
       data=2, fsdp=2, tensor=2)
 
 
-# -- Bytes per device and the default meshes (train.build: shapes only). ------
+# -- Bytes per device and the default meshes (loop.build: shapes only). ------
 
 
 def _setup(config, devices=None):
-  from codeclm import train  # pylint: disable=g-import-not-at-top
-  return train.build(config, 322, np.ones(322, np.float32), devices)
+  from codeclm.train import loop  # pylint: disable=g-import-not-at-top
+  return loop.build(config, 322, np.ones(322, np.float32), devices)
 
 
 def _config(size):
@@ -161,7 +161,7 @@ def _config(size):
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 4, 2)])
 def test_bytes_per_device_is_one_devices_shards(shape, caplog):
   import logging  # pylint: disable=g-import-not-at-top
-  from codeclm import train  # pylint: disable=g-import-not-at-top
+  from codeclm.train import loop  # pylint: disable=g-import-not-at-top
   config = _config("tiny")
   config.mesh.shape = shape
   setup = _setup(config)
@@ -174,7 +174,7 @@ def test_bytes_per_device_is_one_devices_shards(shape, caplog):
   total = sum(x.nbytes for x in jax.tree.leaves(state))
   assert (got == total) == (shape == (8, 1, 1))  # Replicated, or split.
   with caplog.at_level(logging.INFO):
-    train.report(config, setup, config.batch_size)
+    loop.report(config, setup, config.batch_size)
   assert f"~{got / 2**30:.3g} GiB per device" in caplog.text
 
 

@@ -1,4 +1,4 @@
-"""The path layer (codeclm/storage.py) on local disk and a GCS emulator."""
+"""The path layer (codeclm/runtime/storage.py) on local disk and a GCS emulator."""
 
 import os
 import re
@@ -10,9 +10,9 @@ import urllib.request
 from etils import epath
 import pytest
 
-from codeclm import storage
-from codeclm import train
 from codeclm.data.sources import DataError
+from codeclm.runtime import storage
+from codeclm.train import loop
 from tests import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ _LOCAL_ONLY = re.compile(
     r"scandir|walk|stat)|shutil\.\w+)\([^#\n]*\b(workdir|out_dir|ckpt_dir|"
     r"step_dir|logdir|directory)\b")
 # storage.py is where local paths become absolute.
-_EXEMPT = ("codeclm/storage.py",)
+_EXEMPT = ("codeclm/runtime/storage.py",)
 
 
 def test_no_local_path_calls_on_workdir_paths():
@@ -38,7 +38,7 @@ def test_no_local_path_calls_on_workdir_paths():
           if _LOCAL_ONLY.search(line):
             hits.append(f"{rel}:{i}: {line.strip()}")
   assert not hits, ("os.path/open on a workdir path breaks gs:// workdirs; "
-                    "use codeclm.storage (epath):\n" + "\n".join(hits))
+                    "use codeclm.runtime.storage (epath):\n" + "\n".join(hits))
   assert _LOCAL_ONLY.search('x = os.path.join(workdir, "a")')  # Can fail.
 
 
@@ -90,17 +90,17 @@ def test_bad_workdirs_fail_before_compiling(gcs_env, tmp_path, monkeypatch):
   config.data.dir = str(tmp_path / "data")  # Never read: fails before.
   with pytest.raises(storage.StorageError,
                      match=r"gs://no-such-bucket does not exist"):
-    train.train(config, "gs://no-such-bucket/run")
+    loop.train(config, "gs://no-such-bucket/run")
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   with pytest.raises(storage.StorageError,
                      match=re.escape(f"--workdir={blocker}/run is not writable")):
-    train.train(config, str(blocker / "run"))
+    loop.train(config, str(blocker / "run"))
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
   with pytest.raises(storage.StorageError,
                      match=r"gs://test-bucket/run.*STORAGE_EMULATOR_HOST="
                      r"http://127.0.0.1:9 does not answer"):
-    train.train(config, "gs://test-bucket/run")
+    loop.train(config, "gs://test-bucket/run")
 
 
 def test_a_gs_data_dir_names_gcsfuse(gcs_env, tmp_path):
@@ -108,11 +108,11 @@ def test_a_gs_data_dir_names_gcsfuse(gcs_env, tmp_path):
   config.data.dir = "gs://test-bucket/data"
   with pytest.raises(DataError, match=r"data.dir=gs://test-bucket/data.*"
                      r"array_record#120.*gcsfuse --implicit-dirs"):
-    train.train(config, str(tmp_path))
+    loop.train(config, str(tmp_path))
   # The default data dir of a gs:// workdir is in the bucket: the same fix.
   config.data.dir = ""
   with pytest.raises(DataError, match="gcsfuse"):
-    train.train(config, "gs://test-bucket/run-no-data")
+    loop.train(config, "gs://test-bucket/run-no-data")
 
 
 @pytest.mark.parametrize("script", ["launch/tpu_pod.sh",

@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from codeclm import checkpoint
-from codeclm import storage
-from codeclm import train
 from codeclm.model import sharding
+from codeclm.runtime import storage
+from codeclm.train import checkpoint
+from codeclm.train import loop
 from tests import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def tiny(data_dir, **train_overrides):
 def test_two_steps_end_to_end(data_dir, tmp_path, caplog):
   c = tiny(data_dir, steps=2, eval_every=2, eval_batches=1)
   caplog.set_level(logging.INFO)
-  last = train.train(c, str(tmp_path))
+  last = loop.train(c, str(tmp_path))
   # The start-up report comes before the first compile.
   log = caplog.text
   for fact in ("Mesh {'data': 8, 'fsdp': 1, 'tensor': 1} over 8 devices",
@@ -68,7 +68,7 @@ def test_two_steps_end_to_end(data_dir, tmp_path, caplog):
 
 def test_loss_falls(data_dir, tmp_path):
   c = tiny(data_dir, steps=30, warmup_steps=3, lr=1e-2, ckpt_every=100)
-  train.train(c, str(tmp_path))
+  loop.train(c, str(tmp_path))
   losses = read_scalars(str(tmp_path), "loss")
   assert np.mean([losses[s] for s in range(26, 31)]) < 0.8 * np.mean(
       [losses[s] for s in range(1, 6)])
@@ -78,7 +78,7 @@ def fp32_run(data_dir, workdir, shape, devices=None, **train_overrides):
   c = tiny(data_dir, **{"steps": 3, "ckpt_every": 100, **train_overrides})
   c.model.dtype = "float32"
   c.mesh.shape = shape
-  train.train(c, str(workdir), devices=devices)
+  loop.train(c, str(workdir), devices=devices)
   return read_scalars(str(workdir), "loss")
 
 
@@ -117,7 +117,7 @@ def test_grad_accum_micro_batches_stay_sharded(data_dir):
   """
   c = tiny(data_dir, grad_accum=2)
   c.batch_size, c.mesh.shape = 16, (2, 4, 1)
-  setup = train.build(c, 300, np.ones(300, np.float32))
+  setup = loop.build(c, 300, np.ones(300, np.float32))
   batch = {k: jax.ShapeDtypeStruct((16, c.seq_len), np.float32 if k ==
                                    "loss_mask" else np.int32,
                                    sharding=setup.data_sharding)
@@ -163,17 +163,17 @@ def test_checkpoint_restores_on_another_topology(data_dir, tmp_path,
 
 def test_shapes_the_mesh_cannot_hold_are_rejected(data_dir):
   c = tiny(data_dir)  # batch 8; tiny heads: 4 query, 2 kv.
-  train.check_config(c, sharding.make_mesh((2, 2, 2)))
+  loop.check_config(c, sharding.make_mesh((2, 2, 2)))
   c.batch_size = 4  # 4 rows cannot split over 8 data ways.
   with pytest.raises(ValueError, match="batch_size=4 must divide.*--config"):
-    train.check_config(c, sharding.make_mesh((8, 1, 1)))
+    loop.check_config(c, sharding.make_mesh((8, 1, 1)))
   c.batch_size = 8
   c.train.grad_accum = 2  # 8 rows in 2 micro-batches over 8 data ways.
   with pytest.raises(ValueError, match="grad_accum"):
-    train.check_config(c, sharding.make_mesh((8, 1, 1)))
+    loop.check_config(c, sharding.make_mesh((8, 1, 1)))
   c.train.grad_accum = 1
   with pytest.raises(ValueError, match="tensor mesh axis"):
-    train.check_config(c, sharding.make_mesh((2, 1, 4)))
+    loop.check_config(c, sharding.make_mesh((2, 1, 4)))
 
 
 def run_main(workdir, data_dir, *flags, env=None):
@@ -277,8 +277,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):
   c = tiny(data_dir, steps=6, warmup_steps=1, ckpt_every=1, keep_last=10,
            lr=1e30,
            grad_clip=1e30)
-  with pytest.raises(train.NonFiniteLossError, match="Non-finite") as error:
-    train.train(c, str(tmp_path))
+  with pytest.raises(loop.NonFiniteLossError, match="Non-finite") as error:
+    loop.train(c, str(tmp_path))
   bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
   assert 1 < bad_step < 6
   # Every step before the bad one was saved; the bad state never was.
@@ -297,7 +297,7 @@ def test_bad_configs_fail_with_the_fix(data_dir, tmp_path, override, message):
   else:
     c.mesh.shape = override["mesh_shape"]
   with pytest.raises(ValueError, match=message):
-    train.train(c, str(tmp_path))
+    loop.train(c, str(tmp_path))
 
 
 def test_sigterm_saves_then_exits(data_dir, tmp_path):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from codeclm import codecs
-from codeclm import storage
 from codeclm.data import loader
 from codeclm.data import prepare
 from codeclm.data import sources
+from codeclm.runtime import storage
 from codeclm.tokenizer import ByteBPE
 from tests import tiny_avc_config
 from tests.test_loader import examples

@@ -20,7 +20,7 @@ K), so the global batch is a fixed function of (seed, step) over the whole
 dataset. A process runs only the streams that hold the rows its devices hold
 (`TrainBatches(rows=...)`, rows from the batch sharding) and yields just those
 rows; the position is the K streams' Grain states, saved one file per stream
-(codeclm/checkpoint.py), so a run written by n processes resumes on m.
+(codeclm/train/checkpoint.py), so a run written by n processes resumes on m.
 
 Every batch is a dict of numpy arrays with the same five keys in both modes,
 so the trainer is uniform: inputs, targets, segment_ids, positions (int32,

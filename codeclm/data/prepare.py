@@ -42,7 +42,7 @@ finished.
 Object stores: the ArrayRecord library writes and reads local files only
 (google/array_record#120), so for a remote `out_dir` each shard is written
 to a local temporary file, uploaded (the object appears only when complete)
-and deleted, one shard at a time; the JSON files go through codeclm.storage.
+and deleted, one shard at a time; the JSON files go through codeclm.runtime.storage.
 The BPE sample is read from temporary local copies of the training shards
 that hold it. Training reads the shards from a local path or a gcsfuse
 mount of the bucket (`require_local`).
@@ -74,9 +74,9 @@ import numpy as np
 import tqdm
 
 from codeclm import codecs
-from codeclm import storage
 from codeclm.data import sources
 from codeclm.data.sources import DataError
+from codeclm.runtime import storage
 
 PLAN = "plan.json"
 MANIFEST = "manifest.json"

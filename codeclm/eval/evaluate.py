@@ -97,12 +97,12 @@ import numpy as np
 from PIL import Image
 import tqdm
 
-from codeclm import storage
 from codeclm.data import prepare
 from codeclm.data import sources
 from codeclm.data.sources import DataError
 from codeclm.eval import fid
 from codeclm.eval import inception
+from codeclm.runtime import storage
 from codeclm.sampling import sampler as sampler_lib
 from codeclm.sampling import workdir as workdir_lib
 
@@ -592,7 +592,7 @@ def _extractor(ec) -> inception.FeatureExtractor:
 
 
 def _step_and_out_dir(ec, workdir: str) -> tuple[int, str]:
-  from codeclm import checkpoint  # pylint: disable=g-import-not-at-top
+  from codeclm.train import checkpoint  # pylint: disable=g-import-not-at-top
   _, step = checkpoint.committed_step_dir(workdir, ec.step or None)
   return step, os.fspath(storage.path(ec.out_dir or storage.path(workdir) /
                                       "eval" / f"step_{step}"))

@@ -1,6 +1,6 @@
 r"""Exports a workdir's checkpoint as a Hugging Face LlamaForCausalLM folder.
 
-  python -m codeclm.export_hf --workdir=W --dst=DIR [--step=N] \
+  python -m codeclm.hf.export_hf --workdir=W --dst=DIR [--step=N] \
       [--dtype=bfloat16] [--max_shard_mb=2000]
 
 DIR gets `config.json` (LlamaForCausalLM), `generation_config.json`,
@@ -33,18 +33,18 @@ import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
-from codeclm import checkpoint
 from codeclm import config_base
-from codeclm import import_hf
-from codeclm import storage
-from codeclm import tokenizer as tokenizer_lib
-from codeclm.model import hf
+from codeclm.hf import import_hf
+from codeclm.hf import weights as hf_weights
 from codeclm.model import llama
+from codeclm.runtime import storage
+from codeclm import tokenizer as tokenizer_lib
+from codeclm.train import checkpoint
 
 _README = """\
 # {name}: a codeclm {codec} model in Hugging Face format
 
-Exported by `python -m codeclm.export_hf` from step {step} of a codeclm
+Exported by `python -m codeclm.hf.export_hf` from step {step} of a codeclm
 workdir. A plain Llama ({layers} layers, width {width}, vocabulary
 {vocab_size}, context {max_len} tokens) over the bytes of {codec} files
 ({settings}).
@@ -140,7 +140,7 @@ def hf_tensors(step_dir: str, c: llama.LlamaConfig, abstract, dtype):
     else:
       for i, name in enumerate(names):
         layer = x[i] if len(names) > 1 else x
-        yield name, hf.convert_to_hf(layer.astype(dtype), kind, c)
+        yield name, hf_weights.convert_to_hf(layer.astype(dtype), kind, c)
     del x
 
 

@@ -1,6 +1,6 @@
 r"""Imports a Hugging Face Llama (e.g. the released Jpeg-LM) into a workdir.
 
-  python -m codeclm.import_hf --src=DIR_OR_HUB_ID --workdir=W \
+  python -m codeclm.hf.import_hf --src=DIR_OR_HUB_ID --workdir=W \
       [--config=configs/jpeg_lm.py:7b] [--mesh_shape='(1,-1,1)']
 
 DIR holds `config.json` (a LlamaForCausalLM), one or many `*.safetensors`
@@ -40,11 +40,11 @@ from tokenizers import Tokenizer
 
 from codeclm import codecs
 from codeclm import config_base
-from codeclm import storage
-from codeclm import tokenizer as tokenizer_lib
-from codeclm.model import hf
+from codeclm.hf import weights as hf_weights
 from codeclm.model import llama
 from codeclm.model import sharding
+from codeclm.runtime import storage
+from codeclm import tokenizer as tokenizer_lib
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -102,7 +102,7 @@ def read_hf_config(src: str) -> dict:
 def codeclm_config(base, hf_cfg: dict, src: str):
   """--config with the model and sequence fields of the HF config."""
   try:
-    lc = hf.config_from_hf(types.SimpleNamespace(**hf_cfg))
+    lc = hf_weights.config_from_hf(types.SimpleNamespace(**hf_cfg))
   except ValueError as e:
     raise ImportHFError(f"{os.path.join(src, 'config.json')}: {e}") from e
   config = base.copy_and_resolve_references()
@@ -246,7 +246,7 @@ def leaf_sources(c: llama.LlamaConfig) -> dict[tuple, tuple]:
   out = {("embedding",): (["model.embed_tokens.weight"], "embedding"),
          ("final_norm", "scale"): (["model.norm.weight"], "vector"),
          ("head",): (["lm_head.weight"], "head")}
-  for name, (path, kind) in hf.layer_keys(c).items():
+  for name, (path, kind) in hf_weights.layer_keys(c).items():
     names = [f"model.layers.{i}.{name}" for i in range(c.num_layers)]
     if c.scan_layers:
       out[("layers",) + path] = (names, kind)
@@ -263,14 +263,14 @@ def read_leaf(reader: SafetensorsReader, names: list[str], kind: str,
     name = names[0]
     if name not in reader.names() and kind == "head":
       name = "model.embed_tokens.weight"  # Tied embeddings, as HF does.
-    x = hf.from_hf_tensor(reader.get(name), name, (c.vocab_size, c.emb_dim),
+    x = hf_weights.from_hf_tensor(reader.get(name), name, (c.vocab_size, c.emb_dim),
                           dtype)
     return np.ascontiguousarray(x.T) if kind == "head" else x
   out = np.empty(shape, dtype)
   for i, name in enumerate(names):
-    x = hf.from_hf_tensor(reader.get(name), name, hf.hf_shape(name, kind, c),
+    x = hf_weights.from_hf_tensor(reader.get(name), name, hf_weights.hf_shape(name, kind, c),
                           dtype)
-    y = hf.convert_from_hf(x, kind, c)
+    y = hf_weights.convert_from_hf(x, kind, c)
     if len(names) > 1:
       out[i] = y
     else:

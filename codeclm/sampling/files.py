@@ -5,7 +5,7 @@ whose prompt is the first `ratio` of the MCU rows (frames), decoded with the
 codec into .jpg / .png (.mp4 / .gif) files, a JSON report per sample and grids
 of prompt | completions | original:
 
-  python -m codeclm.sample --workdir=/tmp/jpeg_demo \
+  python -m codeclm.sampling --workdir=/tmp/jpeg_demo \
       --sample.images=cat.png,dog.jpg --sample.ratios='(0.5,)'
   python -m codeclm.main --config=configs/jpeg_lm.py:demo \
       --workdir=/tmp/jpeg_demo --mode=sample --config.sample.num_samples=8
@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from codeclm import storage
+from codeclm.runtime import storage
 from codeclm.sampling import sampler as sampler_lib
 from codeclm.sampling import workdir as workdir_lib
 

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from codeclm import config_base
-from codeclm import storage
 from codeclm.model import llama
 from codeclm.model import sharding
+from codeclm.runtime import storage
 from codeclm.sampling import sampler as sampler_lib
 
 def _tuples(x):
@@ -45,7 +45,7 @@ def load(workdir: str, step: int | None = None,
   training config's mesh.shape over this machine's devices; a shape without
   -1 takes the first devices it needs, so (1, 1, 1) samples on one device).
   """
-  from codeclm import checkpoint  # pylint: disable=g-import-not-at-top
+  from codeclm.train import checkpoint  # pylint: disable=g-import-not-at-top
   from codeclm import codecs  # pylint: disable=g-import-not-at-top
   from codeclm.tokenizer import ByteBPE  # pylint: disable=g-import-not-at-top
   workdir = storage.path(workdir)

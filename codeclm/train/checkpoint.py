@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from codeclm import storage
+from codeclm.runtime import storage
 
 RUN_FILES = ("config.json", "tokenizer.json", "manifest.json")
 DAMAGED = "damaged_checkpoints"  # Workdir folder for steps resume skipped.
@@ -393,7 +393,7 @@ def init_params_from(workdir: str, params: Any, config,
   except OSError as e:
     raise FileNotFoundError(
         f"train.init_from={workdir} has no config.json ({e}); point it at a "
-        "training workdir or one written by codeclm.import_hf.") from e
+        "training workdir or one written by codeclm.hf.import_hf.") from e
   source_vocab = tokenizer_lib.load(workdir / "tokenizer.json").vocab_size
   if source_vocab != vocab_size:
     raise ValueError(

@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codeclm import train
 from codeclm.data import loader
 from codeclm.model import attention
 from codeclm.model import llama
 from codeclm.model import sharding
+from codeclm.train import loop
 
 GIB = 2**30
 
@@ -455,7 +455,7 @@ def run(config, workdir: str) -> dict:
   check_mesh(config.mesh.shape, topology)
   devices = topology_devices(topology)
   vocab = config.data.vocab_size + 2  # BPE entries + BOS/EOS.
-  setup = train.build(config, vocab, np.ones(vocab, np.float32), devices)
+  setup = loop.build(config, vocab, np.ones(vocab, np.float32), devices)
   impl = attention.resolve(config.model.attention_impl, "tpu",
                            config.model.dtype, config.seq_len, False)
   batch = {k: jax.ShapeDtypeStruct(

@@ -24,19 +24,19 @@ import ml_collections
 import numpy as np
 import optax
 
-from codeclm import checkpoint
 from codeclm import codecs
 from codeclm import config_base
-from codeclm import mfu
-from codeclm import optimizer
-from codeclm import preemption
-from codeclm import storage
 from codeclm.data import loader
 from codeclm.data import prepare
 from codeclm.model import llama
 from codeclm.model import sharding
+from codeclm.runtime import storage
 from codeclm.sampling import tensorboard
 from codeclm.tokenizer import ByteBPE
+from codeclm.train import checkpoint
+from codeclm.train import mfu
+from codeclm.train import optimizer
+from codeclm.train import preemption
 
 class NonFiniteLossError(RuntimeError):
   pass
@@ -219,7 +219,7 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
 
   Nothing concrete is made here (token_bytes stays numpy and becomes a
   constant when traced): `devices` may be a TPU topology's unattached devices
-  (codeclm/compile.py), where no array can be placed.
+  (codeclm/train/compile.py), where no array can be placed.
   """
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   rules = tuple(tuple(r) for r in config.mesh.rules)
