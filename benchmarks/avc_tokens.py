@@ -4,7 +4,7 @@ r"""H.264 bytes and BPE tokens per video, and encode speed (paper's settings).
 
 Videos: 256x144, 3 fps, 15 frames, libx264 with Avc-LM's settings (baseline,
 QP 37, one macroblock per slice, ...), SPS/PPS/SEI stripped (codec.encode).
-Clips come from codeclm.data.sources.synthetic_video (moving shapes and camera
+Clips come from data.sources.synthetic_videos (moving shapes and camera
 pans over synthetic pictures): a 1024-entry BPE is trained on --train of them
 and tokens are measured on --held_out others. As a check on texture, the same
 BPE is also measured on pans over real photographs (scikit-image's, a window
@@ -40,7 +40,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from codeclm.codecs.avc import AvcCodec
-from codeclm.data.sources import synthetic_video
+from codeclm.data.sources.synthetic_videos import synthetic_video
 from codeclm.tokenizer import ByteBPE
 
 _TRAIN = flags.DEFINE_integer("train", 200, "Synthetic clips the BPE sees.")

@@ -25,13 +25,15 @@ import time
 
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from codeclm.codecs import jpeg
 from codeclm.model import llama
+from codeclm.model import llama_config
+from codeclm.model import random_init
+from codeclm.sampling import decode_loop
 from codeclm.sampling import files
 from codeclm.sampling import jpeg_grammar
 from codeclm.sampling import sampler as sampler_lib
@@ -54,16 +56,6 @@ _PARTS = flags.DEFINE_list("parts", ["tables", "step", "mask", "clean"],
 PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "coffee", "coins",
           "grass", "gravel", "hubble_deep_field", "immunohistochemistry",
           "moon", "page", "retina", "rocket", "text")
-
-
-def random_params(model: llama.Llama):
-  """Random weights (speed does not depend on them), without compiling init."""
-  shapes = nn.meta.unbox(jax.eval_shape(
-      model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-  rng = np.random.default_rng(0)
-  return jax.tree.map(lambda x: jnp.asarray(
-      rng.normal(size=x.shape).astype(np.float32) / np.sqrt(
-          x.shape[0] if x.ndim > 1 else 1) + (x.ndim == 1)), shapes)
 
 
 def photos(codec):
@@ -114,11 +106,12 @@ def steps():
   prompt = codec.prompt(streams[0], 0.25)
   ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)])
   for size in _SIZES.value:
-    config = llama.LlamaConfig.from_size(
+    config = llama_config.LlamaConfig.from_size(
         size, vocab_size=tokenizer.vocab_size, max_len=_CONTEXT.value,
         dtype="float32", remat_policy="none")
     model = llama.Llama(config)
-    params = random_params(model)
+    # Random weights: speed does not depend on them.
+    params = jax.device_put(random_init.params(model))
     sampler = sampler_lib.Sampler(model, eos_id=tokenizer.eos_id,
                                   pad_id=tokenizer.pad_id,
                                   cache_dtype="bfloat16", min_bucket=256)
@@ -161,13 +154,13 @@ def mask():
 
   @jax.jit
   def free(logits, keys, state, count):
-    return sampler_lib.choose(logits, keys, 1.0, 40, 0.9), state, count
+    return decode_loop.choose(logits, keys, 1.0, 40, 0.9), state, count
 
   @jax.jit
   def constrained(logits, keys, state, count):
     row = constraint.next_state[state]
     allowed = (row >= 0) & constraint.counter.allows(state, count)
-    token = sampler_lib.choose(jnp.where(allowed, logits, -jnp.inf), keys,
+    token = decode_loop.choose(jnp.where(allowed, logits, -jnp.inf), keys,
                                1.0, 40, 0.9)
     count = constraint.counter.advance(state, count, token)
     return token, jnp.take_along_axis(row, token[:, None], 1)[:, 0], count

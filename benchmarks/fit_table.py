@@ -49,7 +49,7 @@ _SMALLEST = flags.DEFINE_list(
     "(jpeg-7b:v5e:splash), or 'all'; with --markdown, the search table.")
 _RECOUNT = flags.DEFINE_bool(
     "recount", False, "Recount --out's collectives from the HLO each compile "
-    "kept in its workdir (after a change to compile.collectives), in place.")
+    "kept in its workdir (after a change to hlo_stats.collectives), in place.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
@@ -88,14 +88,20 @@ PLAN = [
 ]
 
 
-def _aot():
+def _topology():
   sys.path.insert(0, ROOT)
-  from codeclm.train import compile as aot  # pylint: disable=g-import-not-at-top
-  return aot
+  from codeclm.train import tpu_topology  # pylint: disable=g-import-not-at-top
+  return tpu_topology
+
+
+def _hlo_stats():
+  sys.path.insert(0, ROOT)
+  from codeclm.train import hlo_stats  # pylint: disable=g-import-not-at-top
+  return hlo_stats
 
 
 def chips_of(topology: str) -> int:
-  return _aot().parse_topology(topology).chips
+  return _topology().parse_topology(topology).chips
 
 
 def recount(row) -> dict:
@@ -104,7 +110,7 @@ def recount(row) -> dict:
     path = os.path.join(row.get("workdir", ""), prog.get("hlo", ""))
     if prog.get("hlo") and os.path.exists(path):
       with gzip.open(path, "rt") as f:
-        prog["collectives"] = _aot().collectives(f.read())
+        prog["collectives"] = _hlo_stats().collectives(f.read())
   return row
 
 
@@ -143,11 +149,12 @@ def compile_row(name, config, seq_len, batch, topology, impl) -> dict:
 @functools.lru_cache(maxsize=None)  # An eval_shape of the whole model.
 def state_bytes(config: str) -> int:
   """Parameters + AdamW moments of a config name's model size, in bytes."""
-  _aot()
+  _topology()  # codeclm from ROOT.
   from codeclm.model import llama  # pylint: disable=g-import-not-at-top
+  from codeclm.model import llama_config  # pylint: disable=g-import-not-at-top
   size = config.split(":")[1]
   return STATE_BYTES_PER_PARAM * llama.param_count(
-      llama.LlamaConfig.from_size(size, vocab_size=322))
+      llama_config.LlamaConfig.from_size(size, vocab_size=322))
 
 
 def fits(row) -> bool:
@@ -163,7 +170,7 @@ def search(model: str, generation: str, impl: str, done: dict):
   """Yields the rows of one search (see the module docstring), compiling
   the ones `done` ({(config, seq, topology, attention): row}) lacks."""
   config, seq_len, batch = MODELS[model]
-  spec = _aot().GENERATIONS[generation]
+  spec = _topology().GENERATIONS[generation]
   state = state_bytes(config)
   sizes = [size for size in spec.sizes
            if batch % chips_of(f"{generation}-{size}") == 0]
@@ -197,17 +204,17 @@ def _reason(row) -> str:
 
 def smallest_markdown(rows) -> str:
   """One line per (model, generation, attention) searched or compiled."""
-  aot = _aot()
+  topo = _topology()
   out = ["| model | seq | global batch | generation | attention | smallest "
          "slice that fits | mesh | GiB per chip | collectives GiB/step | "
          "the slice below it |", "|" + "---|" * 10]
   groups = {}
   for r in rows:
-    gen = aot.parse_topology(r["topology"]).generation
+    gen = topo.parse_topology(r["topology"]).generation
     groups.setdefault((r["config"], r["seq_len"], gen, r["attention"]),
                       []).append(r)
   for (config, seq_len, gen, impl), group in sorted(groups.items()):
-    spec = aot.GENERATIONS[gen]
+    spec = topo.GENERATIONS[gen]
     group.sort(key=lambda r: chips_of(r["topology"]))
     fit = next((r for r in group if fits(r)), None)
     if fit is None:

@@ -39,7 +39,7 @@ import numpy as np
 
 from codeclm.codecs import avc
 from codeclm.codecs import jpeg
-from codeclm.data import sources
+from codeclm.data.sources import synthetic_videos
 from codeclm.sampling import jpeg_grammar
 
 _CASES = flags.DEFINE_integer("cases", 100_000, "Damaged streams to decode.")
@@ -93,8 +93,9 @@ def build_corpus(tiny: bool, seed: int) -> Corpus:
           4 if tiny else (16 if codec.width > 64 else 64), rng)
     else:
       clips = range(2 if tiny else 6)
-      real[name] = [codec.encode_frames(codec.load(sources.synthetic_video(
-          i, codec.width, codec.height, codec.frames), codec.fps))
+      real[name] = [codec.encode_frames(codec.load(
+          synthetic_videos.synthetic_video(i, codec.width, codec.height,
+                                           codec.frames), codec.fps))
                     for i in clips]
       walks[name] = real[name]
   return Corpus(settings, real, walks, seed)

@@ -2,8 +2,8 @@ r"""Peak host memory of `codeclm.hf.import_hf` and `codeclm.hf.export_hf`.
 
   python benchmarks/import_memory.py --size=1b [--dir=/tmp/import_memory]
 
-Writes a random Llama of llama.SIZES[size] as a Hugging Face folder (bf16
-safetensors in 2 GB shards, a Braille tokenizer), imports it in a child
+Writes a random Llama of llama_config.SIZES[size] as a Hugging Face folder
+(bf16 safetensors in 2 GB shards, a Braille tokenizer), imports it in a child
 process (float32 params, one CPU device), exports it back in another, and
 prints each child's peak RSS next to the checkpoint and model sizes.
 """
@@ -25,10 +25,10 @@ from safetensors.numpy import save_file
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
-from codeclm.model import llama  # pylint: disable=g-import-not-at-top,wrong-import-position
+from codeclm.model import llama_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_SIZE = flags.DEFINE_string("size", "1b", "A key of llama.SIZES.")
+_SIZE = flags.DEFINE_string("size", "1b", "A key of llama_config.SIZES.")
 _DIR = flags.DEFINE_string("dir", "/tmp/import_memory", "Scratch folder.")
 _EXPORT = flags.DEFINE_bool("export", True, "Also measure export_hf.")
 
@@ -38,8 +38,8 @@ def write_hf(directory: str, size: str) -> int:
   rng = np.random.default_rng(0)
   bpe = tokenizer_lib.ByteBPE.train(
       [rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()], 320)
-  s = llama.SIZES[size]
-  c = llama.LlamaConfig(vocab_size=bpe.vocab_size, **s)
+  s = llama_config.SIZES[size]
+  c = llama_config.LlamaConfig(vocab_size=bpe.vocab_size, **s)
   os.makedirs(directory)
   tokenizer_lib.to_hf(bpe).save(os.path.join(directory, "tokenizer.json"))
   with open(os.path.join(directory, "config.json"), "w") as f:

@@ -21,12 +21,11 @@ import time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
-import flax.linen as nn  # pylint: disable=g-import-not-at-top
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from codeclm.model import llama  # pylint: disable=g-import-not-at-top
+from codeclm.model import llama_config  # pylint: disable=g-import-not-at-top
+from codeclm.model import random_init  # pylint: disable=g-import-not-at-top
 from codeclm.model import sharding  # pylint: disable=g-import-not-at-top
 from codeclm.sampling import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
 
@@ -40,19 +39,13 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs (median kept).")
 
 def main(argv):
   del argv
-  config = llama.LlamaConfig.from_size(
+  config = llama_config.LlamaConfig.from_size(
       _SIZE.value, vocab_size=322, max_len=_PROMPT.value + _NEW.value,
       dtype=_DTYPE.value, remat_policy="none")
   model = llama.Llama(config)
   mesh = sharding.make_mesh((1, 8, 1))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-    boxed = jax.eval_shape(model.init, jax.random.key(0),
-                           jnp.zeros((1, 1), jnp.int32))["params"]
   rng = np.random.default_rng(0)
-  params = jax.device_put(
-      jax.tree.map(lambda x: (rng.normal(size=x.shape) / np.sqrt(
-          x.shape[-1])).astype(np.float32), nn.meta.unbox(boxed)),
-      sharding.logical_shardings(boxed, mesh))
+  params = random_init.params(model, rng, mesh=mesh)  # Laid out as trained.
   prompts = rng.integers(0, 322, (_BATCH.value, _PROMPT.value)).tolist()
   samplers = {name: sampler_lib.Sampler(
       model, eos_id=322, pad_id=0, mesh=mesh, cache_dtype=_DTYPE.value,

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from codeclm.model import llama
+from codeclm.model import llama_config
 from codeclm.sampling import sampler as sampler_lib
 
-_SIZE = flags.DEFINE_string("size", "100m", "Model size (llama.SIZES).")
+_SIZE = flags.DEFINE_string("size", "100m", "Model size (llama_config.SIZES).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows.")
 _PROMPT = flags.DEFINE_integer("prompt", 512, "Prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new_tokens", 65, "Tokens drawn per row.")
@@ -51,8 +52,8 @@ def op_names(hlo_text: str) -> dict[str, str]:
 
 
 def main(_):
-  config = llama.LlamaConfig.from_size(_SIZE.value, vocab_size=_VOCAB,
-                                       max_len=4096, dtype="float32")
+  config = llama_config.LlamaConfig.from_size(
+      _SIZE.value, vocab_size=_VOCAB, max_len=4096, dtype="float32")
   model = llama.Llama(config)
   prompts = np.random.default_rng(0).integers(
       1, _VOCAB, (_BATCH.value, _PROMPT.value)).tolist()

@@ -22,12 +22,13 @@ import time
 
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from codeclm.model import llama
+from codeclm.model import llama_config
+from codeclm.model import random_init
 from codeclm.sampling import sampler as sampler_lib
 
 _SIZES = flags.DEFINE_list("sizes", ["demo", "100m"], "Model sizes.")
@@ -43,16 +44,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs (best is kept).")
 _RECOMPUTE = flags.DEFINE_bool("recompute", True, "Also time recomputation.")
 
 
-def random_params(model: llama.Llama, seed: int = 0):
-  """Random weights of the right shapes, without compiling model.init."""
-  shapes = nn.meta.unbox(jax.eval_shape(
-      model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: jnp.asarray(
-      rng.normal(size=x.shape).astype(np.float32) / np.sqrt(
-          x.shape[0] if x.ndim > 1 else 1) + (x.ndim == 1)), shapes)
-
-
 def best_time(fn, repeats: int) -> float:
   fn()  # Compile (and warm up).
   times = []
@@ -64,11 +55,11 @@ def best_time(fn, repeats: int) -> float:
 
 
 def measure(size: str, context: int) -> dict:
-  config = llama.LlamaConfig.from_size(
+  config = llama_config.LlamaConfig.from_size(
       size, vocab_size=_VOCAB.value, max_len=context, dtype=_DTYPE.value,
       remat_policy="none")
   model = llama.Llama(config)
-  params = random_params(model)
+  params = jax.device_put(random_init.params(model))
   b, new = _BATCH.value, _NEW.value
   rng = np.random.default_rng(1)
   prompts = rng.integers(0, _VOCAB.value, (b, context - new)).tolist()

@@ -64,14 +64,16 @@ import time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
-import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from codeclm.hf import weights as hf_weights  # pylint: disable=g-import-not-at-top
 from codeclm.model import attention  # pylint: disable=g-import-not-at-top
+from codeclm.model import kv_cache  # pylint: disable=g-import-not-at-top
 from codeclm.model import llama  # pylint: disable=g-import-not-at-top
+from codeclm.model import llama_config  # pylint: disable=g-import-not-at-top
+from codeclm.model import random_init  # pylint: disable=g-import-not-at-top
 from codeclm.sampling import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
 from tests import torch_compat  # pylint: disable=g-import-not-at-top
 
@@ -100,18 +102,7 @@ _TINY = flags.DEFINE_bool("tiny", False, "A smoke run of a few seconds: the "
 _PEAK_GBPS = {"H200": 4800, "H100": 3350, "A100": 2039, "L4": 300}
 
 
-def random_params(config: llama.LlamaConfig) -> dict:
-  """Random weights in codeclm's layout (numpy), without compiling init."""
-  shapes = nn.meta.unbox(jax.eval_shape(
-      llama.Llama(config).init, jax.random.key(0),
-      jnp.zeros((1, 1), jnp.int32))["params"])
-  rng = np.random.default_rng(0)
-  return jax.tree.map(lambda x: (rng.normal(size=x.shape) / np.sqrt(
-      x.shape[0] if x.ndim > 1 else 1) + (x.ndim == 1)).astype(np.float32),
-                      shapes)
-
-
-def hf_model(config: llama.LlamaConfig, params: dict, device: str):
+def hf_model(config: llama_config.LlamaConfig, params: dict, device: str):
   """transformers' Llama holding the same weights (codeclm/hf/weights.py)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
@@ -133,10 +124,10 @@ def models(size: str, vocab: int, device: str, cache: dict):
   and vocabulary, made once per run (`cache`)."""
   key = (size, vocab)
   if key not in cache:
-    config = llama.LlamaConfig.from_size(
+    config = llama_config.LlamaConfig.from_size(
         size, vocab_size=vocab, max_len=4096, dtype=_DTYPE.value,
         remat_policy="none")
-    params = random_params(config)
+    params = random_init.params(llama.Llama(config))  # numpy, for both
     cache[key] = (config, params, hf_model(config, params, device),
                   jax.device_put(params))
   return cache[key]
@@ -215,7 +206,7 @@ def compare(size: str, prompt_len: int, batch: int, grammar: str,
   def theirs(n):
     def run():
       with torch.no_grad():
-        return hf_weights.generate(inputs, attention_mask=torch.ones_like(inputs),
+        return hf.generate(inputs, attention_mask=torch.ones_like(inputs),
                            do_sample=True, top_k=top_k, top_p=1.0,
                            temperature=1.0, max_new_tokens=n,
                            min_new_tokens=n, eos_token_id=None,
@@ -279,8 +270,8 @@ def logits_agree(device: str, cache: dict) -> float:
                       - theirs.float().cpu().numpy()).max())
 
 
-def prefill_parts(config: llama.LlamaConfig, params: dict, hf, batch: int,
-                  t: int):
+def prefill_parts(config: llama_config.LlamaConfig, params: dict, hf,
+                  batch: int, t: int):
   """{part: (jax_fn, torch_fn)}, each a thunk running that part once."""
   import torch  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(batch)
@@ -290,7 +281,7 @@ def prefill_parts(config: llama.LlamaConfig, params: dict, hf, batch: int,
   # The sampler's prefill: the prompt written into a fresh KV cache.
   forward = jax.jit(lambda p, x: model.apply(
       {"params": p}, x, logits_at=last,
-      cache=llama.init_cache(config, batch, t, config.dtype)))
+      cache=kv_cache.init_cache(config, batch, t, config.dtype)))
   jparams, jids, tids = jax.device_put(params), jnp.asarray(ids), (
       torch.from_numpy(ids))
 

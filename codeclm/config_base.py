@@ -7,10 +7,11 @@ reads is defined here, so a typo in a command-line override fails loudly.
 
 import ml_collections
 
-from codeclm.model import llama
+from codeclm.model import llama_config
 from codeclm.model import sharding
 
-# Per size: model dims come from llama.SIZES; these are the training shapes.
+# Per size: model dims come from llama_config.SIZES; these are the training
+# shapes.
 # Batch is global (all hosts); tokens per step = batch_size * seq_len.
 # Mesh (data, fsdp, tensor): data parallelism while a replicated fp32 state
 # (params + two Adam moments, 12 bytes a parameter) fits a device (100M:
@@ -64,7 +65,7 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
   ))
 
   c.model = ml_collections.ConfigDict(dict(
-      **llama.SIZES[size],
+      **llama_config.SIZES[size],
       norm_eps=1e-5,
       rope_theta=1e4,
       dtype="bfloat16",
@@ -189,8 +190,8 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
   return c
 
 
-def model_config(config, vocab_size: int) -> llama.LlamaConfig:
+def model_config(config, vocab_size: int) -> llama_config.LlamaConfig:
   """The model a config describes; the vocabulary comes from the tokenizer."""
   fields = {k: v for k, v in config.model.items() if k != "vocab_size"}
-  return llama.LlamaConfig(vocab_size=vocab_size, max_len=config.seq_len,
-                           **fields)
+  return llama_config.LlamaConfig(vocab_size=vocab_size,
+                                  max_len=config.seq_len, **fields)

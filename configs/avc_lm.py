@@ -8,7 +8,7 @@ Sampling prompts with the first 10 frames and generates the last 5.
 
 Data: the paper's video corpus is not public. The default is UCF101 from
 TFDS (13K clips of 101 actions, 320x240 at 25 fps; TFDS keeps no frame rate,
-so sources.TFDS_VIDEO_FPS supplies it), config ucf101_1 (the original size:
+so tfds_source.TFDS_VIDEO_FPS supplies it), config ucf101_1 (the original size:
 the default ucf101_1_256 squashes frames to a square). It must be built once
 where it can download (6.5 GB; TFDS needs ffmpeg to cut the clips):
 

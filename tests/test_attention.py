@@ -21,6 +21,7 @@ import pytest
 
 from codeclm.model import attention
 from codeclm.model import llama
+from codeclm.model import llama_config
 from codeclm.model import sharding
 
 T, H, K, F = 256, 4, 2, 64  # Grouped KV heads: 2 query heads per KV head.
@@ -105,10 +106,10 @@ def test_splash_in_the_model_matches_xla(mesh):
   """Whole model on the mesh (scanned, rematerialised layers), packed rows:
   logits and parameter gradients of the two kernels agree."""
   t = 128  # One splash block: the kernel's tiling is covered above.
-  base = llama.LlamaConfig(vocab_size=64, num_layers=2, emb_dim=128,
-                           num_heads=H, num_kv_heads=K, mlp_dim=128,
-                           max_len=t, dtype="float32", remat_policy="full",
-                           attention_impl="xla")
+  base = llama_config.LlamaConfig(vocab_size=64, num_layers=2, emb_dim=128,
+                                  num_heads=H, num_kv_heads=K, mlp_dim=128,
+                                  max_len=t, dtype="float32",
+                                  remat_policy="full", attention_impl="xla")
   rng = np.random.default_rng(2)
   tokens = jnp.asarray(rng.integers(0, 64, (4, t)), jnp.int32)
   ids = packed_ids(4, t, seed=3)

@@ -21,6 +21,8 @@ import pytest
 from codeclm import codecs
 from codeclm.codecs import avc
 from codeclm.codecs import CodecError
+from codeclm.codecs import h264_bitstream
+from codeclm.codecs import video_io
 
 SMALL = avc.AvcCodec(64, 48)  # 4x3 macroblocks, 15 frames at 3 fps.
 PAPER = avc.AvcCodec()  # 256x144: 16x9 macroblocks.
@@ -195,8 +197,8 @@ def test_kept_headers_form_is_x264s_stream_and_plays_alone(tmp_path):
   assert nal_types(kept)[:3] == [7, 8, 6] and b"x264 - core" in kept
   assert set(nal_types(kept)[3:]) == {1, 5}
   assert kept.startswith(KEPT.header()) and KEPT.header() == SMALL.header()
-  # pylint: disable-next=protected-access
-  assert avc._canonical(kept) == stripped  # Same slices; only headers differ.
+  # Same slices; only headers differ.
+  assert h264_bitstream.canonical(kept) == stripped
   # The kept bytes decode on their own, as the stripped ones do re-wrapped.
   alone = np.stack(pyav_decode(kept))
   assert len(alone) == 15
@@ -527,6 +529,5 @@ def test_bad_settings(fields, match):
 
 
 def test_time_rate_is_exact():
-  # pylint: disable=protected-access
-  assert avc._rate(29.97) == fractions.Fraction(2997, 100)
-  assert avc._rate(3.0) == 3
+  assert video_io.rate(29.97) == fractions.Fraction(2997, 100)
+  assert video_io.rate(3.0) == 3

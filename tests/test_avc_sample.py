@@ -12,10 +12,10 @@ import pytest
 
 from codeclm.codecs import avc
 from codeclm import config_base
-from codeclm.data import sources
+from codeclm.data.sources import synthetic_videos
 from codeclm.sampling import files
 from codeclm.train import loop
-from tests import tiny_avc_config
+from tests import tiny_config
 
 RATIO = 0.2  # 3 of 15 frames: short prompts keep the test's windows small.
 
@@ -37,7 +37,7 @@ def tb_images(workdir: str) -> dict[str, np.ndarray]:
 def workdir(tmp_path_factory):
   """Two training steps of the tiny AVC config, with TensorBoard samples."""
   path = str(tmp_path_factory.mktemp("avc_run"))
-  c = tiny_avc_config.get_config()
+  c = tiny_config.get_config("avc")
   c.seq_len = 512
   c.train.update(steps=2, ckpt_every=2, async_checkpoints=False,
                  compilation_cache=False)
@@ -64,7 +64,7 @@ def test_training_writes_frame_strips_to_tensorboard(workdir):
 def test_sample_command_writes_videos_and_reports(workdir, tmp_path):
   codec = avc.AvcCodec(width=32, height=32)
   clip = str(tmp_path / "clip")
-  codec.save(clip, codec.encode(sources.synthetic_video(3, 32, 32)))
+  codec.save(clip, codec.encode(synthetic_videos.synthetic_video(3, 32, 32)))
   out = tmp_path / "out"
   cfg = config_base.lm_config("demo").sample
   cfg.update(num_samples=1, images=clip + ".mp4", ratios=(RATIO,),

@@ -20,6 +20,8 @@ from codeclm.data import loader
 from codeclm.sampling import workdir as workdir_lib
 from codeclm.tokenizer import ByteBPE
 from codeclm.train import checkpoint
+from codeclm.train import checkpoint_steps
+from codeclm.train import data_position
 from codeclm.train import loop
 from tests import tiny_config
 
@@ -128,7 +130,7 @@ def test_resume_skips_damaged_steps_and_matches_straight_run(
   assert "commit_success.txt" in warned  # Why step 4 was skipped.
   assert float(last["loss"]) == straight[1]
   # Steps 4 and 5 were saved again; the damaged ones were moved aside.
-  assert checkpoint.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
+  assert checkpoint_steps.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
   assert sorted(os.listdir(workdir / checkpoint.DAMAGED)) == ["4", "5"]
 
 
@@ -145,7 +147,7 @@ def test_resume_ignores_and_logs_a_leftover_tmp_dir(data_dir, straight,
   warned = warnings_of(caplog)
   assert tmp in warned and step_dir(workdir, 4) in warned
   assert float(last["loss"]) == straight[1]
-  assert checkpoint.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
+  assert checkpoint_steps.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
 
 
 # -- Each kind of damage, at the Checkpointer (no training). -------------------
@@ -206,7 +208,7 @@ def test_a_transient_read_error_is_retried_not_called_damage(
   assert step == 5 and int(state.step) == 5
   assert "transient read error at step 5); trying again" in warnings_of(caplog)
   assert not os.path.exists(workdir / checkpoint.DAMAGED)
-  assert checkpoint.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
+  assert checkpoint_steps.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
 
 
 def test_no_restorable_step_raises_and_moves_nothing(data_dir, workdir):
@@ -217,11 +219,12 @@ def test_no_restorable_step_raises_and_moves_nothing(data_dir, workdir):
   ckpt = checkpoint.Checkpointer(str(workdir), config.train)
   try:
     with setup.context(), pytest.raises(
-        checkpoint.RestoreError, match=r"checkpoints/5.*\n.*checkpoints/4"):
+        checkpoint_steps.RestoreError,
+        match=r"checkpoints/5.*\n.*checkpoints/4"):
       ckpt.restore_latest(abstract, iterator)
   finally:
     ckpt.close()
-  assert checkpoint.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
+  assert checkpoint_steps.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
   assert not os.path.exists(workdir / checkpoint.DAMAGED)
 
 
@@ -242,8 +245,8 @@ def test_a_data_position_of_another_config_is_named_not_skipped(
   setup, abstract, iterator = restore_target(config, data_dir)
   ckpt = checkpoint.Checkpointer(str(workdir), config.train)
   try:
-    with setup.context(), pytest.raises(checkpoint.DataPositionError,
-                                        match=match):
+    with setup.context(), pytest.raises(data_position.DataPositionError,
+                                           match=match):
       ckpt.restore_latest(abstract, iterator)
   finally:
     ckpt.close()
@@ -273,7 +276,7 @@ def test_sampling_skips_a_damaged_newest_step(workdir, damage, caplog):
   assert loaded.step == 4
   assert step_dir(workdir, 5) in warnings_of(caplog)
   assert os.path.isdir(step_dir(workdir, 5))  # A reader never moves files.
-  with pytest.raises((FileNotFoundError, checkpoint.RestoreError),
+  with pytest.raises((FileNotFoundError, checkpoint_steps.RestoreError),
                      match="step 5"):
     workdir_lib.load(str(workdir), step=5, mesh_shape=(1, 1, 1))
 

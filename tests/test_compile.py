@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from codeclm.train import compile as aot
+from codeclm.train import hlo_stats
+from codeclm.train import tpu_topology
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -55,7 +57,7 @@ def small_config(topology, attention, seq_len=512, batch_size=8,
     ("v6e-1", "v6e:1x1", 1),
 ])
 def test_cloud_names_translate_for_libtpu(name, libtpu_name, chips):
-  t = aot.parse_topology(name)
+  t = tpu_topology.parse_topology(name)
   assert (t.libtpu_name, t.chips) == (libtpu_name, chips)
 
 
@@ -63,25 +65,25 @@ def test_cloud_names_translate_for_libtpu(name, libtpu_name, chips):
 @pytest.mark.parametrize("name", ["v5e-1", "v6e-1", "v5e-4"])
 def test_slices_of_one_chip_have_their_device(name):
   """A one-chip slice is smaller than libtpu's default 2x2-chip host."""
-  devices = aot.topology_devices(aot.parse_topology(name))
-  assert len(devices) == aot.parse_topology(name).chips
+  devices = tpu_topology.topology_devices(tpu_topology.parse_topology(name))
+  assert len(devices) == tpu_topology.parse_topology(name).chips
   assert devices[0].platform == "tpu"
 
 
 def test_unknown_topology_lists_the_known_ones():
   with pytest.raises(ValueError, match=r"Unknown TPU topology 'v9-8'.*v5e-N"):
-    aot.parse_topology("v9-8")
+    tpu_topology.parse_topology("v9-8")
   with pytest.raises(ValueError, match=r"v5e slices come in sizes \[1, 4, 8"):
-    aot.parse_topology("v5e-3")
+    tpu_topology.parse_topology("v5e-3")
 
 
 def test_mesh_that_does_not_divide_names_the_axis():
-  v5e16 = aot.parse_topology("v5e-16")
+  v5e16 = tpu_topology.parse_topology("v5e-16")
   with pytest.raises(ValueError, match="the fsdp axis \\(3\\) does not divide"):
-    aot.check_mesh((1, 3, -1), v5e16)
+    tpu_topology.check_mesh((1, 3, -1), v5e16)
   with pytest.raises(ValueError, match="covers 8 devices.*put -1"):
-    aot.check_mesh((2, 4, 1), v5e16)
-  aot.check_mesh((2, -1, 2), v5e16)  # Fine.
+    tpu_topology.check_mesh((2, 4, 1), v5e16)
+  tpu_topology.check_mesh((2, -1, 2), v5e16)  # Fine.
 
 
 def test_without_libtpu_says_which_extra(monkeypatch):
@@ -89,7 +91,7 @@ def test_without_libtpu_says_which_extra(monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec",
                       lambda n, *a: None if n == "libtpu" else real(n, *a))
   with pytest.raises(RuntimeError, match=r"pip install -e '\.\[tpu\]'"):
-    aot.topology_devices(aot.parse_topology("v5e-4"))
+    tpu_topology.topology_devices(tpu_topology.parse_topology("v5e-4"))
 
 
 @needs_libtpu
@@ -185,14 +187,15 @@ def test_collective_bytes_equal_the_closed_form():
                                      sharding=NamedSharding(mesh, P("x"))),
                 [weights] * k).compile().as_text()
   assert "async_collective_fusion" in hlo  # The copies this test is about.
-  assert aot.collectives(hlo) == {
+  assert hlo_stats.collectives(hlo) == {
       "all-gather": dict(count=k * n, bytes=k * n * d * d * 2),
       "all-reduce": dict(count=n, bytes=n * d * 4)}
 
 
 def _mesh(topology):
   return jax.sharding.Mesh(
-      np.array(aot.topology_devices(aot.parse_topology(topology))), ("x",))
+      np.array(tpu_topology.topology_devices(
+          tpu_topology.parse_topology(topology))), ("x",))
 
 
 @needs_libtpu
@@ -219,5 +222,5 @@ def test_windowed_einsum_ring_counts_its_trips():
   ).compile().as_text()
   assert "windowed_dot_general" in hlo
   shard = d // 16 * m * 2
-  assert aot.collectives(hlo) == {
+  assert hlo_stats.collectives(hlo) == {
       "collective-permute": dict(count=n * 17, bytes=n * 17 * shard)}

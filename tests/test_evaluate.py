@@ -14,11 +14,14 @@ import sys
 import numpy as np
 import pytest
 
-from codeclm.data import sources
-from codeclm.data.sources import DataError
+from codeclm.data.sources import synthetic_images
+from codeclm.data.sources.base import DataError
+from codeclm.eval import completions
 from codeclm.eval import evaluate
-from codeclm.eval import fid
 from codeclm.eval import inception
+from codeclm.eval import references
+from codeclm.eval import results as results_lib
+from codeclm.eval import work
 from tests import test_sample
 from tests import tiny_config
 
@@ -66,7 +69,7 @@ def test_two_shards_merge_into_complete_results(two_shards, workdir):
   assert first is None  # Slice 1 was missing then.
   results = json.load(open(out / "results.json"))
   assert results == json.loads(json.dumps(merged))
-  assert evaluate.merge(str(out), "low_rank") == results  # Deterministic.
+  assert results_lib.merge(str(out), "low_rank") == results  # Deterministic.
   assert sorted(results["metrics"]) == ["r25", "r50", "uncond"]
   for name, m in results["metrics"].items():
     assert sorted(m["fid"]) == ["0", "1"], name
@@ -92,7 +95,7 @@ def test_two_shards_merge_into_complete_results(two_shards, workdir):
   assert record["processes"] == [2] and record["seeds"] == list(SEEDS)
   assert record["fid_method"] == "low_rank"
   # The reference hash, recomputed from the synthetic pictures themselves.
-  digests = b"".join(hashlib.sha256(sources.synthetic_image(i, 32, 32)
+  digests = b"".join(hashlib.sha256(synthetic_images.synthetic_image(i, 32, 32)
                                     .tobytes()).digest() for i in range(N))
   assert record["reference"] == dict(
       source="synthetic", split=f"first {N} items", num_examples=N,
@@ -164,11 +167,11 @@ def test_merge_names_missing_and_duplicated_indices(two_shards, tmp_path):
   os.rename(f"{one}.json", f"{one}.json.bak")
   with pytest.raises(DataError, match=r"8 missing indices \[8, 9, 10, 11, 12, "
                      r"13, 14, 15\] \(absent slices: \['slice_00001_of_00002'"):
-    evaluate.merge(str(tmp_path))
+    results_lib.merge(str(tmp_path))
   info["indices"][0] = 3  # Claims index 3 (slice 0's) instead of 8.
   json.dump(info, open(f"{one}.json", "w"))
   with pytest.raises(DataError) as error:
-    evaluate.merge(str(tmp_path))
+    results_lib.merge(str(tmp_path))
   message = str(error.value)
   assert "1 missing indices [8]" in message
   assert "1 duplicated indices [3]" in message
@@ -189,32 +192,32 @@ def test_downscale_canvas_and_the_area_fid_sees():
   full = small.repeat(2, axis=0).repeat(2, axis=1)  # 2x2 blocks: exact.
   want = np.zeros((8, 12, 3), np.uint8)
   want[:4, :6] = small
-  canvas = evaluate.to_canvas(full)
+  canvas = references.to_canvas(full)
   np.testing.assert_array_equal(canvas, want)
-  np.testing.assert_array_equal(evaluate.fid_view(canvas, True), small)
+  np.testing.assert_array_equal(references.fid_view(canvas, True), small)
   # A sample's pixels outside the active area never reach FID.
   noisy = canvas.copy()
   noisy[4:] = rng.integers(0, 256, noisy[4:].shape, dtype=np.uint8)
   noisy[:, 6:] = 255
-  np.testing.assert_array_equal(evaluate.fid_view(noisy, True), small)
-  np.testing.assert_array_equal(evaluate.fid_view(noisy, False), noisy)
+  np.testing.assert_array_equal(references.fid_view(noisy, True), small)
+  np.testing.assert_array_equal(references.fid_view(noisy, False), noisy)
   # The prompt ratio is of the active rows: half of the canvas's.
-  assert evaluate.prompt_ratio(0.5, True) == 0.25
+  assert references.prompt_ratio(0.5, True) == 0.25
   with pytest.raises(ValueError, match="even"):
-    evaluate.to_canvas(np.zeros((5, 4, 3), np.uint8))
+    references.to_canvas(np.zeros((5, 4, 3), np.uint8))
 
 
 def test_sample_ids_are_global_and_distinct():
-  slots = evaluate.slots_of((0.375, 0.4375, 0.5), True)
+  slots = work.slots_of((0.375, 0.4375, 0.5), True)
   assert [s.name for s in slots] == ["r37.5", "r43.75", "r50", "uncond"]
-  ids = np.concatenate([evaluate.sample_ids(s, range(5000)) for s in slots])
+  ids = np.concatenate([work.sample_ids(s, range(5000)) for s in slots])
   assert len(set(ids.tolist())) == len(ids)
-  np.testing.assert_array_equal(evaluate.sample_ids(slots[2], [7]),
-                                [5000 * evaluate._ID_STRIDE + 7])
-  assert [evaluate.slice_bounds(10, p, 3) for p in range(3)] == [
+  np.testing.assert_array_equal(work.sample_ids(slots[2], [7]),
+                                [5000 * work.ID_STRIDE + 7])
+  assert [work.slice_bounds(10, p, 3) for p in range(3)] == [
       (0, 3), (3, 6), (6, 10)]
   with pytest.raises(ValueError, match="multiple of 0.0001"):
-    evaluate.slots_of((0.12345,), False)
+    work.slots_of((0.12345,), False)
 
 
 def test_a_prompt_that_fills_max_len_is_scored_as_the_prompt(workdir):
@@ -224,12 +227,12 @@ def test_a_prompt_that_fills_max_len_is_scored_as_the_prompt(workdir):
   c.sample.update(max_new_tokens=8, cache_dtype="float32", min_bucket=256)
   sampler = workdir_lib.sampler_of(c.sample, loaded.model, loaded.tokenizer,
                               loaded.mesh, loaded.rules)
-  image = sources.synthetic_image(0, 32, 32)
+  image = synthetic_images.synthetic_image(0, 32, 32)
   fits = loaded.codec.prompt(loaded.codec.encode(image), 0.5)
   # The real prompt, padded with junk past the model's max_len (256).
   too_long = fits + bytes(range(256)) * 4
   assert len(loaded.tokenizer.encode(too_long)) >= loaded.model.config.max_len
-  done = evaluate.complete(
+  done = completions.complete(
       sampler, loaded.params, loaded.tokenizer, loaded.codec,
       [fits, too_long], [0, 1], workdir_lib.settings_of(c.sample, 8), seed=0,
       batch_size=2)

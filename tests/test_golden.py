@@ -29,7 +29,8 @@ from codeclm.codecs import avc
 from codeclm.codecs import jpeg
 from codeclm.data import loader
 from codeclm.data import prepare
-from codeclm.data import sources
+from codeclm.data.sources import synthetic_images
+from codeclm.data.sources import synthetic_videos
 from codeclm.tokenizer import ByteBPE
 from tests import tiny_config
 
@@ -45,10 +46,10 @@ def _astronaut() -> np.ndarray:
 def _jpeg_cases():
   small, paper = jpeg.JpegCodec(64, 64), jpeg.JpegCodec()
   cases = {f"synthetic_image({i}, 64, 64)": (
-      lambda i=i: small.encode(sources.synthetic_image(i, 64, 64)))
+      lambda i=i: small.encode(synthetic_images.synthetic_image(i, 64, 64)))
            for i in range(4)}
   cases["synthetic_image(0, 256, 256)"] = (
-      lambda: paper.encode(sources.synthetic_image(0)))
+      lambda: paper.encode(synthetic_images.synthetic_image(0)))
   cases["skimage astronaut -> 256x256"] = lambda: paper.encode(_astronaut())
   cases["header() (quality 25, 4:2:0)"] = paper.header
   return paper, cases
@@ -57,7 +58,8 @@ def _jpeg_cases():
 def _avc_cases():
   small = avc.AvcCodec(64, 48)  # 15 frames at 3 fps, the paper's x264 setup.
   cases = {f"synthetic_video({i}, 64, 48)": (
-      lambda i=i: small.encode_frames(sources.synthetic_video(i, 64, 48)))
+      lambda i=i: small.encode_frames(
+          synthetic_videos.synthetic_video(i, 64, 48)))
            for i in range(2)}
   cases["header() (SPS + PPS, 64x48)"] = small.header
   return small, cases

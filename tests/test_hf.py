@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from codeclm.hf import weights as hf_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm.model import llama  # pylint: disable=g-import-not-at-top,wrong-import-position
+from codeclm.model import llama_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,7 +63,7 @@ def test_round_trip_is_exact(scan_layers):
 
 def test_codeclm_init_exports_to_transformers():
   """codeclm's own params, exported, give HF the same logits."""
-  config = llama.LlamaConfig.from_size(
+  config = llama_config.LlamaConfig.from_size(
       "tiny", vocab_size=300, dtype="float32", remat_policy="none")
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   tokens = np.random.default_rng(1).integers(0, 300, (1, 9)).astype(np.int32)

@@ -25,7 +25,7 @@ from codeclm.model import llama  # pylint: disable=g-import-not-at-top,wrong-imp
 from codeclm.sampling import sampler as sampling_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm.sampling import workdir as sampling_workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from codeclm.train import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from codeclm.train import checkpoint_steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _LLAMA_SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -375,7 +375,7 @@ def test_init_from_first_loss_is_the_imported_models_loss(foreign, imported,
   want = nll[mask].mean()
   assert metrics["loss"] == pytest.approx(want, rel=1e-4)
   # Step 0 was not a restore: the run started its own count and optimizer.
-  assert checkpoint.committed_steps(workdir) == [1]
+  assert checkpoint_steps.committed_steps(workdir) == [1]
 
 
 def test_init_from_with_another_vocabulary_names_both_sizes(imported,

@@ -3,21 +3,23 @@
 import functools
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from codeclm.model import kv_cache
 from codeclm.model import llama
+from codeclm.model import llama_config
+from codeclm.model import random_init
 
 VOCAB = 300
 
 
-def tiny(**overrides) -> llama.LlamaConfig:
+def tiny(**overrides) -> llama_config.LlamaConfig:
   fields = dict(vocab_size=VOCAB, max_len=64, dtype="float32",
                 remat_policy="none")
-  return llama.LlamaConfig.from_size("tiny", **{**fields, **overrides})
+  return llama_config.LlamaConfig.from_size("tiny", **{**fields, **overrides})
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,19 +30,7 @@ def init_params(config, seed=0):
   generic weights (norm scales away from 1 included). Sharded init is tested
   in test_sharding.py.
   """
-  rng = np.random.default_rng(seed)
-  shapes = nn.meta.unbox(jax.eval_shape(
-      llama.Llama(config).init, jax.random.key(0),
-      jnp.zeros((1, 1), jnp.int32))["params"])
-
-  def draw(path, s):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name:
-      return rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
-    std = 1.0 if "embedding" in name else config.emb_dim ** -0.5
-    return (std * rng.normal(size=s.shape)).astype(s.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+  return random_init.params(llama.Llama(config), seed, scheme="by_role")
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,7 +48,7 @@ def random_tokens(shape, seed=1):
                      jnp.int32)
 
 
-def closed_form_count(c: llama.LlamaConfig) -> int:
+def closed_form_count(c: llama_config.LlamaConfig) -> int:
   """Llama-2: 2*V*d + L*(4*d*d + 3*d*f + 2*d) + d, generalised to GQA."""
   d, hf, kf = c.emb_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
   return (2 * c.vocab_size * d + c.num_layers * (
@@ -66,32 +56,33 @@ def closed_form_count(c: llama.LlamaConfig) -> int:
 
 
 def test_7b_param_count_matches_published_figure():
-  config = llama.LlamaConfig.from_size("7b", vocab_size=32000)
+  config = llama_config.LlamaConfig.from_size("7b", vocab_size=32000)
   assert llama.param_count(config) == 6_738_415_616
-  config = llama.LlamaConfig.from_size("7b", vocab_size=322)
+  config = llama_config.LlamaConfig.from_size("7b", vocab_size=322)
   d, f, layers = 4096, 11008, 32
   assert llama.param_count(config) == (
       2 * 322 * d + layers * (4 * d * d + 3 * d * f + 2 * d) + d)
 
 
-@pytest.mark.parametrize("size", sorted(llama.SIZES))
+@pytest.mark.parametrize("size", sorted(llama_config.SIZES))
 def test_every_size_builds(size):
-  config = llama.LlamaConfig.from_size(size, vocab_size=322)
+  config = llama_config.LlamaConfig.from_size(size, vocab_size=322)
   assert llama.param_count(config) == closed_form_count(config)
 
 
 def test_sizes_are_what_their_names_say():
   count = lambda s: llama.param_count(
-      llama.LlamaConfig.from_size(s, vocab_size=322))
+      llama_config.LlamaConfig.from_size(s, vocab_size=322))
   assert 0.5e6 < count("demo") < 2e6
   assert 80e6 < count("100m") < 130e6
   assert 1.0e9 < count("1b") < 1.2e9
 
 
 def test_flops_per_token_7b():
-  config = llama.LlamaConfig.from_size("7b", vocab_size=32000)
+  config = llama_config.LlamaConfig.from_size("7b", vocab_size=32000)
   n = 6_738_415_616 - 32000 * 4096 - 32 * 2 * 4096 - 4096  # matmul weights
-  assert llama.flops_per_token(config, 4096) == 6 * n + 12 * 32 * 4096 * 4096
+  assert llama_config.flops_per_token(config, 4096) == (
+      6 * n + 12 * 32 * 4096 * 4096)
 
 
 def test_rope_matches_complex_rotation():
@@ -107,7 +98,7 @@ def test_rope_matches_complex_rotation():
   np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def reference_forward(params, c: llama.LlamaConfig, tokens):
+def reference_forward(params, c: llama_config.LlamaConfig, tokens):
   """An independent numpy Llama (causal, fp64, explicit GQA head repeat)."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
 
@@ -168,7 +159,7 @@ def test_cache_prefill_and_decode_match_full_forward():
   prompt[1, 3:] = 7  # padding, overwritten by row 1's real tokens later
   apply = jax.jit(lambda p, t, pos, cache: model.apply(
       {"params": p}, t, pos, cache=cache))
-  cache = llama.init_cache(config, 2, 16, dtype=jnp.float32)
+  cache = kv_cache.init_cache(config, 2, 16, dtype=jnp.float32)
   logits, cache = apply(params, jnp.asarray(prompt),
                         jnp.broadcast_to(jnp.arange(5), (2, 5)), cache)
   for b, n in enumerate(lengths):
@@ -190,7 +181,7 @@ def test_cache_works_without_scan():
   params = init_params(config)
   seq = random_tokens((1, 6))
   full = forward(config, params, seq)
-  cache = llama.init_cache(config, 1, 8, dtype=jnp.float32)
+  cache = kv_cache.init_cache(config, 1, 8, dtype=jnp.float32)
   logits, cache = forward(config, params, seq[:, :4], cache=cache)
   logits2, _ = forward(config, params, seq[:, 4:6], jnp.array([[4, 5]]),
                        cache=cache)
@@ -211,10 +202,10 @@ def test_prefill_fast_path_matches_the_masked_path(scan_layers, cache_dtype):
                                     init_params(tiny())["layers"])
         for i in range(config.num_layers)}
   tokens = random_tokens((2, 6))
-  shape = llama.init_cache(config, 2, 16, dtype=cache_dtype).k.shape
+  shape = kv_cache.init_cache(config, 2, 16, dtype=cache_dtype).k.shape
   junk = np.random.default_rng(5).normal(size=shape)
-  cache = llama.KVCache(k=jnp.asarray(junk, cache_dtype),
-                        v=jnp.asarray(-junk, cache_dtype))
+  cache = kv_cache.KVCache(k=jnp.asarray(junk, cache_dtype),
+                           v=jnp.asarray(-junk, cache_dtype))
   fast_logits, fast = forward(config, params, tokens, cache=cache)
   masked_logits, masked = forward(
       config, params, tokens, jnp.broadcast_to(jnp.arange(6), (2, 6)),
@@ -259,7 +250,7 @@ def test_per_layer_cache_matches_the_stacked_one(cache_dtype):
       {"params": p}, t, pos, cache=c))
   results, hlo = {}, {}
   for per_layer in (False, True):
-    cache = llama.init_cache(config, 2, 16, cache_dtype, per_layer=per_layer)
+    cache = kv_cache.init_cache(config, 2, 16, cache_dtype, per_layer=per_layer)
     assert isinstance(cache.k, tuple) == per_layer and cache.length == 16
     logits, cache = forward(config, params, tokens[:, :6], cache=cache)
     outs = [logits]
@@ -289,7 +280,7 @@ def test_per_layer_cache_matches_the_stacked_one(cache_dtype):
 
 def test_per_layer_cache_needs_unrolled_layers():
   with pytest.raises(ValueError, match="unrolled"):
-    llama.init_cache(tiny(), 1, 8, per_layer=True)
+    kv_cache.init_cache(tiny(), 1, 8, per_layer=True)
 
 
 def test_bf16_cache_holds_the_fp32_cache_rounded():
@@ -302,7 +293,7 @@ def test_bf16_cache_holds_the_fp32_cache_rounded():
   caches = {}
   for dtype in (jnp.float32, jnp.bfloat16):
     _, caches[dtype] = forward(config, params, tokens, pos,
-                               cache=llama.init_cache(config, 2, 16, dtype))
+                               cache=kv_cache.init_cache(config, 2, 16, dtype))
   written = np.zeros(16, bool)
   written[[9, 3, 7, 0, 12]] = True
   for a32, a16 in ((caches[jnp.float32].k, caches[jnp.bfloat16].k),
@@ -322,7 +313,7 @@ def test_decode_step_updates_the_cache_in_place():
   converts the whole cache (XLA on CPU used to widen it to fp32 per layer)."""
   config = tiny()
   model = llama.Llama(config)
-  cache = llama.init_cache(config, 2, 16)
+  cache = kv_cache.init_cache(config, 2, 16)
   step = jax.jit(lambda p, t, pos, c: model.apply(
       {"params": p}, t, pos, cache=c), donate_argnums=3)
   hlo = step.lower(init_params(config), jnp.zeros((2, 1), jnp.int32),
@@ -374,7 +365,7 @@ def test_remat_policies_give_same_loss_and_grads():
   tokens = random_tokens((2, 8))
   params = init_params(tiny())
   results = {}
-  for policy in llama.REMAT_POLICIES:
+  for policy in llama_config.REMAT_POLICIES:
     if policy == "nothing_saveable":
       continue  # The same policy object as "full".
     model = llama.Llama(tiny(remat_policy=policy))
@@ -423,7 +414,7 @@ def test_qk_norm_adds_parameters_and_runs():
 
 
 def test_bf16_default_runs_with_fp32_params_and_logits():
-  config = llama.LlamaConfig.from_size("tiny", vocab_size=VOCAB)
+  config = llama_config.LlamaConfig.from_size("tiny", vocab_size=VOCAB)
   assert config.dtype == "bfloat16" and config.remat_policy == "full"
   model = llama.Llama(config)
   tokens = random_tokens((2, 7))
@@ -453,19 +444,20 @@ def test_too_long_inputs_fail_clearly():
   with pytest.raises(ValueError, match="positions reach 8"):
     model.apply({"params": params}, jnp.zeros((1, 2), jnp.int32),
                 jnp.array([[7, 8]]))
-  cache = llama.init_cache(config, 1, 4, dtype=jnp.float32)
+  cache = kv_cache.init_cache(config, 1, 4, dtype=jnp.float32)
   with pytest.raises(ValueError, match="cache"):
     model.apply({"params": params}, jnp.zeros((1, 5), jnp.int32), cache=cache)
   with pytest.raises(ValueError, match="max_len"):
-    llama.init_cache(config, 1, 9)
+    kv_cache.init_cache(config, 1, 9)
 
 
 def test_bad_configs_fail_clearly():
   with pytest.raises(ValueError, match="num_kv_heads"):
-    llama.LlamaConfig.from_size("tiny", vocab_size=10, num_kv_heads=3)
+    llama_config.LlamaConfig.from_size("tiny", vocab_size=10, num_kv_heads=3)
   with pytest.raises(ValueError, match="remat_policy"):
-    llama.LlamaConfig.from_size("tiny", vocab_size=10, remat_policy="some")
+    llama_config.LlamaConfig.from_size("tiny", vocab_size=10,
+                                       remat_policy="some")
   with pytest.raises(ValueError, match="vocab_size"):
-    llama.LlamaConfig.from_size("tiny")
+    llama_config.LlamaConfig.from_size("tiny")
   with pytest.raises(ValueError, match="Unknown model size"):
-    llama.LlamaConfig.from_size("13b", vocab_size=10)
+    llama_config.LlamaConfig.from_size("13b", vocab_size=10)

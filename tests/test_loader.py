@@ -11,7 +11,7 @@ import pytest
 
 from codeclm.data import loader
 from codeclm.data import prepare
-from codeclm.data import sources
+from codeclm.data.sources.base import DataError
 from codeclm.tokenizer import ByteBPE
 from tests.test_sources import make_config
 
@@ -341,15 +341,15 @@ def test_eval_is_finite_ordered_padded_and_split(prepared, packing):
 
 def test_clear_errors(prepared, tmp_path):
   data_dir, tokenizer, _ = prepared
-  with pytest.raises(sources.DataError, match="run --mode=prepare first"):
+  with pytest.raises(DataError, match="run --mode=prepare first"):
     loader.TrainBatches(config_for(), str(tmp_path), tokenizer)
-  with pytest.raises(sources.DataError, match="streams=3 must divide"):
+  with pytest.raises(DataError, match="streams=3 must divide"):
     loader.TrainBatches(config_for(streams=3), data_dir, tokenizer)
-  with pytest.raises(sources.DataError, match=r"Rows .* \[0, 4\)"):
+  with pytest.raises(DataError, match=r"Rows .* \[0, 4\)"):
     loader.TrainBatches(config_for(), data_dir, tokenizer, rows=[2, 4])
-  with pytest.raises(sources.DataError, match="packing"):
+  with pytest.raises(DataError, match="packing"):
     loader.TrainBatches(config_for(packing="zip"), data_dir, tokenizer)
-  with pytest.raises(sources.DataError, match="batch_size=4, this run has 8"):
+  with pytest.raises(DataError, match="batch_size=4, this run has 8"):
     config = config_for()
     saved = loader.TrainBatches(config, data_dir, tokenizer).get_state()
     config.batch_size = 8

@@ -9,12 +9,13 @@ import optax
 import pytest
 
 from codeclm.model import llama
+from codeclm.model import llama_config
 from codeclm.train import optimizer
 from tests import tiny_config
 
 
 def boxed_params(scan_layers: bool):
-  config = llama.LlamaConfig.from_size(
+  config = llama_config.LlamaConfig.from_size(
       "tiny", vocab_size=64, max_len=16, scan_layers=scan_layers,
       qk_norm=True, remat_policy="none")
   return jax.eval_shape(llama.Llama(config).init, jax.random.key(0),

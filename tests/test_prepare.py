@@ -16,6 +16,7 @@ import pytest
 from codeclm import codecs
 from codeclm.data import prepare
 from codeclm.data import sources
+from codeclm.data.sources.base import DataError
 from codeclm.runtime import storage
 from codeclm.tokenizer import ByteBPE
 from tests.test_sources import make_config
@@ -101,7 +102,7 @@ def test_two_processes_make_the_same_data_as_one(tmp_path):
                         progress=False, wait=False)
   assert partial["complete"] is False  # Process 1 has not run yet.
   assert not os.path.exists(os.path.join(two, "manifest.json"))
-  with pytest.raises(sources.DataError, match="not finished"):
+  with pytest.raises(DataError, match="not finished"):
     prepare.merge(config, two)
   merged = prepare.run(config, two, process_index=1, process_count=2,
                        progress=False, wait=False)  # The last one merges.
@@ -145,13 +146,14 @@ def test_prepare_into_a_bucket_uploads_what_a_local_prepare_writes(
 _SLOW_PREPARE = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from codeclm.data import prepare, sources
+from codeclm.data import prepare
+from codeclm.data.sources import synthetic_images
 from tests.test_sources import make_config
-getitem = sources.SyntheticSource.__getitem__
+getitem = synthetic_images.SyntheticSource.__getitem__
 def slow(self, index):
   time.sleep(0.1)
   return getitem(self, index)
-sources.SyntheticSource.__getitem__ = slow
+synthetic_images.SyntheticSource.__getitem__ = slow
 config = make_config(**{data!r})
 prepare.run(config, {out!r}, process_index=0, process_count=1, progress=False)
 print("finished")
@@ -180,7 +182,7 @@ def test_killed_prepare_resumes_to_the_same_shards(tmp_path):
   assert "manifest.json" not in names
   assert "train-00001-of-00006.array_record.tmp" in names  # Half-written.
   assert "train-00001-of-00006.array_record" not in names
-  with pytest.raises(sources.DataError, match="did not finish"):
+  with pytest.raises(DataError, match="did not finish"):
     prepare.load_manifest(out)
 
   before = read_records(os.path.join(out, "train-00000-of-00006.array_record"))
@@ -212,7 +214,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     assert f.read() != before  # Retrained.
   config = make_config(num_examples=10)
   config.codec.quality = 50
-  with pytest.raises(sources.DataError, match="different settings"):
+  with pytest.raises(DataError, match="different settings"):
     prepare.run(config, out, process_index=0, process_count=1, progress=False)
 
 
@@ -228,22 +230,22 @@ def test_given_tokenizer_is_copied(tmp_path):
                                     "rb") as b:
     assert a.read() == b.read()
   config.data.tokenizer = str(tmp_path / "missing.json")
-  with pytest.raises(sources.DataError, match="missing.json"):
+  with pytest.raises(DataError, match="missing.json"):
     prepare.run(config, str(tmp_path / "third"), process_index=0,
                 process_count=1, progress=False)
 
 
 def test_clear_errors(tmp_path):
-  with pytest.raises(sources.DataError, match="run --mode=prepare first"):
+  with pytest.raises(DataError, match="run --mode=prepare first"):
     prepare.load_manifest(str(tmp_path))
-  with pytest.raises(sources.DataError, match="eval_examples"):
+  with pytest.raises(DataError, match="eval_examples"):
     prepare.run(make_config(num_examples=4, eval_examples=4), str(tmp_path),
                 process_index=0, process_count=1, progress=False)
   junk = tmp_path / "junk"
   junk.mkdir()
   for i in range(3):
     (junk / f"{i}.jpg").write_bytes(b"not a jpeg")
-  with pytest.raises(sources.DataError, match="No training examples"):
+  with pytest.raises(DataError, match="No training examples"):
     prepare.run(make_config(source=f"folder:{junk}", eval_examples=0),
                 str(tmp_path / "out"), process_index=0, process_count=1,
                 progress=False)

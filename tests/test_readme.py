@@ -146,10 +146,10 @@ def _foreign_llama(path: str) -> None:
 def _synthetic_clip(path: str) -> None:
   """A real .mp4 (H.264 in MP4) of one of the built-in synthetic videos."""
   from codeclm.codecs import avc  # pylint: disable=g-import-not-at-top
-  from codeclm.data import sources  # pylint: disable=g-import-not-at-top
+  from codeclm.data.sources import synthetic_videos  # pylint: disable=g-import-not-at-top
   codec = avc.AvcCodec(width=64, height=48)
   codec.save(os.path.splitext(path)[0],
-             codec.encode(sources.synthetic_video(0, 64, 48)))
+             codec.encode(synthetic_videos.synthetic_video(0, 64, 48)))
 
 
 # Example inputs the README names, made in the temp dir when a command runs.

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,12 +21,16 @@ import pytest
 from codeclm import codecs
 from codeclm import config_base
 from codeclm.model import llama
+from codeclm.model import llama_config
+from codeclm.model import random_init
 from codeclm.model import sharding
+from codeclm.sampling import constraint as constraint_lib
+from codeclm.sampling import decode_loop
 from codeclm.sampling import files
 from codeclm.sampling import sampler as sampler_lib
 from codeclm.sampling import tensorboard
 from codeclm.sampling import workdir as workdir_lib
-from codeclm.train import checkpoint
+from codeclm.train import params_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
@@ -38,19 +41,12 @@ PROMPTS = [[1, 5, 9], [7] * 17, [3], list(range(2, 42))]  # lengths 3, 17, 1, 40
 
 @functools.lru_cache(maxsize=None)
 def model_and_params():
-  config = llama.LlamaConfig.from_size(
+  config = llama_config.LlamaConfig.from_size(
       "tiny", vocab_size=VOCAB, max_len=256, dtype="float32",
       remat_policy="none")
   model = llama.Llama(config)
   # Random weights from numpy: compiling model.init costs seconds on CPU.
-  shapes = nn.meta.unbox(jax.eval_shape(
-      model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(
-      lambda x: jnp.asarray(rng.normal(size=x.shape) / np.sqrt(
-          x.shape[0] if x.ndim > 1 else 1) + (x.ndim == 1), jnp.float32),
-      shapes)
-  return model, params
+  return model, jax.device_put(random_init.params(model))
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,12 +89,12 @@ def recompute_greedy(prompts, new_tokens: int, eos: int = EOS):
 def test_top_k_mask_on_known_logits():
   logits = jnp.array([[1.0, 3.0, 2.0, 0.0, 2.5], [0.0, 0.0, 1.0, 0.0, -1.0]])
   np.testing.assert_array_equal(
-      sampler_lib.top_k_mask(logits, 2),
+      decode_loop.top_k_mask(logits, 2),
       [[0, 1, 0, 0, 1], [1, 0, 1, 0, 0]])  # A tie goes to the lower id.
-  np.testing.assert_array_equal(sampler_lib.top_k_mask(logits, 1),
+  np.testing.assert_array_equal(decode_loop.top_k_mask(logits, 1),
                                 [[0, 1, 0, 0, 0], [0, 0, 1, 0, 0]])
-  assert sampler_lib.top_k_mask(logits, 0).all()
-  assert sampler_lib.top_k_mask(logits, 9).all()
+  assert decode_loop.top_k_mask(logits, 0).all()
+  assert decode_loop.top_k_mask(logits, 9).all()
 
 
 def test_top_p_mask_on_known_logits():
@@ -106,7 +102,7 @@ def test_top_p_mask_on_known_logits():
   expect = {0.4: [0, 1, 0, 0], 0.7: [0, 1, 0, 1], 0.85: [1, 1, 0, 1],
             0.99: [1, 1, 1, 1], 1.0: [1, 1, 1, 1]}
   for p, keep in expect.items():
-    np.testing.assert_array_equal(sampler_lib.top_p_mask(logits, p)[0], keep,
+    np.testing.assert_array_equal(decode_loop.top_p_mask(logits, p)[0], keep,
                                   err_msg=f"p={p}")
 
 
@@ -116,11 +112,11 @@ def test_masks_match_hugging_face_warpers():
   logits = np.random.default_rng(0).normal(size=(6, 50)).astype(np.float32)
   for k in (1, 5, 40):
     ref = generation.TopKLogitsWarper(k)(None, torch.tensor(logits))
-    np.testing.assert_array_equal(sampler_lib.top_k_mask(jnp.asarray(logits), k),
+    np.testing.assert_array_equal(decode_loop.top_k_mask(jnp.asarray(logits), k),
                                   np.isfinite(ref.numpy()))
   for p in (0.1, 0.5, 0.9):
     ref = generation.TopPLogitsWarper(p)(None, torch.tensor(logits))
-    np.testing.assert_array_equal(sampler_lib.top_p_mask(jnp.asarray(logits), p),
+    np.testing.assert_array_equal(decode_loop.top_p_mask(jnp.asarray(logits), p),
                                   np.isfinite(ref.numpy()))
 
 
@@ -129,12 +125,12 @@ def test_choose_draws_within_both_masks():
                        jnp.float32)
   keys = jax.random.split(jax.random.key(0), 2 * 500).reshape(500, 2)
   draw = jax.jit(jax.vmap(  # k and p traced, as in the sampler: 1 compile.
-      lambda kk, k, p: sampler_lib.choose(logits, kk, 1.0, k, p),
+      lambda kk, k, p: decode_loop.choose(logits, kk, 1.0, k, p),
       in_axes=(0, None, None)))
   for k, p in ((0, 1.0), (4, 1.0), (0, 0.6), (5, 0.8)):
     draws = np.asarray(draw(keys, k, p))                  # [500, 2]
-    keep = np.asarray(sampler_lib.top_k_mask(logits, k)
-                      & sampler_lib.top_p_mask(logits, p))
+    keep = np.asarray(decode_loop.top_k_mask(logits, k)
+                      & decode_loop.top_p_mask(logits, p))
     for row in range(2):  # Only kept tokens, and more than the top one.
       kept = set(np.flatnonzero(keep[row]))
       assert set(draws[:, row]) <= kept and len(set(draws[:, row])) > 1, (
@@ -273,8 +269,8 @@ def test_one_compilation_per_bucket():
 
 def test_constraint_even_ids_only():
   even = np.arange(VOCAB) % 2 == 0  # Two identical states: shapes as below.
-  constraint = sampler_lib.Constraint.create(np.stack([even, even]),
-                                        np.zeros((2, VOCAB)))
+  constraint = constraint_lib.Constraint.create(np.stack([even, even]),
+                                                np.zeros((2, VOCAB)))
   settings = sampler_lib.Settings(temperature=1.0, max_new_tokens=48)
   free = run(settings=settings, seed=3)
   assert any((f.tokens % 2).any() for f in free)  # Odd ids do occur ...
@@ -287,23 +283,19 @@ def test_constraint_alternates_two_sets():
   allowed = np.stack([low, ~low])                  # state 0: low, 1: high
   next_state = np.stack([np.ones(VOCAB), np.zeros(VOCAB)])
   for start in (0, 1):
-    constraint = sampler_lib.Constraint.create(allowed, next_state, start)
+    constraint = constraint_lib.Constraint.create(allowed, next_state, start)
     for g in run(settings=sampler_lib.Settings(max_new_tokens=40), seed=5,
                  constraint=constraint):
       is_low = g.tokens < 100
       np.testing.assert_array_equal(is_low[start::2], True)
       np.testing.assert_array_equal(is_low[1 - start::2], False)
   with pytest.raises(ValueError, match="allow no token"):
-    sampler_lib.Constraint.create(np.zeros((1, VOCAB)), np.zeros((1, VOCAB)))
+    constraint_lib.Constraint.create(np.zeros((1, VOCAB)), np.zeros((1, VOCAB)))
 
 
 def fsdp_params(mesh):
   """The test params laid out by the training rules on `mesh`."""
-  model, params = model_and_params()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-    boxed = jax.eval_shape(model.init, jax.random.key(0),
-                           jnp.zeros((1, 8), jnp.int32))["params"]
-  return jax.device_put(params, sharding.logical_shardings(boxed, mesh))
+  return random_init.params(model_and_params()[0], mesh=mesh)
 
 
 def test_sharded_over_a_mesh_matches_one_device():
@@ -442,7 +434,7 @@ def test_restore_params_matches_the_saved_state(workdir):
   # restore_params given the workdir itself takes its latest step.
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
       x.shape, x.dtype, sharding=x.sharding), loaded.params)
-  latest = checkpoint.restore_params(workdir, abstract)
+  latest = params_io.restore_params(workdir, abstract)
   jax.tree.map(np.testing.assert_array_equal, latest, loaded.params)
   head = loaded.params["head"]  # Laid out by the training rules.
   assert head.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from codeclm.model import kv_cache
 from codeclm.model import llama
+from codeclm.model import llama_config
+from codeclm.model import random_init
 from codeclm.model import sharding
 
-CONFIG = llama.LlamaConfig.from_size(
+CONFIG = llama_config.LlamaConfig.from_size(
     "tiny", vocab_size=256, max_len=32, dtype="float32", remat_policy="none")
 TOKENS = np.random.default_rng(0).integers(0, 256, (8, 8)).astype(np.int32)
 
@@ -44,10 +47,7 @@ def get(tree, path):
 @functools.lru_cache(maxsize=None)
 def reference():
   """Random params (numpy) and their single-device logits, no mesh."""
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(
-      lambda s: (0.2 * rng.normal(size=s.shape)).astype(s.dtype),
-      nn.meta.unbox(abstract_params()))
+  params = random_init.params(llama.Llama(CONFIG), scheme="by_role")
   logits = jax.jit(llama.Llama(CONFIG).apply)({"params": params}, TOKENS)
   return params, np.asarray(logits)
 
@@ -109,8 +109,8 @@ def test_check_raises_when_rules_map_nothing():
 def test_indivisible_dims_stay_whole():
   """A 300-entry vocabulary cannot split 8 ways: that axis is dropped."""
   mesh = sharding.make_mesh((1, 1, 8))
-  config = llama.LlamaConfig.from_size("tiny", vocab_size=300, num_heads=8,
-                                       num_kv_heads=8)
+  config = llama_config.LlamaConfig.from_size("tiny", vocab_size=300,
+                                              num_heads=8, num_kv_heads=8)
   boxed = jax.eval_shape(llama.Llama(config).init, jax.random.key(0),
                          jnp.zeros((1, 8), jnp.int32))["params"]
   shardings = sharding.logical_shardings(boxed, mesh, sharding.DEFAULT_RULES)
@@ -122,7 +122,7 @@ def test_indivisible_dims_stay_whole():
 def test_cache_is_sharded_by_logical_names():
   mesh = sharding.make_mesh((4, 1, 2))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-    cache = jax.jit(lambda: llama.init_cache(CONFIG, 4, 16))()
+    cache = jax.jit(lambda: kv_cache.init_cache(CONFIG, 4, 16))()
   want = jax.sharding.NamedSharding(mesh, P(None, ("data", "fsdp"),
                                             "tensor"))  # [L, B, K, S, F]
   assert cache.k.sharding.is_equivalent_to(want, 5)

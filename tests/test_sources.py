@@ -14,6 +14,10 @@ import pytest
 from skimage import data as skdata
 
 from codeclm.data import sources
+from codeclm.data.sources import folder
+from codeclm.data.sources import synthetic_images
+from codeclm.data.sources import tfds_source
+from codeclm.data.sources.base import DataError
 
 
 def make_config(**data) -> ml_collections.ConfigDict:
@@ -81,8 +85,9 @@ def write_image_folder(root: str, damaged: bool = True) -> dict[str, str]:
 
 
 def test_synthetic_is_deterministic_by_index_in_any_order():
-  a = sources.SyntheticSource(20, 48, 40)
-  b = sources.SyntheticSource(50, 48, 40)  # A different count: same items.
+  a = synthetic_images.SyntheticSource(20, 48, 40)
+  # A different count: same items.
+  b = synthetic_images.SyntheticSource(50, 48, 40)
   forward = [np.asarray(a[i].data) for i in range(20)]
   backward = [np.asarray(b[i].data) for i in reversed(range(20))][::-1]
   for i, (x, y) in enumerate(zip(forward, backward)):
@@ -95,19 +100,19 @@ def test_synthetic_is_deterministic_by_index_in_any_order():
 
 
 def test_synthetic_same_in_another_process():
-  code = ("import hashlib; from codeclm.data import sources;"
-          "print(hashlib.sha256(sources.synthetic_image(7, 64, 64).tobytes())"
-          ".hexdigest())")
+  code = ("import hashlib; from codeclm.data.sources import synthetic_images;"
+          "print(hashlib.sha256(synthetic_images.synthetic_image("
+          "7, 64, 64).tobytes()).hexdigest())")
   out = subprocess.run([sys.executable, "-c", code], check=True,
                        capture_output=True, text=True).stdout.strip()
   import hashlib  # pylint: disable=g-import-not-at-top
   assert out == hashlib.sha256(
-      sources.synthetic_image(7, 64, 64).tobytes()).hexdigest()
+      synthetic_images.synthetic_image(7, 64, 64).tobytes()).hexdigest()
 
 
 def test_synthetic_pictures_are_not_trivial():
   for i in range(30):
-    x = sources.synthetic_image(i, 64, 64)
+    x = synthetic_images.synthetic_image(i, 64, 64)
     colours = np.unique(x.reshape(-1, 3), axis=0)
     assert len(colours) >= 3, i  # Background plus at least one shape.
     # Edges exist: some neighbouring pixels differ strongly.
@@ -115,21 +120,21 @@ def test_synthetic_pictures_are_not_trivial():
 
 
 def test_open_source_synthetic_needs_a_count():
-  with pytest.raises(sources.DataError, match="num_examples"):
+  with pytest.raises(DataError, match="num_examples"):
     sources.open_source(make_config(source="synthetic"))
-  with pytest.raises(sources.DataError, match="num_examples"):
+  with pytest.raises(DataError, match="num_examples"):
     sources.open_source(make_config(source="synthetic", num_examples=0))
   s = sources.open_source(make_config(num_examples=5))
   assert len(s) == 5 and s[0].data.size == (32, 32)  # A PIL image.
   np.testing.assert_array_equal(np.asarray(s[3].data),
-                                sources.synthetic_image(3, 32, 32))
+                                synthetic_images.synthetic_image(3, 32, 32))
   with pytest.raises(IndexError):
     s[5]  # pylint: disable=pointless-statement
 
 
 def test_unknown_source_string():
   for spec in ("imagenet", "folder:", "tfds:", "s3:bucket"):
-    with pytest.raises(sources.DataError, match="config.data.source"):
+    with pytest.raises(DataError, match="config.data.source"):
       sources.open_source(make_config(source=spec))
 
 
@@ -161,22 +166,22 @@ def test_folder_lists_every_image_sorted_with_labels(tmp_path):
 
 def test_folder_errors_name_the_path(tmp_path):
   missing = tmp_path / "nowhere"
-  with pytest.raises(sources.DataError, match=str(missing)):
+  with pytest.raises(DataError, match=str(missing)):
     sources.open_source(make_config(source=f"folder:{missing}"))
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "readme.md").write_text("no images")
-  with pytest.raises(sources.DataError, match="No image files"):
+  with pytest.raises(DataError, match="No image files"):
     sources.open_source(make_config(source=f"folder:{tmp_path / 'empty'}"))
   loose = tmp_path / "loose"
   loose.mkdir()
   Image.new("RGB", (8, 8)).save(loose / "a.png")
-  with pytest.raises(sources.DataError, match="labels_from_folders"):
+  with pytest.raises(DataError, match="labels_from_folders"):
     sources.open_source(make_config(source=f"folder:{loose}",
                                     labels_from_folders=True))
 
 
 def test_image_extensions_are_openable_formats():
-  ext = sources.image_extensions()
+  ext = folder.image_extensions()
   assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"} <= ext
   assert ".pdf" not in ext  # Pillow writes PDF but cannot read it.
 
@@ -246,7 +251,7 @@ def test_tfds_array_record_and_tfrecord_read_the_same(tmp_path):
     test = sources.open_source(make_config(
         source="tfds:codeclm_tiny_images:test", tfds_data_dir=data_dir))
     assert len(test) == 3
-    with pytest.raises(sources.DataError, match="no split 'val'"):
+    with pytest.raises(DataError, match="no split 'val'"):
       sources.open_source(make_config(source="tfds:codeclm_tiny_images:val",
                                       tfds_data_dir=data_dir))
   assert seen["array_record"] == seen["tfrecord"]
@@ -257,8 +262,8 @@ def test_tfds_mock_data_both_access_paths():
   with tfds.testing.mock_data(num_examples=6,
                               policy=tfds.testing.MockPolicy.USE_CODE):
     for random_access in (True, False):
-      s = sources.TfdsSource("cifar10", "train", "/nonexistent",
-                             random_access=random_access)
+      s = tfds_source.TfdsSource("cifar10", "train", "/nonexistent",
+                                 random_access=random_access)
       assert len(s) == 6 and s.feature_key == "image"
       items = [s[i] for i in range(6)]
       for item in items:
@@ -268,7 +273,7 @@ def test_tfds_mock_data_both_access_paths():
 
 
 def test_tfds_manual_download_error_names_the_step(tmp_path):
-  with pytest.raises(sources.DataError) as e:
+  with pytest.raises(DataError) as e:
     sources.open_source(make_config(source="tfds:imagenet2012",
                                     tfds_data_dir=str(tmp_path)))
   message = str(e.value)

@@ -10,7 +10,7 @@ import urllib.request
 from etils import epath
 import pytest
 
-from codeclm.data.sources import DataError
+from codeclm.data.sources.base import DataError
 from codeclm.runtime import storage
 from codeclm.train import loop
 from tests import tiny_config

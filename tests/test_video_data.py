@@ -17,15 +17,19 @@ from codeclm import codecs
 from codeclm.data import loader
 from codeclm.data import prepare
 from codeclm.data import sources
+from codeclm.data.sources import folder
+from codeclm.data.sources import synthetic_videos
+from codeclm.data.sources import tfds_source
+from codeclm.data.sources.base import DataError
 from codeclm.runtime import storage
 from codeclm.tokenizer import ByteBPE
-from tests import tiny_avc_config
+from tests import tiny_config
 from tests.test_loader import examples
 from tests.test_sources import make_config
 
 
 def avc_config(**data):
-  config = tiny_avc_config.get_config()
+  config = tiny_config.get_config("avc")
   config.data.update(data)
   return config
 
@@ -60,10 +64,10 @@ def write_video(path: str, frames: np.ndarray, fps: int, codec: str) -> None:
 
 
 def test_synthetic_video_is_deterministic_varied_and_moving():
-  clips = [sources.synthetic_video(i, 48, 32, 15) for i in range(24)]
+  clips = [synthetic_videos.synthetic_video(i, 48, 32, 15) for i in range(24)]
   for i in reversed(range(24)):  # Any order, any time: the same clip.
-    np.testing.assert_array_equal(sources.synthetic_video(i, 48, 32, 15),
-                                  clips[i])
+    np.testing.assert_array_equal(
+        synthetic_videos.synthetic_video(i, 48, 32, 15), clips[i])
   assert len({c.tobytes() for c in clips}) == 24
   for i, clip in enumerate(clips):
     assert clip.shape == (15, 32, 48, 3) and clip.dtype == np.uint8
@@ -72,25 +76,26 @@ def test_synthetic_video_is_deterministic_varied_and_moving():
     colours = np.unique(clip[0].reshape(-1, 3), axis=0)
     assert len(colours) >= 3, i  # ...and content.
   # Other sizes and lengths draw the same kind of clip, at that size.
-  assert sources.synthetic_video(3, 256, 144, 5).shape == (5, 144, 256, 3)
+  assert (synthetic_videos.synthetic_video(3, 256, 144, 5).shape ==
+          (5, 144, 256, 3))
 
 
 def test_open_source_picks_videos_by_codec(tmp_path):
   source = sources.open_source(avc_config(num_examples=6))
-  assert isinstance(source, sources.SyntheticVideoSource)
+  assert isinstance(source, synthetic_videos.SyntheticVideoSource)
   item = source[5]
   assert item.key == "synthetic/5" and item.fps == 3.0
   np.testing.assert_array_equal(item.data,
-                                sources.synthetic_video(5, 32, 32, 15))
+                                synthetic_videos.synthetic_video(5, 32, 32, 15))
   with pytest.raises(IndexError):
     source[6]  # pylint: disable=pointless-statement
   # A folder of images is no video source, and says so.
   (tmp_path / "a.png").write_bytes(b"")
-  with pytest.raises(sources.DataError, match="No video files.*codec.name"):
+  with pytest.raises(DataError, match="No video files.*codec.name"):
     sources.open_source(avc_config(source=f"folder:{tmp_path}"))
   config = avc_config(num_examples=6)
   config.codec.name = "gif"
-  with pytest.raises(sources.DataError, match="config.codec.name='gif'"):
+  with pytest.raises(DataError, match="config.codec.name='gif'"):
     sources.open_source(config)
 
 
@@ -117,7 +122,7 @@ def test_prepare_writes_h264_streams_of_every_clip(prepared):
     records = read_records(os.path.join(out, shard["path"]))
     assert len(records) == shard["records"] == shard["stop"] - shard["start"]
     for index, record in zip(range(shard["start"], shard["stop"]), records):
-      clip = sources.synthetic_video(index, 32, 32, 15)
+      clip = synthetic_videos.synthetic_video(index, 32, 32, 15)
       assert record == codec.encode(clip)  # In source order, exactly.
       frames, _ = codec.decode(record)
       assert frames.shape == (15, 32, 32, 3) and frames.dtype == np.uint8
@@ -161,9 +166,12 @@ def test_folder_of_video_files_skips_and_lists_damaged_ones(tmp_path):
   (root / "walk").mkdir(parents=True)
   (root / "run").mkdir()
   made = {  # Several containers, codecs, sizes and frame rates.
-      "walk/a.mp4": (sources.synthetic_video(1, 40, 30, 20), 10, "libx264"),
-      "walk/b.mkv": (sources.synthetic_video(2, 48, 36, 60), 24, "mpeg4"),
-      "run/c.avi": (sources.synthetic_video(3, 30, 20, 12), 6, "mpeg4"),
+      "walk/a.mp4": (synthetic_videos.synthetic_video(1, 40, 30, 20), 10,
+                     "libx264"),
+      "walk/b.mkv": (synthetic_videos.synthetic_video(2, 48, 36, 60), 24,
+                     "mpeg4"),
+      "run/c.avi": (synthetic_videos.synthetic_video(3, 30, 20, 12), 6,
+                    "mpeg4"),
   }
   for rel, (frames, fps, codec_name) in made.items():
     write_video(str(root / rel), frames, fps, codec_name)
@@ -199,7 +207,7 @@ def test_folder_of_video_files_skips_and_lists_damaged_ones(tmp_path):
 
 
 def test_video_extensions():
-  ext = sources.video_extensions()
+  ext = folder.video_extensions()
   assert {".mp4", ".mov", ".mkv", ".webm", ".avi"} <= ext
   assert not ext & {".txt", ".srt", ".wav", ".jpg", ".png"}
 
@@ -268,7 +276,7 @@ def test_tfds_video_frames_with_their_rate(tmp_path, file_format):
   assert records == [codec.encode(c, fps=2.0) for c in clips]
   assert records != [codec.encode(c) for c in clips]
   # Without a known rate, the error names the field to set.
-  with pytest.raises(sources.DataError, match="config.data.tfds_fps"):
+  with pytest.raises(DataError, match="config.data.tfds_fps"):
     sources.open_source(avc_config(source="tfds:codeclm_tiny_videos",
                                    tfds_data_dir=data_dir))
 
@@ -277,9 +285,9 @@ def test_tfds_without_video_feature_names_the_fix():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   with tfds.testing.mock_data(num_examples=2,
                               policy=tfds.testing.MockPolicy.USE_CODE):
-    with pytest.raises(sources.DataError,
+    with pytest.raises(DataError,
                        match="no top-level Video.*codec.name='jpeg'"):
       sources.open_source(avc_config(source="tfds:cifar10", tfds_fps=25.0))
     # And the image codec on it still works.
     assert len(sources.open_source(make_config(source="tfds:cifar10"))) == 2
-  assert sources.TFDS_VIDEO_FPS["ucf101"] == 25.0
+  assert tfds_source.TFDS_VIDEO_FPS["ucf101"] == 25.0

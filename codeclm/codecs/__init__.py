@@ -2,6 +2,11 @@
 
 A codec turns pixels into canonical bytes (headers stripped) and any byte
 string back into pixels plus a report of how much of it was valid.
+
+Modules: `jpeg` and `avc` hold the codecs (the registry below names them);
+`jpeg_bitstream` and `h264_bitstream` the byte formats (plain Python);
+`image_io` (Pillow: pictures in) and `video_io` (PyAV: videos in, x264,
+libavcodec, MP4).
 """
 
 import dataclasses
@@ -61,7 +66,8 @@ def codec_class(name: str, where: str = "config.codec.name"):
 
 
 def from_config(cfg):
-  """The codec a config's `codec` section names, e.g. `from_config(config.codec)`."""
+  """The codec a config's `codec` section names, e.g.
+  `from_config(config.codec)`."""
   settings = dict(cfg)
   return codec_class(settings.pop("name"))(**settings)
 

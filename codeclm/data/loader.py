@@ -20,7 +20,7 @@ K), so the global batch is a fixed function of (seed, step) over the whole
 dataset. A process runs only the streams that hold the rows its devices hold
 (`TrainBatches(rows=...)`, rows from the batch sharding) and yields just those
 rows; the position is the K streams' Grain states, saved one file per stream
-(codeclm/train/checkpoint.py), so a run written by n processes resumes on m.
+(codeclm/train/data_position.py), so a run written by n processes resumes on m.
 
 Every batch is a dict of numpy arrays with the same five keys in both modes,
 so the trainer is uniform: inputs, targets, segment_ids, positions (int32,
@@ -43,7 +43,7 @@ import numpy as np
 
 from codeclm import codecs
 from codeclm.data import prepare
-from codeclm.data.sources import DataError
+from codeclm.data.sources.base import DataError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 # "pack" fills this many windows per stream at once (more if a stream has

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
@@ -37,9 +36,11 @@ from codeclm import config_base
 from codeclm.hf import import_hf
 from codeclm.hf import weights as hf_weights
 from codeclm.model import llama
+from codeclm.model import llama_config
 from codeclm.runtime import storage
 from codeclm import tokenizer as tokenizer_lib
-from codeclm.train import checkpoint
+from codeclm.train import checkpoint_steps
+from codeclm.train import params_io
 
 _README = """\
 # {name}: a codeclm {codec} model in Hugging Face format
@@ -78,7 +79,7 @@ _AVC_NOTE = ("Decode the H.264 Annex B stream with ffmpeg or PyAV, or "
              "`codecs.from_settings(settings).decode(data)` in codeclm.")
 
 
-def hf_config(c: llama.LlamaConfig, tokenizer, dtype: str) -> dict:
+def hf_config(c: llama_config.LlamaConfig, tokenizer, dtype: str) -> dict:
   """config.json of a LlamaForCausalLM with codeclm's architecture."""
   if c.qk_norm:
     raise ValueError("This model has qk_norm, which LlamaForCausalLM lacks; "
@@ -121,13 +122,13 @@ def _restore_leaf(step_dir: str, path: tuple, leaf):
   target = leaf
   for key in reversed(path):
     target = {key: target}
-  restored = checkpoint.restore_params(step_dir, target)
+  restored = params_io.restore_params(step_dir, target)
   for key in path:
     restored = restored[key]
   return np.asarray(jax.device_get(restored))
 
 
-def hf_tensors(step_dir: str, c: llama.LlamaConfig, abstract, dtype):
+def hf_tensors(step_dir: str, c: llama_config.LlamaConfig, abstract, dtype):
   """(HF name, numpy tensor) pairs, restoring one codeclm leaf at a time."""
   flat = {tuple(k.key for k in p): leaf for p, leaf
           in jax.tree_util.tree_flatten_with_path(abstract)[0]}
@@ -185,7 +186,7 @@ def run(workdir: str, dst: str, step: int | None = None,
   tokenizer = tokenizer_lib.load(workdir / "tokenizer.json")
   c = config_base.model_config(config, tokenizer.vocab_size)
   np_dtype = jnp.dtype(dtype)
-  step_dir, step = checkpoint.committed_step_dir(workdir, step)
+  step_dir, step = checkpoint_steps.committed_step_dir(workdir, step)
   model = llama.Llama(c)
   abstract = jax.eval_shape(model.init, jax.random.key(0),
                             jnp.zeros((1, 1), jnp.int32))["params"]
@@ -220,8 +221,8 @@ def run(workdir: str, dst: str, step: int | None = None,
   return dst
 
 
-def readme(name: str, c: llama.LlamaConfig, tokenizer, settings: dict,
-           step: int) -> str:
+def readme(name: str, c: llama_config.LlamaConfig, tokenizer,
+           settings: dict, step: int) -> str:
   jpeg = settings.get("name") == "jpeg"
   return _README.format(
       name=name, codec="JPEG" if jpeg else "H.264", step=step,

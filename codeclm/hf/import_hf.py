@@ -42,6 +42,7 @@ from codeclm import codecs
 from codeclm import config_base
 from codeclm.hf import weights as hf_weights
 from codeclm.model import llama
+from codeclm.model import llama_config
 from codeclm.model import sharding
 from codeclm.runtime import storage
 from codeclm import tokenizer as tokenizer_lib
@@ -241,7 +242,7 @@ class SafetensorsReader:
       raise ImportHFError(f"{path}: tensor {name} does not read ({e}).") from e
 
 
-def leaf_sources(c: llama.LlamaConfig) -> dict[tuple, tuple]:
+def leaf_sources(c: llama_config.LlamaConfig) -> dict[tuple, tuple]:
   """codeclm param path -> (HF names, kind); per-layer leaves list L names."""
   out = {("embedding",): (["model.embed_tokens.weight"], "embedding"),
          ("final_norm", "scale"): (["model.norm.weight"], "vector"),
@@ -257,7 +258,7 @@ def leaf_sources(c: llama.LlamaConfig) -> dict[tuple, tuple]:
 
 
 def read_leaf(reader: SafetensorsReader, names: list[str], kind: str,
-              c: llama.LlamaConfig, shape: tuple, dtype) -> np.ndarray:
+              c: llama_config.LlamaConfig, shape: tuple, dtype) -> np.ndarray:
   """One codeclm leaf (stacked over layers when `names` has several)."""
   if kind in ("embedding", "head"):
     name = names[0]

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from codeclm.model import llama
+from codeclm.model import llama_config
 
 # HF per-layer names -> (codeclm path inside a layer, kind of transform).
 _LAYER_KEYS = {
@@ -40,7 +40,7 @@ _QK_NORM_KEYS = {  # Present in Qwen3/OLMo-style checkpoints only.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-def config_from_hf(hf_config, **overrides) -> llama.LlamaConfig:
+def config_from_hf(hf_config, **overrides) -> llama_config.LlamaConfig:
   """A LlamaConfig from a transformers LlamaConfig; rejects what we lack."""
   get = lambda name, default=None: getattr(hf_config, name, default)
   problems = []
@@ -68,7 +68,7 @@ def config_from_hf(hf_config, **overrides) -> llama.LlamaConfig:
       rope_theta=float(rope.get("rope_theta", get("rope_theta", 1e4))),
       max_len=int(get("max_position_embeddings", 4096)),
   )
-  return llama.LlamaConfig(**{**fields, **overrides})
+  return llama_config.LlamaConfig(**{**fields, **overrides})
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -83,11 +83,11 @@ def _to_numpy(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def _layer_keys(config: llama.LlamaConfig) -> dict:
+def _layer_keys(config: llama_config.LlamaConfig) -> dict:
   return {**_LAYER_KEYS, **(_QK_NORM_KEYS if config.qk_norm else {})}
 
 
-def hf_shape(name: str, kind: str, c: llama.LlamaConfig) -> tuple:
+def hf_shape(name: str, kind: str, c: llama_config.LlamaConfig) -> tuple:
   """The shape HF stores the tensor `name` (of `kind`) in."""
   h, k, f, d = c.num_heads, c.num_kv_heads, c.head_dim, c.emb_dim
   if kind == "vector":
@@ -111,7 +111,7 @@ def from_hf_tensor(x: np.ndarray, name: str, shape: tuple,
 
 
 def convert_from_hf(x: np.ndarray, kind: str,
-                    c: llama.LlamaConfig) -> np.ndarray:
+                    c: llama_config.LlamaConfig) -> np.ndarray:
   """One HF layer tensor (torch [out, in] layout) -> codeclm's layout."""
   h, k, f, d = c.num_heads, c.num_kv_heads, c.head_dim, c.emb_dim
   if kind == "vector":
@@ -126,7 +126,7 @@ def convert_from_hf(x: np.ndarray, kind: str,
 
 
 def convert_to_hf(x: np.ndarray, kind: str,
-                  c: llama.LlamaConfig) -> np.ndarray:
+                  c: llama_config.LlamaConfig) -> np.ndarray:
   """The inverse of convert_from_hf (a contiguous array)."""
   h, k, f, d = c.num_heads, c.num_kv_heads, c.head_dim, c.emb_dim
   if kind == "vector":
@@ -142,13 +142,13 @@ def convert_to_hf(x: np.ndarray, kind: str,
   return np.ascontiguousarray(x)
 
 
-def layer_keys(config: llama.LlamaConfig) -> dict:
+def layer_keys(config: llama_config.LlamaConfig) -> dict:
   """HF per-layer tensor name -> (path inside a codeclm layer, kind)."""
   return _layer_keys(config)
 
 
 def params_from_hf(state_dict: Mapping[str, Any],
-                   config: llama.LlamaConfig) -> dict:
+                   config: llama_config.LlamaConfig) -> dict:
   """codeclm params (numpy, param_dtype) from a LlamaForCausalLM state_dict.
 
   Torch Linear weights are [out, in]; codeclm kernels are [in, out] with the
@@ -201,7 +201,8 @@ def params_from_hf(state_dict: Mapping[str, Any],
   return params
 
 
-def params_to_hf(params: Mapping[str, Any], config: llama.LlamaConfig,
+def params_to_hf(params: Mapping[str, Any],
+                 config: llama_config.LlamaConfig,
                  dtype=None) -> dict[str, np.ndarray]:
   """The inverse of params_from_hf: a LlamaForCausalLM state_dict as numpy.
 

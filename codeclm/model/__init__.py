@@ -1,1 +1,1 @@
-"""The Flax Llama-2 and its sharding rules."""
+"""The Flax Llama-2: config, layers, KV cache, sharding rules, test weights."""

@@ -1,10 +1,11 @@
-"""The Flax (linen) Llama-2 decoder, its size table and derived numbers.
+"""The Flax (linen) Llama-2 decoder: its layers and its parameter count.
 
 Owns the architecture (token embedding, pre-norm blocks of causal
 self-attention with rotary embeddings and optional grouped KV heads, SwiGLU
-MLP, RMSNorm, no biases, untied output head), the KV cache used for sampling,
-and the parameter / FLOP counts. It knows only JAX and Flax; the mesh rules
-that place the logical axes live in `sharding.py`.
+MLP, RMSNorm, no biases, untied output head). Its config, size table and
+FLOP count live in `llama_config.py`, the KV cache used for sampling in
+`kv_cache.py`. It knows only JAX and Flax; the mesh rules that place the
+logical axes live in `sharding.py`.
 
 Einsum axis letters (every einsum below uses these and only these):
 
@@ -31,22 +32,12 @@ Precision: parameters are stored in `param_dtype` (fp32) and cast to `dtype`
 (bf16) for the matmuls; RMSNorm, rotary embeddings and the attention softmax
 run in fp32 and the logits come out in fp32, so the loss is taken in fp32.
 
-Rematerialisation (`remat_policy`), per decoder layer:
-
-  "none"              no remat: keep every activation (fastest, most memory)
-  "full"              save nothing but the layer input; recompute the layer
-  "nothing_saveable"  the same as "full" (JAX's name)
-  "dots"              save matmul outputs without batch dims (JAX policy)
-  "qkv_proj"          save only the named q/k/v projections
-  "all_proj"          save q/k/v, the attention output and the MLP gate/up
+Rematerialisation (`remat_policy`, see llama_config.py) is per decoder
+layer; the policies save the activations named by checkpoint_name.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -54,209 +45,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from codeclm.model import attention
-
-# One size table. Vocabulary size comes from the tokenizer, not from here.
-# "1b" uses 16 heads of 128 (Llama-2's head dim, the fast path of the flash
-# kernels) and an MLP of 4 * width, so it has 1.07B parameters (+ embeddings).
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(num_layers=2, emb_dim=32, num_heads=4, num_kv_heads=2,
-                 mlp_dim=64),
-    "demo": dict(num_layers=4, emb_dim=128, num_heads=4, num_kv_heads=4,
-                 mlp_dim=352),
-    "100m": dict(num_layers=12, emb_dim=768, num_heads=12, num_kv_heads=12,
-                 mlp_dim=2048),
-    "1b": dict(num_layers=16, emb_dim=2048, num_heads=16, num_kv_heads=16,
-               mlp_dim=8192),
-    "7b": dict(num_layers=32, emb_dim=4096, num_heads=32, num_kv_heads=32,
-               mlp_dim=11008),
-}
-
-# Activations a remat policy can name (see checkpoint_name below).
-_PROJ_NAMES = ("query_proj", "key_proj", "value_proj")
-_ALL_NAMES = _PROJ_NAMES + ("attention_out", "mlp_gate", "mlp_up")
-REMAT_POLICIES: dict[str, Any] = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "qkv_proj": jax.checkpoint_policies.save_only_these_names(*_PROJ_NAMES),
-    "all_proj": jax.checkpoint_policies.save_only_these_names(*_ALL_NAMES),
-}
-ATTENTION_IMPLS = attention.IMPLS
-# Logical names of a KVCache's k and v arrays [L, B, K, S, F].
-CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  """Architecture and numerics of one model; `head_dim` is resolved on init."""
-  vocab_size: int
-  num_layers: int
-  emb_dim: int
-  num_heads: int
-  num_kv_heads: int
-  mlp_dim: int
-  head_dim: int | None = None        # None: emb_dim // num_heads
-  norm_eps: float = 1e-5
-  rope_theta: float = 1e4
-  max_len: int = 4096                # longest sequence (positions) accepted
-  dtype: str = "bfloat16"            # compute
-  param_dtype: str = "float32"       # storage
-  scan_layers: bool = True
-  remat_policy: str = "full"
-  attention_impl: str | None = "auto"  # see attention.py
-  qk_norm: bool = False
-
-  def __post_init__(self):
-    if self.head_dim is None:
-      if self.emb_dim % self.num_heads:
-        raise ValueError(
-            f"emb_dim={self.emb_dim} is not divisible by num_heads="
-            f"{self.num_heads}; set head_dim explicitly or change the sizes.")
-      object.__setattr__(self, "head_dim", self.emb_dim // self.num_heads)
-    if self.head_dim % 2:
-      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-          f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
-          f"{self.num_kv_heads} (grouped-query attention).")
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"Unknown remat_policy={self.remat_policy!r}; use one "
-                       f"of {sorted(REMAT_POLICIES)}.")
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"Unknown attention_impl={self.attention_impl!r}; use "
-                       f"one of {ATTENTION_IMPLS} (see attention.py).")
-    for field in ("dtype", "param_dtype"):
-      try:
-        jnp.dtype(getattr(self, field))
-      except TypeError as e:
-        raise ValueError(f"{field}={getattr(self, field)!r} is not a dtype "
-                         "name; use e.g. 'bfloat16' or 'float32'.") from e
-
-  @classmethod
-  def from_size(cls, size: str, **overrides) -> LlamaConfig:
-    """A config from SIZES[size]; needs vocab_size= (the tokenizer's)."""
-    if size not in SIZES:
-      raise ValueError(f"Unknown model size {size!r}; use one of "
-                       f"{sorted(SIZES)}.")
-    if "vocab_size" not in overrides:
-      raise ValueError("LlamaConfig.from_size needs vocab_size=... (the "
-                       "tokenizer's vocab_size).")
-    return cls(**{**SIZES[size], **overrides})
-
-
-@flax.struct.dataclass
-class KVCache:
-  """Keys and values of every layer: [L, B, K, S, F] stacked like the scan,
-  or (per_layer, for unrolled layers) a tuple of L arrays [B, K, S, F].
-
-  Head-major (K before S): a decode step's attention dots are batched over
-  (B, K), so each head's [S, F] block is contiguous; from [.., S, K, F] XLA
-  first gathers every layer into that order, every step (on CPU about half
-  the decode speed at 4K context, 100m-sized caches).
-
-  Per layer: a layer's keys are then a buffer of their own that its dots
-  read in place. From a stack XLA's CPU backend copies the layer out first,
-  every decode step: the whole cache once per token (at batch 8 x 576
-  slots, 100m, 40% of a step).
-  """
-  k: Any  # jax.Array or tuple[jax.Array, ...]
-  v: Any
-
-  @property
-  def length(self) -> int:
-    """Positions it holds (S)."""
-    return jax.tree.leaves(self.k)[0].shape[-2]
-
-
-@flax.struct.dataclass
-class _Stacked:
-  """The cache as the layers carry it, each writing its rows in place.
-
-  A 16-bit float cache travels as its uint16 bits: XLA's CPU backend widens
-  every bf16 dynamic-slice / update to fp32 (converting the whole stacked
-  cache, per layer and step), while integer ones stay in place. The bits are
-  the same, and on GPU / TPU the bitcasts cost nothing.
-  """
-  k: jax.Array
-  v: jax.Array
-  dtype: Any = flax.struct.field(pytree_node=False)  # The stored dtype.
-
-  @classmethod
-  def of(cls, cache: KVCache) -> _Stacked:
-    return cls(jax.tree.map(_bits, cache.k), jax.tree.map(_bits, cache.v),
-               jax.tree.leaves(cache.k)[0].dtype)
-
-  def cache(self) -> KVCache:
-    unbits = lambda a: _constrain_cache(_unbits(a, self.dtype))
-    return KVCache(k=jax.tree.map(unbits, self.k),
-                   v=jax.tree.map(unbits, self.v))
-
-
-def _constrain_cache(x: jax.Array) -> jax.Array:
-  """CACHE_AXES on a stacked cache array, or on one layer's."""
-  return nn.with_logical_constraint(x, CACHE_AXES[-x.ndim:])
-
-
-def _bits(x: jax.Array) -> jax.Array:
-  """16-bit floats as uint16 (see _Stacked); anything else unchanged."""
-  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
-    return jax.lax.bitcast_convert_type(x, jnp.uint16)
-  return x
-
-
-def _unbits(x: jax.Array, dtype) -> jax.Array:
-  return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
-
-
-def init_cache(config: LlamaConfig, batch_size: int, max_len: int,
-               dtype=jnp.bfloat16, per_layer: bool = False) -> KVCache:
-  """An empty cache for `batch_size` rows of up to `max_len` positions.
-
-  per_layer: a tuple of one array per layer (unrolled layers only; faster
-  decoding on CPU, see KVCache); else stacked [L, B, K, S, F].
-  """
-  if max_len > config.max_len:
-    raise ValueError(f"Cache max_len={max_len} exceeds the model's max_len="
-                     f"{config.max_len}; lower it or raise config.max_len.")
-  if per_layer and config.scan_layers:
-    raise ValueError("A per-layer cache needs unrolled layers "
-                     "(scan_layers=False): the scan indexes a stacked one.")
-  shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
-  if per_layer:
-    zeros = lambda: tuple(_constrain_cache(jnp.zeros(shape, dtype))
-                          for _ in range(config.num_layers))
-  else:
-    zeros = lambda: _constrain_cache(
-        jnp.zeros((config.num_layers, *shape), dtype))
-  return KVCache(k=zeros(), v=zeros())
-
-
-def param_count(config: LlamaConfig) -> int:
-  """Number of parameters, from shapes only (jax.eval_shape; no allocation)."""
-  model = Llama(config)
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jnp.zeros((1, 1), jnp.int32))
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-      nn.meta.unbox(shapes)))
-
-
-def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-  """Training (forward + backward) FLOPs per token, PaLM appendix B style.
-
-  6 * N + 12 * L * seq_len * H * F, where N counts the matmul weights: every
-  layer's q, k, v, o and MLP projections plus the output head; not the input
-  embedding (a lookup in the model's math; the one-hot matmul that implements
-  it is an implementation cost, like remat) nor the norm scales. The attention
-  term counts QK^T and AV over the full (not causally halved) window; remat
-  recomputation is not counted (these are "model FLOPs", as used for MFU).
-  """
-  c = config
-  attn = c.emb_dim * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-  attn += c.num_heads * c.head_dim * c.emb_dim
-  mlp = 3 * c.emb_dim * c.mlp_dim
-  n = c.num_layers * (attn + mlp) + c.emb_dim * c.vocab_size
-  return float(6 * n + 12 * c.num_layers * seq_len * c.num_heads * c.head_dim)
+from codeclm.model import kv_cache
+from codeclm.model import llama_config
 
 
 def _param(module: nn.Module, name: str, init, shape, names):
@@ -273,7 +63,7 @@ def _fan_in(in_axis, out_axis):
 
 class RMSNorm(nn.Module):
   """Root-mean-square norm over the last axis, computed in fp32."""
-  config: LlamaConfig
+  config: llama_config.LlamaConfig
   axis_name: str = "embed"
 
   @nn.compact
@@ -312,14 +102,15 @@ class Attention(nn.Module):
   positions == arange(T) in every row (Llama sets it only when it made those
   positions itself).
   """
-  config: LlamaConfig
+  config: llama_config.LlamaConfig
   prefill: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None, cache_kv: _Stacked | None,
+               segment_ids: jax.Array | None,
+               cache_kv: kv_cache.Stacked | None,
                layer: jax.Array | int | None = None
-               ) -> tuple[jax.Array, _Stacked | None]:
+               ) -> tuple[jax.Array, kv_cache.Stacked | None]:
     c = self.config
     d, h, k, f = c.emb_dim, c.num_heads, c.num_kv_heads, c.head_dim
     dt = jnp.dtype(c.dtype)
@@ -350,44 +141,11 @@ class Attention(nn.Module):
 
     new_kv, mask, is_causal = None, None, True
     if cache_kv is not None:
-      stored = lambda new: _bits(new.astype(cache_kv.dtype))
-      # One layer's [B, K, S, F], written at index `at` of its leading dims
-      # (this layer's in a stack; none in a per-layer cache).
-      per_layer = isinstance(cache_kv.k, tuple)
-      at = () if per_layer else (layer,)
-      if self.prefill:
-        # Every row starts at 0: one slab write, and causal attention over
-        # just these T keys (the cache's older contents there are
-        # overwritten, and nothing beyond T is visible to these queries).
-        write = lambda cache, new: jax.lax.dynamic_update_slice(
-            cache, jnp.swapaxes(stored(new), 1, 2)[(None,) * len(at)],
-            (*at, 0, 0, 0, 0))
-      else:
-        # Each row writes at its own positions (out-of-range ones are
-        # dropped), then attends to every cached index <= its query's
-        # position. [B, T] indices around the K slice: updates [B, T, K, F].
-        # (On a batch split over the mesh, GSPMD gathers these small update
-        # rows and indices; mapping the write over the batch instead makes
-        # XLA's CPU backend transpose the whole cache every step.)
-        rows = jnp.arange(q.shape[0])[:, None]
-        write = lambda cache, new: cache.at[(*at, rows, slice(None),
-                                             positions)].set(stored(new))
-      if per_layer:
-        update = lambda layers, new: (
-            layers[:layer] + (_constrain_cache(write(layers[layer], new)),)
-            + layers[layer + 1:])
-      else:
-        update = lambda cache, new: _constrain_cache(write(cache, new))
-      new_kv = _Stacked(update(cache_kv.k, keys), update(cache_kv.v, values),
-                        cache_kv.dtype)
+      new_kv = cache_kv.write(keys, values, positions, layer, self.prefill)
+      # A prefill attends causally over just these T keys; other positions
+      # attend to every cached index <= their query's position.
       if not self.prefill:
-        # This layer, [B, K, S, F] -> [B, S, K, F]: XLA fuses the swap and
-        # the astype (free when the cache is in the compute dtype) into the
-        # one per-head relayout it makes for the attention dots.
-        read = lambda cache: jnp.swapaxes(
-            _unbits(cache[layer], cache_kv.dtype).astype(dt), 1, 2)
-        keys = nn.with_logical_constraint(read(new_kv.k), kv_names)
-        values = nn.with_logical_constraint(read(new_kv.v), kv_names)
+        keys, values = new_kv.read(layer, dt)
         mask = (jnp.arange(keys.shape[1])[None, None, :]
                 <= positions[:, :, None])[:, None]         # [B, 1, T, S]
         is_causal = False
@@ -406,7 +164,7 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-  config: LlamaConfig
+  config: llama_config.LlamaConfig
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -433,11 +191,11 @@ class DecoderLayer(nn.Module):
 
   Returns (carry, None) for nn.scan; `layer` indexes the stacked cache.
   """
-  config: LlamaConfig
+  config: llama_config.LlamaConfig
   prefill: bool = False
 
   @nn.compact
-  def __call__(self, carry: tuple[jax.Array, _Stacked | None],
+  def __call__(self, carry: tuple[jax.Array, kv_cache.Stacked | None],
                positions: jax.Array,
                segment_ids: jax.Array | None,
                layer: jax.Array | int | None) -> tuple[tuple, None]:
@@ -499,12 +257,12 @@ class Llama(nn.Module):
   length is dropped by the scatter (JAX's out-of-bounds rule), so the sampler
   must stop at the cache length.
   """
-  config: LlamaConfig
+  config: llama_config.LlamaConfig
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
-               cache: KVCache | None = None,
+               cache: kv_cache.KVCache | None = None,
                logits_at: jax.Array | None = None):
     c = self.config
     if tokens.ndim != 2:
@@ -532,7 +290,7 @@ class Llama(nn.Module):
         raise ValueError("A per-layer cache needs unrolled layers "
                          "(scan_layers=False).")
       _check_positions(positions, cache.length, "the cache length")
-      cache_kv = _Stacked.of(cache)
+      cache_kv = kv_cache.Stacked.of(cache)
 
     embedding = _param(self, "embedding", nn.initializers.normal(1.0),
                        (c.vocab_size, c.emb_dim), ("vocab", "embed"))
@@ -546,7 +304,7 @@ class Llama(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     layer = DecoderLayer
-    policy = REMAT_POLICIES[c.remat_policy]
+    policy = llama_config.REMAT_POLICIES[c.remat_policy]
     if c.remat_policy != "none":
       # Unrolled, the layer index stays a Python int (argument 4, self
       # counted): a per-layer cache is picked by it.
@@ -578,3 +336,12 @@ class Llama(nn.Module):
     if cache is None:
       return logits
     return logits, new_kv.cache()
+
+
+def param_count(config: llama_config.LlamaConfig) -> int:
+  """Number of parameters, from shapes only (jax.eval_shape; no allocation)."""
+  model = Llama(config)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 1), jnp.int32))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      nn.meta.unbox(shapes)))

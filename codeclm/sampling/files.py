@@ -11,7 +11,7 @@ of prompt | completions | original:
       --workdir=/tmp/jpeg_demo --mode=sample --config.sample.num_samples=8
 
 Under jax.distributed (a model sharded over hosts) process p of n draws and
-writes its contiguous share of each request list (sampler.share), with the
+writes its contiguous share of each request list (hosts.share), with the
 global sample ids; process 0 also writes the grids of all of them.
 """
 
@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from codeclm.runtime import storage
+from codeclm.sampling import hosts
 from codeclm.sampling import sampler as sampler_lib
 from codeclm.sampling import workdir as workdir_lib
 
@@ -68,7 +69,7 @@ def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
   """
   prompts = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(r.prompt)])
              .astype(np.int32) for r in requests]
-  longest = int(sampler_lib.gather_ints(
+  longest = int(hosts.gather_ints(
       [max((len(x) for x in prompts), default=0)]).max())
   room = sampler.model.config.max_len - longest
   if room < 1:
@@ -96,9 +97,9 @@ def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
 def everyone(codec, requests: Sequence[Request],
              mine: Sequence[Result]) -> list[Result]:
   """Every process's results for `requests`, each process having drawn its
-  `sampler.share` (collective under jax.distributed). Other processes' rows
+  `hosts.share` (collective under jax.distributed). Other processes' rows
   are decoded here from their bytes and carry sample=None."""
-  every = sampler_lib.gather_bytes([r.data for r in mine], len(requests))
+  every = hosts.gather_bytes([r.data for r in mine], len(requests))
   own = {r.request.name: r for r in mine}
   return [own.get(q.name) or Result(q, data, *codec.decode(data), None)
           for q, data in zip(requests, every)]
@@ -215,13 +216,13 @@ def _draw_and_write(sample_cfg, draw_, codec, info, local: str, settings,
   """Draws the config's samples and completions; files go to `local`.
 
   Each process draws and writes its share of each request list (see
-  sampler.share); process 0 also writes the grids, which show them all.
+  hosts.share); process 0 also writes the grids, which show them all.
   """
   grids = jax.process_index() == 0
   requests = [Request(f"sample_{i:04d}")
               for i in range(sample_cfg.num_samples)]
   if requests:
-    mine = sampler_lib.share(len(requests))
+    mine = hosts.share(len(requests))
     results = draw_(requests[mine.start:mine.stop], settings,
                     first_id=mine.start)
     for r in results:
@@ -238,7 +239,7 @@ def _draw_and_write(sample_cfg, draw_, codec, info, local: str, settings,
   if images:
     requests, originals = completion_requests(
         codec, images, sample_cfg.ratios, sample_cfg.completions)
-    mine = sampler_lib.share(len(requests))
+    mine = hosts.share(len(requests))
     # Ids after the unconditional ones: each sample has its own stream.
     results = draw_(requests[mine.start:mine.stop], settings,
                     first_id=sample_cfg.num_samples + mine.start)

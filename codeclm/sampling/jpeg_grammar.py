@@ -12,7 +12,8 @@ Nothing is hard-coded: the Huffman tables come from the DHT segments of
 `codec.header()`; components, sampling factors, the image size and the
 restart interval from the SOF, SOS and DRI segments of the codec's own
 encoding of a flat image, whose bytes before the scan are the fixed prefix
-(SOI APP0 SOF DRI SOS) every stream of the setting starts with.
+(SOI APP0 SOF DRI SOS) every stream of the setting starts with. Both are read
+by `codecs.jpeg_bitstream`, the parser the codec's repair uses too.
 
 States (byte boundaries): the prefix chain (state i expects prefix[i]); then
 one per (bit state, need-00 flag) inside an MCU, where a bit state is one of
@@ -41,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from codeclm.codecs import jpeg
+from codeclm.codecs import jpeg_bitstream
 
 _RST0, _EOI = 0xD0, 0xD9
 REJECT = -1
@@ -84,43 +86,21 @@ def _tree(counts: bytes, symbols: bytes) -> np.ndarray:
 def layout_of(codec: jpeg.JpegCodec) -> Layout:
   """The Huffman trees (from codec.header()'s DHT) and the scan layout (SOF,
   DRI, SOS of the codec's own stream of a flat image)."""
-  trees = {}
-  for marker, payload in jpeg.segments(codec.header()):
-    if marker == 0xC4:
-      i = 0
-      while i < len(payload):
-        kind, counts = payload[i], payload[i + 1:i + 17]
-        symbols = payload[i + 17:i + 17 + sum(counts)]
-        trees[kind >> 4, kind & 15] = _tree(counts, symbols)
-        i += 17 + sum(counts)
+  trees = {key: _tree(counts, symbols) for key, (counts, symbols) in
+           jpeg_bitstream.huffman_tables(codec.header()).items()}
   stream = codec.encode(Image.new("RGB", (codec.width, codec.height),
                                   (128, 128, 128)))
-  segments, end = {}, 2
-  for marker, payload in jpeg.segments(stream):
-    segments[marker] = payload
-    end += 4 + len(payload)
-  sof, sos, dri = segments.get(0xC0), segments.get(0xDA), segments.get(0xDD)
-  if sof is None or sos is None:
+  scan = jpeg_bitstream.scan_layout(stream)
+  if scan is None:
     raise ValueError(f"{codec} writes no baseline SOF0/SOS: the JPEG grammar "
                      "covers baseline Huffman streams only.")
-  interval = int.from_bytes(dri, "big") if dri else 0
-  if interval != 1:
+  if scan.restart_interval != 1:
     raise ValueError(
-        f"{codec} writes a restart interval of {interval} MCUs; the JPEG "
-        "grammar needs a restart marker after every MCU "
+        f"{codec} writes a restart interval of {scan.restart_interval} MCUs; "
+        "the JPEG grammar needs a restart marker after every MCU "
         "(restart_marker_blocks=1, the paper's setting).")
-  height, width = int.from_bytes(sof[1:3], "big"), int.from_bytes(sof[3:5],
-                                                                  "big")
-  sampling = {sof[6 + 3 * i]: sof[7 + 3 * i] for i in range(sof[5])}
-  hmax = max(s >> 4 for s in sampling.values())
-  vmax = max(s & 15 for s in sampling.values())
-  num_mcus = -(-width // (8 * hmax)) * -(-height // (8 * vmax))
-  blocks = []
-  for i in range(sos[0]):
-    component, selectors = sos[1 + 2 * i], sos[2 + 2 * i]
-    h, v = sampling[component] >> 4, sampling[component] & 15
-    blocks += [(trees[0, selectors >> 4], trees[1, selectors & 15])] * (h * v)
-  return Layout(stream[:end], tuple(blocks), num_mcus)
+  blocks = tuple((trees[0, dc], trees[1, ac]) for dc, ac in scan.blocks)
+  return Layout(stream[:scan.end], blocks, scan.num_mcus)
 
 
 def _bit_automaton(blocks) -> tuple[np.ndarray, int, int]:

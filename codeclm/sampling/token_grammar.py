@@ -3,7 +3,7 @@ constraint.
 
 next[state, token] walks the token's bytes through the byte automaton (-1
 where any byte is refused). Restart markers inside tokens are checked by the
-sampler's per-row counter (`sampler.Counter`): on a valid path FF followed by
+sampler's per-row counter (`constraint.Counter`): on a valid path FF followed by
 D0..D7 / D9 is always a marker (a data FF is always followed by 00), so the
 markers a token writes depend only on its bytes, except for a leading
 D0..D7 / D9 written right after a marker's FF (the MARKER state): hence the
@@ -28,8 +28,8 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from codeclm.sampling import constraint as constraint_lib
 from codeclm.sampling import jpeg_grammar
-from codeclm.sampling import sampler as sampler_lib
 
 _MARKER_CODES = frozenset(range(0xD0, 0xD8)) | {0xD9}
 
@@ -68,16 +68,16 @@ class TokenGrammar:
                 starts=[self.start(p, n) for p, n in zip(prompts, names)])
 
   @functools.cached_property
-  def constraint(self) -> sampler_lib.Constraint:
+  def constraint(self) -> constraint_lib.Constraint:
     """The tables on the device (made once)."""
     a = self.automaton
-    counter = sampler_lib.Counter(
+    counter = constraint_lib.Counter(
         state=jnp.int32(a.marker), limit=jnp.int32(a.num_mcus - 1),
         modulus=jnp.int32(8), step=jnp.asarray(self.step),
         first=jnp.asarray(self.first), final=jnp.asarray(self.final),
         ok=jnp.asarray(self.ok))
-    return sampler_lib.Constraint(jnp.asarray(self.next), jnp.int32(0),
-                                  counter)
+    return constraint_lib.Constraint(jnp.asarray(self.next), jnp.int32(0),
+                                     counter)
 
 
 def _markers(piece: bytes, after_ff: bool) -> tuple[int, int, bool, bool]:

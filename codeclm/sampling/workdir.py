@@ -46,6 +46,7 @@ def load(workdir: str, step: int | None = None,
   -1 takes the first devices it needs, so (1, 1, 1) samples on one device).
   """
   from codeclm.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from codeclm.train import params_io  # pylint: disable=g-import-not-at-top
   from codeclm import codecs  # pylint: disable=g-import-not-at-top
   from codeclm.tokenizer import ByteBPE  # pylint: disable=g-import-not-at-top
   workdir = storage.path(workdir)
@@ -88,7 +89,7 @@ def load(workdir: str, step: int | None = None,
   shardings = sharding.logical_shardings(boxed["params"], mesh, rules)
   abstract = checkpoint.abstract_with_shardings(
       nn.meta.unbox(boxed["params"]), shardings)
-  params, step = checkpoint.restore_workdir_params(workdir, abstract, step)
+  params, step = params_io.restore_workdir_params(workdir, abstract, step)
   return Loaded(config, model, params, tokenizer, codec, mesh, rules, step)
 
 

@@ -29,6 +29,7 @@ from codeclm import config_base
 from codeclm.data import loader
 from codeclm.data import prepare
 from codeclm.model import llama
+from codeclm.model import llama_config
 from codeclm.model import sharding
 from codeclm.runtime import storage
 from codeclm.sampling import tensorboard
@@ -36,6 +37,7 @@ from codeclm.tokenizer import ByteBPE
 from codeclm.train import checkpoint
 from codeclm.train import mfu
 from codeclm.train import optimizer
+from codeclm.train import params_io
 from codeclm.train import preemption
 
 class NonFiniteLossError(RuntimeError):
@@ -263,7 +265,7 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
       sharding.device_memory(mesh))
   return Setup(mesh, rules, model, abstract_state, state_shardings,
                data_sharding, init_fn, step_fn, eval_fn,
-               llama.flops_per_token(model.config, config.seq_len))
+               llama_config.flops_per_token(model.config, config.seq_len))
 
 
 def report(config, setup: Setup, rows: int) -> None:
@@ -332,7 +334,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if state is None:
       state, start = setup.init_fn(rng), 0
       if tc.init_from:  # Params only: the optimizer and data start afresh.
-        state = state.replace(params=checkpoint.init_params_from(
+        state = state.replace(params=params_io.init_params_from(
             tc.init_from, state.params, config, tokenizer.vocab_size))
     else:
       logging.info("Resuming from step %d.", start)

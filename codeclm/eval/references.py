@@ -1,0 +1,102 @@
+"""The reference images of an FID evaluation, and what FID sees of them.
+
+Reference images are what the model was trained to reproduce before JPEG
+loss: `codec.load` (centre crop, LANCZOS resize to the codec size), uint8
+RGB. FID sees them and the decoded samples through the Inception's own
+conversion (bilinear resize to 299x299, see codeclm/eval/inception.py).
+
+Downscaled variant (`eval.downscale=True`): references are halved
+(`PIL.Image.reduce(2)`, a 2x2 box average) and pasted in the top-left corner
+of a black canvas of the codec's size; the model's prompt is cut from that
+canvas, at `ratio` of the *active* rows (the top half of the canvas), and
+FID sees only the active top-left quarter of references and samples alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from absl import logging
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from codeclm.data import sources
+from codeclm.data.sources.base import DataError
+
+
+# -- the references ------------------------------------------------------------
+
+
+def reference_spec(config) -> str:
+  """eval.source, else the training source (TFDS: its validation split)."""
+  if config.eval.source:
+    return config.eval.source
+  spec = config.data.source
+  kind, _, arg = spec.partition(":")
+  if kind == "tfds":
+    return f"tfds:{arg.partition(':')[0]}:validation"
+  if config.eval.num_examples > config.data.eval_examples:
+    logging.warning(
+        "eval.num_examples=%d exceeds data.eval_examples=%d: references past "
+        "the held-out split of %r were seen in training.",
+        config.eval.num_examples, config.data.eval_examples, spec)
+  return spec
+
+
+def split_of(spec: str, num_examples: int) -> str:
+  kind, _, arg = spec.partition(":")
+  if kind == "tfds":
+    return arg.partition(":")[2] or "train"
+  return f"first {num_examples} items"
+
+
+def open_reference(config, spec: str, codec) -> Any:
+  """The reference source: `spec` at the codec's size, N items or an error."""
+  n = config.eval.num_examples
+  view = ml_collections.ConfigDict(dict(
+      data=dict(config.data.to_dict(), source=spec, num_examples=n,
+                labels_from_folders=False),
+      codec=codec.settings()))
+  source = sources.open_source(view)
+  if len(source) < n:
+    raise DataError(f"The reference source {spec!r} has {len(source)} images, "
+                    f"fewer than eval.num_examples={n}; lower it.")
+  return source
+
+
+def reference_image(source, codec, index: int) -> np.ndarray:
+  """Reference `index` as the codec loads it (uint8 HxWx3)."""
+  item = source[index]
+  try:
+    return np.asarray(codec.load(item.data))
+  except ValueError as e:
+    raise DataError(f"Reference image {index} ({item.key}) cannot be read: "
+                    f"{e}") from e
+
+
+# -- the downscaled canvas and what FID sees -----------------------------------
+
+
+def to_canvas(pixels: np.ndarray) -> np.ndarray:
+  """The image halved (2x2 box average) in the top-left of a black canvas."""
+  h, w = pixels.shape[:2]
+  if h % 2 or w % 2:
+    raise ValueError(f"Downscaling needs even image sides; got {h}x{w}. Use "
+                     "a codec width and height divisible by 2 MCUs.")
+  canvas = np.zeros_like(pixels)
+  canvas[:h // 2, :w // 2] = np.asarray(Image.fromarray(pixels).reduce(2))
+  return canvas
+
+
+def fid_view(pixels: np.ndarray, downscale: bool) -> np.ndarray:
+  """The part of an image FID sees: all of it, or the active top-left."""
+  if not downscale:
+    return pixels
+  h, w = pixels.shape[:2]
+  return pixels[:h // 2, :w // 2]
+
+
+def prompt_ratio(ratio: float, downscale: bool) -> float:
+  """The canvas ratio whose MCU rows are `ratio` of the active rows."""
+  return ratio / 2 if downscale else ratio

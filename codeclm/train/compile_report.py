@@ -1,0 +1,103 @@
+"""The numbers --mode=compile reports per program, and the verdict's words.
+
+Per-chip memory and FLOPs of a compiled program (or, when it did not fit,
+what XLA's RESOURCE_EXHAUSTED error says), the knobs to turn when a step does
+not fit, and the report as a text table.
+"""
+
+import re
+
+from codeclm.train import tpu_topology
+
+
+def memory(compiled) -> dict:
+  """Bytes per chip by kind, and the total the chip must hold at once."""
+  m = compiled.memory_analysis()
+  out = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
+             alias=m.alias_size_in_bytes, temporary=m.temp_size_in_bytes,
+             code=m.generated_code_size_in_bytes)
+  # Donated (aliased) outputs reuse their arguments' buffers.
+  out["total"] = (out["argument"] + out["output"] - out["alias"]
+                  + out["temporary"] + out["code"])
+  return out
+
+
+def xla_flops(compiled) -> float | None:
+  """XLA's FLOPs count (a while loop's body once), None if it has none."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def exhausted_numbers(message: str) -> dict:
+  """Bytes in XLA's "... required for HLO temporaries (24.53G) exceeds
+  available HBM (15.75G)": the temporaries alone (it stops there) and HBM."""
+  nums = [float(v) * _UNITS[u] for v, u in re.findall(
+      r"\((\d+(?:\.\d+)?)([KMGT]?)\)", message)]
+  if len(nums) < 2:
+    return {}
+  return dict(temporary=int(nums[0]), total=int(nums[0]),
+              available=int(nums[1]))
+
+
+def knobs(config, setup, impl: str, over_bytes: float) -> list[str]:
+  """What to turn when a step does not fit, most effective first."""
+  out = []
+  m, chips = config.model, setup.mesh.size
+  rows = config.batch_size // (setup.mesh.shape["data"]
+                               * setup.mesh.shape["fsdp"])
+  if impl == "xla" and config.seq_len >= 2048:
+    out.append("model.attention_impl='splash' (XLA attention stores the "
+               f"[rows, heads, {config.seq_len}, {config.seq_len}] logits)")
+  if m.remat_policy not in ("full", "nothing_saveable"):
+    out.append(f"model.remat_policy='full' (now {m.remat_policy!r})")
+  if rows // config.train.grad_accum > 1:
+    out.append(f"train.grad_accum={config.train.grad_accum * 2} (each chip "
+               f"holds {rows // config.train.grad_accum} rows per micro-batch)")
+  if setup.mesh.shape["data"] > 1:
+    out.append(f"mesh.shape: move data ({setup.mesh.shape['data']}) into "
+               "fsdp, so parameters and optimizer state are split over "
+               f"{chips} chips, not {chips // setup.mesh.shape['data']}")
+  out.append(f"a larger slice: {over_bytes / tpu_topology.GIB:.2f} GiB per "
+             "chip over")
+  return out
+
+
+def table(report: dict) -> str:
+  """The report as a small text table."""
+  gib = lambda b: "-" if b is None else f"{b / tpu_topology.GIB:.2f}"
+  lines = [
+      f"{report['topology']} ({report['libtpu_topology']}, "
+      f"{report['chips']} chips of {report['device_kind']}, "
+      f"{gib(report['hbm_bytes_per_chip'])} GiB HBM), mesh {report['mesh']}, "
+      f"attention {report['config']['attention_resolved']}, remat "
+      f"{report['config']['remat_policy']}",
+      "| program | args GiB | temp GiB | out GiB | code GiB | total GiB | "
+      "collectives GiB/step | compile s |",
+      "|---|---|---|---|---|---|---|---|"]
+  for r in report["programs"]:
+    m = r["memory"]
+    moved = sum(c["bytes"] for c in r.get("collectives", {}).values())
+    lines.append(
+        f"| {r['name']} | {gib(m.get('argument'))} | "
+        f"{gib(m.get('temporary'))} | {gib(m.get('output'))} | "
+        f"{gib(m.get('code'))} | {gib(m.get('total'))}"
+        f"{'' if r['fits'] else ' (RESOURCE_EXHAUSTED)'} | "
+        f"{gib(moved) if r['fits'] else '-'} | {r['compile_s']:.0f} |")
+  f = report["flops"]
+  if f["xla_per_chip"]:
+    lines.append(f"FLOPs per chip per train step: XLA {f['xla_per_chip']:.3g}"
+                 f", model {f['model_per_chip']:.3g} ({f['note']})")
+  v = report["verdict"]
+  if v["fits"]:
+    lines.append(f"FITS: the largest program ({v['worst']}) needs "
+                 f"{gib(v['need_bytes'])} of {gib(v['hbm_bytes'])} GiB.")
+  else:
+    lines.append(f"DOES NOT FIT: {v['worst']} is over by "
+                 f"{gib(v['over_bytes'])} GiB per chip. Turn: "
+                 + "; ".join(v["knobs"]))
+  return "\n".join(lines)
