@@ -4,10 +4,12 @@ under the constraint are whole, clean JPEG streams; without it they are not."""
 import dataclasses
 import functools
 
+import jax
 import numpy as np
 
 from codeclm.model import llama
 from codeclm.sampling import files
+from codeclm.sampling import hosts
 from codeclm.sampling import sampler as sampler_lib
 from codeclm.sampling import workdir as workdir_lib
 from tests import test_sample
@@ -73,3 +75,43 @@ def test_a_completion_starts_in_its_prompts_state(tmp_path):
     walk = a.walk(tokenizer.decode(r.sample.tokens), a.mcu_start, k)
     assert walk.accepted and walk.state == a.done
     assert r.data.startswith(r.request.prompt)
+
+
+def test_the_grammar_tables_go_to_the_devices_once(monkeypatch):
+  """Two calls with the grammar: the second moves only its own prompts, rows
+  and settings to the devices, not the tables again. Under the transfer
+  guard nothing may move except through hosts.put, which records each
+  array it moves."""
+  loaded, shared, grammar = loaded_and_sampler()
+  sampler = sampler_lib.Sampler(  # A new one: nothing placed yet.
+      shared.model, eos_id=shared.eos_id, pad_id=shared.pad_id,
+      mesh=shared.mesh, rules=shared.rules, cache_dtype=shared.cache_dtype,
+      min_bucket=shared.min_bucket)
+  constraint = grammar.constraint  # Built on a device once, before the calls.
+  tables = [x for x in jax.tree.leaves(constraint) if x.ndim]
+  table_bytes = sum(x.nbytes for x in tables)
+  table_shapes = {(x.shape, x.dtype) for x in tables}
+  moved = []
+  put = hosts.put
+  def recorded(x, where):
+    moved[-1].append(x)
+    with jax.transfer_guard_host_to_device("allow"):
+      return put(x, where)
+  monkeypatch.setattr(hosts, "put", recorded)
+  prompts = [[loaded.tokenizer.bos_id]] * 8  # The module's bucket.
+  settings = dataclasses.replace(SETTINGS, max_new_tokens=8)
+  calls = []
+  for _ in range(2):
+    moved.append([])
+    with jax.transfer_guard_host_to_device("disallow"):
+      calls.append(sampler(loaded.params, prompts, settings, seed=4,
+                           **grammar.sampler_args([b""] * 8)))
+  first, second = moved
+  assert {(x.shape, x.dtype) for x in second}.isdisjoint(table_shapes)
+  assert sum(x.nbytes for x in second) < table_bytes
+  # At most one copy of each table across both calls (a mesh of this
+  # process's devices copies them from the device they were built on).
+  assert sum((x.shape, x.dtype) in table_shapes for x in first) <= len(tables)
+  assert len(sampler._placed) == 1  # pylint: disable=protected-access
+  for a, b in zip(*calls):
+    np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -16,6 +16,11 @@ hold, so no process needs another's prompts or outputs (hosts.py). The
 processes agree on the shapes (most rows, longest prompt) with one small
 all-gather; a process with fewer prompts fills its rows with inactive
 padding. `chunks` gives every process the same number of calls.
+
+A constraint's tables (the JPEG grammar's: tens of MB) go to the mesh's
+devices once per Sampler, on the first call that passes that constraint
+object (`place`); later calls reuse the device copies, so a call moves only
+its own prompts, rows and settings to the devices.
 """
 
 from __future__ import annotations
@@ -110,6 +115,10 @@ class Sampler:
         self.mesh.shape[a] for a in hosts.batch_mesh_axes(self.rules))
     # Processes the batch is split over (1 in a single-process run).
     self.feeds = self.batch_multiple // len(self.rows(self.batch_multiple))
+    self._replicated = jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec())
+    # id -> (constraint, its tables on the mesh), most recent last (`place`).
+    self._placed: dict[int, tuple] = {}
     self._reshard_params = bool(reshard_params)
     self._jitted, self._traces, self._prepare = decode_loop.loop_for(
         model, self.mesh, self.rules, self.cache_dtype, bool(reshard_params),
@@ -130,6 +139,34 @@ class Sampler:
       return decode_loop.DecodeParams(params, self.model)
     with self._context():
       return self._prepare(params)
+
+  # Constraints whose tables stay on the devices (a grammar per codec setting;
+  # more are placed again when used again).
+  _MAX_PLACED = 4
+
+  def place(self, constraint: constraint_lib.Constraint
+            ) -> constraint_lib.Constraint:
+    """`constraint` with its tables on this Sampler's devices, replicated.
+
+    Made once per constraint object and kept (it is held, so its id cannot
+    be reused); every call given the same object reuses these arrays
+    instead of moving the tables to the devices again. On a mesh of this
+    process's devices the tables are copied from where they are (a grammar
+    builds them on a device); on a mesh across processes each process puts
+    its own copy of the (identical) host tables into its shards.
+    """
+    hit = self._placed.pop(id(constraint), None)
+    if hit is None or hit[0] is not constraint:
+      where = self._replicated
+      if where.is_fully_addressable:
+        place = lambda x: jax.device_put(x, where)
+      else:
+        place = lambda x: hosts.put(np.asarray(x), where)
+      hit = (constraint, jax.tree.map(place, constraint))
+      while len(self._placed) >= self._MAX_PLACED:
+        self._placed.pop(next(iter(self._placed)))
+    self._placed[id(constraint)] = hit
+    return hit[1]
 
   def rows(self, batch: int) -> list[int]:
     """The rows of a `batch`-row global batch this process's devices hold.
@@ -273,12 +310,15 @@ class Sampler:
       out = np.full(b, fill, dtype)
       out[rows] = values
       return out
-    put = hosts.put  # Each process fills only its own rows.
-    replicated = jax.sharding.NamedSharding(self.mesh,
-                                            jax.sharding.PartitionSpec())
-    if constraint is not None:  # Host tables, the same on every process.
-      constraint = jax.tree.map(
-          lambda x: put(np.asarray(x), replicated), constraint)
+    # What moves to the devices per call, all of it here (explicitly, so a
+    # transfer guard sees nothing else move): each process fills only its
+    # own rows; the settings are replicated. The constraint's tables were
+    # put once (`place`).
+    put = hosts.put
+    scalar = lambda value, dtype: put(np.asarray(value, dtype),
+                                      self._replicated)
+    if constraint is not None:
+      constraint = self.place(constraint)
     args = (params, put(batch, self._batch_sharding),
             put(per_row(lengths, 1, np.int32), self._row_sharding),
             put(per_row(True, False, bool), self._row_sharding),
@@ -286,9 +326,10 @@ class Sampler:
                 self._row_sharding),
             put(per_row(starts[:, 0], first, np.int32), self._row_sharding),
             put(per_row(starts[:, 1], 0, np.int32), self._row_sharding),
-            np.uint32(seed), np.int32(settings.max_new_tokens),
-            np.float32(settings.temperature), np.int32(settings.top_k),
-            np.float32(settings.top_p), np.int32(self.eos_id),
-            np.int32(self.pad_id), constraint)
+            scalar(seed, np.uint32), scalar(settings.max_new_tokens, np.int32),
+            scalar(settings.temperature, np.float32),
+            scalar(settings.top_k, np.int32),
+            scalar(settings.top_p, np.float32), scalar(self.eos_id, np.int32),
+            scalar(self.pad_id, np.int32), constraint)
     return args, cache_len, lengths, rows
 
