@@ -196,7 +196,7 @@ def clean():
   grammar = workdir_lib.grammar_of(True, loaded.codec, loaded.tokenizer)
   from codeclm.train import loop  # pylint: disable=g-import-not-at-top
   held_out = tensorboard.eval_examples(
-      loop.data_dir_of(loaded.config, _WORKDIR.value), _SAMPLES.value)
+      loop.data_dir_of(loaded.config.data, _WORKDIR.value), _SAMPLES.value)
   n = _SAMPLES.value
   todo = [files.Request(f"u{i}") for i in range(n)] + [
       files.Request(f"c{i}", loaded.codec.prompt(x, 0.5), 0.5)

@@ -104,7 +104,7 @@ def bench_prepare(name: str, config, out_dir: str, workers: int) -> None:
   Prepares twice: once in full (encode + BPE training), then again into a
   fresh directory with that BPE given, which times the encoding alone.
   """
-  source = sources.open_source(config)
+  source = sources.open_source(config.data, config.codec)
   codec = codecs.from_config(config.codec)
   sample = range(min(len(source), 300))
   # References on one core, on the same inputs.
@@ -112,14 +112,15 @@ def bench_prepare(name: str, config, out_dir: str, workers: int) -> None:
   limit = rate(pillow_only, loaded)
   work = rate(lambda i: codec.encode(source[i].data), sample)
   full = time.perf_counter()
-  manifest = prepare.run(config, out_dir, process_index=0, process_count=1,
-                         progress=False)
+  manifest = prepare.run(config.data, config.codec, out_dir, seed=config.seed,
+                         process_index=0, process_count=1, progress=False)
   full = time.perf_counter() - full
   again = config.copy_and_resolve_references()
   again.data.tokenizer = os.path.join(out_dir, "tokenizer.json")
   wall, cpu = time.perf_counter(), cpu_seconds()
-  prepare.run(again, out_dir + "_encode_only", process_index=0,
-              process_count=1, progress=False)
+  prepare.run(again.data, again.codec, out_dir + "_encode_only",
+              seed=again.seed, process_index=0, process_count=1,
+              progress=False)
   wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
   shutil.rmtree(out_dir + "_encode_only")
   total = manifest["counts"]["seen"]
@@ -158,7 +159,9 @@ def bench_loader(config, data_dir: str) -> None:
       ("concat", "pack"), _LOADER_WORKERS.value, _STREAMS.value):
     config.data.update(packing=packing, loader_workers=workers,
                        streams=streams)
-    it = loader.TrainBatches(config, data_dir, tokenizer)
+    it = loader.TrainBatches(config.data, data_dir, tokenizer,
+                             seq_len=config.seq_len,
+                             batch_size=config.batch_size, seed=config.seed)
     for _ in range(2):  # Warm up (threads, worker processes).
       next(it)
     wall, cpu = time.perf_counter(), cpu_now()

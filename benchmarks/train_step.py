@@ -46,7 +46,8 @@ def _time(fn) -> float:
 def main(_):
   config = _CONFIG.value
   setup = loop.build(config, _VOCAB.value, np.ones(_VOCAB.value, np.float32))
-  loop.report(config, setup, config.batch_size)
+  loop.report(setup, config.batch_size, batch_size=config.batch_size,
+              seq_len=config.seq_len)
   rng = np.random.default_rng(0)
   shape = (config.batch_size, config.seq_len)
   local = dict(

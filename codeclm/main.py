@@ -53,7 +53,9 @@ def main(argv):
   if _MODE.value == "prepare":
     from codeclm.train import loop  # pylint: disable=g-import-not-at-top
     from codeclm.data import prepare  # pylint: disable=g-import-not-at-top
-    manifest = prepare.run(config, loop.data_dir_of(config, workdir))
+    manifest = prepare.run(config.data, config.codec,
+                           loop.data_dir_of(config.data, workdir),
+                           seed=config.seed)
     logging.info("Prepared: %s", {k: manifest[k] for k in ("counts",)
                                   if k in manifest})
   elif _MODE.value == "train":

@@ -129,5 +129,7 @@ def data_dir(tmp_path_factory):
   from codeclm.data import prepare  # pylint: disable=g-import-not-at-top
   from tests import tiny_config  # pylint: disable=g-import-not-at-top
   path = str(tmp_path_factory.mktemp("data"))
-  prepare.run(tiny_config.get_config(), path, progress=False)
+  config = tiny_config.get_config()
+  prepare.run(config.data, config.codec, path, seed=config.seed,
+              progress=False)
   return path

@@ -159,7 +159,9 @@ def restore_target(config, data_dir):
                       loop.token_byte_lengths(tokenizer), jax.devices()[:1])
   abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                 setup.state_shardings)
-  iterator = loader.TrainBatches(config, data_dir, tokenizer)
+  iterator = loader.TrainBatches(config.data, data_dir, tokenizer,
+                                 seq_len=config.seq_len,
+                                 batch_size=config.batch_size, seed=config.seed)
   return setup, abstract, iterator
 
 

@@ -134,10 +134,13 @@ def test_version_differences_name_each_changed_library():
 def test_training_data_with_other_versions_warns_once(tmp_path, caplog):
   config = tiny_config.get_config()
   data_dir = str(tmp_path)
-  prepare.run(config, data_dir, progress=False)
+  prepare.run(config.data, config.codec, data_dir, seed=config.seed,
+              progress=False)
   tokenizer = ByteBPE.load(os.path.join(data_dir, "tokenizer.json"))
   with caplog.at_level(logging.WARNING):
-    loader.TrainBatches(config, data_dir, tokenizer)
+    loader.TrainBatches(config.data, data_dir, tokenizer,
+                        seq_len=config.seq_len, batch_size=config.batch_size,
+                        seed=config.seed)
   assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
   path = os.path.join(data_dir, prepare.MANIFEST)
@@ -148,7 +151,9 @@ def test_training_data_with_other_versions_warns_once(tmp_path, caplog):
   with open(path, "w") as f:
     json.dump(manifest, f)
   with caplog.at_level(logging.WARNING):
-    batch = next(loader.TrainBatches(config, data_dir, tokenizer))
+    batch = next(loader.TrainBatches(
+        config.data, data_dir, tokenizer, seq_len=config.seq_len,
+        batch_size=config.batch_size, seed=config.seed))
   assert batch["inputs"].shape == (config.batch_size, config.seq_len)
   warned = [r.getMessage() for r in caplog.records
             if r.levelno >= logging.WARNING]

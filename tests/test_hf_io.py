@@ -359,10 +359,11 @@ def test_init_from_first_loss_is_the_imported_models_loss(foreign, imported,
   c = _finetune_config(imported)
   workdir = str(tmp_path / "finetune")
   metrics = loop.train(c, workdir)
-  data_dir = loop.data_dir_of(c, workdir)
+  data_dir = loop.data_dir_of(c.data, workdir)
   tok = tokenizer_lib.load(os.path.join(data_dir, "tokenizer.json"))
   assert isinstance(tok, tokenizer_lib.ByteCharTokenizer)
-  batch = next(loader.TrainBatches(c, data_dir, tok))
+  batch = next(loader.TrainBatches(c.data, data_dir, tok, seq_len=c.seq_len,
+                                   batch_size=c.batch_size, seed=c.seed))
   model = transformers.AutoModelForCausalLM.from_pretrained(
       foreign, dtype=torch.float32).eval()
   with torch.no_grad():

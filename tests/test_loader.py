@@ -24,8 +24,8 @@ def prepared(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("data"))
   config = make_config(num_examples=NUM, eval_examples=EVAL,
                        examples_per_shard=8)
-  manifest = prepare.run(config, out, process_index=0, process_count=1,
-                         progress=False)
+  manifest = prepare.run(config.data, config.codec, out, seed=config.seed,
+                         process_index=0, process_count=1, progress=False)
   tokenizer = ByteBPE.load(os.path.join(out, "tokenizer.json"))
   records = {}
   for split in ("train", "eval"):
@@ -47,6 +47,21 @@ def config_for(**data):
   config.seq_len = 256
   config.batch_size = 4
   return config
+
+
+def train_batches(config, data_dir, tokenizer, rows=None, **kwargs):
+  """loader.TrainBatches with a test config's data section and scalars."""
+  return loader.TrainBatches(config.data, data_dir, tokenizer,
+                             seq_len=config.seq_len,
+                             batch_size=config.batch_size, seed=config.seed,
+                             rows=rows, **kwargs)
+
+
+def eval_batches(config, data_dir, tokenizer, rows=None):
+  """loader.eval_batches with a test config's data section and scalars."""
+  return loader.eval_batches(config.data, data_dir, tokenizer,
+                             seq_len=config.seq_len,
+                             batch_size=config.batch_size, rows=rows)
 
 
 def take(iterator, n):
@@ -106,7 +121,7 @@ def check_shapes(batch, batch_size, seq_len):
 def test_concat_batches_decode_to_the_records_each_epoch(prepared):
   data_dir, tokenizer, records = prepared
   config = config_for()
-  it = loader.TrainBatches(config, data_dir, tokenizer)
+  it = train_batches(config, data_dir, tokenizer)
   batches = take(it, 40)
   stream = []
   for b in batches:
@@ -131,7 +146,7 @@ def test_concat_is_seeded(prepared):
   def first_batches(seed):
     config = config_for()
     config.seed = seed
-    return take(loader.TrainBatches(config, data_dir, tokenizer), 3)
+    return take(train_batches(config, data_dir, tokenizer), 3)
   a, b, c = first_batches(0), first_batches(0), first_batches(1)
   assert all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, b))
   assert not all(np.array_equal(x["inputs"], y["inputs"])
@@ -146,7 +161,7 @@ def test_pack_keeps_whole_examples_with_right_segments(prepared):
   lengths = [len(tokenizer.encode(r)) + 2 for r in records["train"]]
   config = config_for(packing="pack")
   config.seq_len = max(lengths) + 40  # Every example fits a window.
-  it = loader.TrainBatches(config, data_dir, tokenizer)
+  it = train_batches(config, data_dir, tokenizer)
   batches = take(it, 12)
   counts = collections.Counter()
   for b in batches:
@@ -183,7 +198,7 @@ def test_pack_splits_or_drops_long_examples(prepared, drop_long):
   window = config.seq_len + 1
   long = {r for r in records["train"] if len(tokenizer.encode(r)) + 2 > window}
   assert long and len(long) < len(records["train"])
-  it = loader.TrainBatches(config, data_dir, tokenizer)
+  it = train_batches(config, data_dir, tokenizer)
   pieces = [run for row in windows(take(it, 30)) for run in segments(row)]
   whole = [tokenizer.decode(p[1:-1]) for p in pieces
            if p[0] == tokenizer.bos_id and p[-1] == tokenizer.eos_id]
@@ -226,15 +241,15 @@ def test_row_at_step_is_a_window_of_its_stream_over_the_global_order(
   data_dir, tokenizer, records = prepared
   config = config_for(streams=2)
   n = len(records["train"])
-  order = loader.record_order(config, data_dir)
+  order = loader.record_order(data_dir, seed=config.seed)
   assert sorted(order[i] for i in range(n)) == sorted(records["train"])
-  full = take(loader.TrainBatches(config, data_dir, tokenizer), 30)
+  full = take(train_batches(config, data_dir, tokenizer), 30)
   for j in range(2):
     decoded = stream_examples(full, (2 * j, 2 * j + 1), tokenizer)
     assert len(decoded) > n // 2, "take more batches"  # Past an epoch.
     assert decoded == [order[i] for i in range(j, 2 * len(decoded), 2)]
   for rows in ([1, 2], [3], [0, 3]):
-    part = loader.TrainBatches(config, data_dir, tokenizer, rows)
+    part = train_batches(config, data_dir, tokenizer, rows)
     assert part.streams == sorted({r // 2 for r in rows})
     for whole, mine in zip(full, take(part, 6)):
       check_shapes(mine, len(rows), config.seq_len)
@@ -248,17 +263,17 @@ def test_position_moves_between_process_counts(prepared):
   each continues the straight run's global batches."""
   data_dir, tokenizer, _ = prepared
   config = config_for(streams=2)
-  straight = take(loader.TrainBatches(config, data_dir, tokenizer), 10)
-  halves = [loader.TrainBatches(config, data_dir, tokenizer, rows, writes=[p])
+  straight = take(train_batches(config, data_dir, tokenizer), 10)
+  halves = [train_batches(config, data_dir, tokenizer, rows, writes=[p])
             for p, rows in enumerate(([0, 1], [2, 3]))]
   saved = {}
   for half in halves:
     take(half, 5)
     saved.update(half.get_state()["streams"])
-  one = loader.TrainBatches(config, data_dir, tokenizer)
+  one = train_batches(config, data_dir, tokenizer)
   one.set_state(json.loads(json.dumps(dict(batch_size=4, streams=saved))))
   resumed = take(one, 3)
-  other = loader.TrainBatches(config, data_dir, tokenizer, [1, 2])
+  other = train_batches(config, data_dir, tokenizer, [1, 2])
   other.set_state(json.loads(json.dumps(one.get_state())))
   resumed += take(other, 2)
   for i, (want, got) in enumerate(zip(straight[5:], resumed)):
@@ -274,11 +289,11 @@ def test_restored_iterator_yields_the_same_batches(prepared, packing, workers):
   if workers and not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags (main does).
   config = config_for(packing=packing, loader_workers=workers)
-  it = loader.TrainBatches(config, data_dir, tokenizer)
+  it = train_batches(config, data_dir, tokenizer)
   take(it, 5)
   state = json.loads(json.dumps(it.get_state()))  # Checkpointable as JSON.
   expected = take(it, 7)
-  fresh = loader.TrainBatches(config, data_dir, tokenizer)
+  fresh = train_batches(config, data_dir, tokenizer)
   fresh.set_state(state)
   for a, b in zip(expected, take(fresh, 7)):
     for k in loader.BATCH_KEYS:
@@ -296,9 +311,9 @@ def test_eval_is_finite_ordered_padded_and_split(prepared, packing):
   config = config_for(packing=packing)
   if packing == "pack":
     config.seq_len = 1024  # Whole examples, one per segment.
-  single = list(loader.eval_batches(config, data_dir, tokenizer))
+  single = list(eval_batches(config, data_dir, tokenizer))
   assert single, "no eval batches"
-  again = list(loader.eval_batches(config, data_dir, tokenizer))
+  again = list(eval_batches(config, data_dir, tokenizer))
   for b, c in zip(single, again, strict=True):
     check_shapes(b, 4, config.seq_len)
     for k in loader.BATCH_KEYS:
@@ -330,8 +345,7 @@ def test_eval_is_finite_ordered_padded_and_split(prepared, packing):
   for row in padding:  # Whole padding rows carry no loss.
     assert not row["loss_mask"].any() and not row["segment_ids"].any()
   # Two processes: same number of batches; together the single-process ones.
-  halves = [list(loader.eval_batches(config, data_dir, tokenizer, [2 * p,
-                                                                   2 * p + 1]))
+  halves = [list(eval_batches(config, data_dir, tokenizer, [2 * p, 2 * p + 1]))
             for p in range(2)]
   assert len(halves[0]) == len(halves[1]) == len(single)
   for whole, a, b in zip(single, *halves):
@@ -342,15 +356,15 @@ def test_eval_is_finite_ordered_padded_and_split(prepared, packing):
 def test_clear_errors(prepared, tmp_path):
   data_dir, tokenizer, _ = prepared
   with pytest.raises(DataError, match="run --mode=prepare first"):
-    loader.TrainBatches(config_for(), str(tmp_path), tokenizer)
+    train_batches(config_for(), str(tmp_path), tokenizer)
   with pytest.raises(DataError, match="streams=3 must divide"):
-    loader.TrainBatches(config_for(streams=3), data_dir, tokenizer)
+    train_batches(config_for(streams=3), data_dir, tokenizer)
   with pytest.raises(DataError, match=r"Rows .* \[0, 4\)"):
-    loader.TrainBatches(config_for(), data_dir, tokenizer, rows=[2, 4])
+    train_batches(config_for(), data_dir, tokenizer, rows=[2, 4])
   with pytest.raises(DataError, match="packing"):
-    loader.TrainBatches(config_for(packing="zip"), data_dir, tokenizer)
+    train_batches(config_for(packing="zip"), data_dir, tokenizer)
   with pytest.raises(DataError, match="batch_size=4, this run has 8"):
     config = config_for()
-    saved = loader.TrainBatches(config, data_dir, tokenizer).get_state()
+    saved = train_batches(config, data_dir, tokenizer).get_state()
     config.batch_size = 8
-    loader.TrainBatches(config, data_dir, tokenizer).set_state(saved)
+    train_batches(config, data_dir, tokenizer).set_state(saved)

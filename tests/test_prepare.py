@@ -46,9 +46,9 @@ def test_folder_with_damaged_files(tmp_path):
                        labels_from_folders=True, eval_examples=3,
                        examples_per_shard=4, prepare_workers=2)
   out = str(tmp_path / "data")
-  manifest = prepare.run(config, out, process_index=0, process_count=1,
-                         progress=False)
-  source = sources.open_source(config)
+  manifest = prepare.run(config.data, config.codec, out, seed=config.seed,
+                         process_index=0, process_count=1, progress=False)
+  source = sources.open_source(config.data, config.codec)
   keys = [source[i].key for i in range(len(source))]
   assert sorted(keys) == sorted(made)
   damaged = sorted(k for k, v in made.items() if v == "damaged")
@@ -95,24 +95,27 @@ def test_folder_with_damaged_files(tmp_path):
 def test_two_processes_make_the_same_data_as_one(tmp_path):
   config = make_config(num_examples=21, eval_examples=3, examples_per_shard=4)
   one = str(tmp_path / "one")
-  manifest = prepare.run(config, one, process_index=0, process_count=1,
-                         progress=False)
+  manifest = prepare.run(config.data, config.codec, one, seed=config.seed,
+                         process_index=0, process_count=1, progress=False)
   two = str(tmp_path / "two")
-  partial = prepare.run(config, two, process_index=0, process_count=2,
-                        progress=False, wait=False)
+  partial = prepare.run(config.data, config.codec, two, seed=config.seed,
+                        process_index=0, process_count=2, progress=False,
+                        wait=False)
   assert partial["complete"] is False  # Process 1 has not run yet.
   assert not os.path.exists(os.path.join(two, "manifest.json"))
   with pytest.raises(DataError, match="not finished"):
-    prepare.merge(config, two)
-  merged = prepare.run(config, two, process_index=1, process_count=2,
-                       progress=False, wait=False)  # The last one merges.
+    prepare.merge(config.data, two, seed=config.seed)
+  merged = prepare.run(config.data, config.codec, two, seed=config.seed,
+                       process_index=1, process_count=2, progress=False,
+                       wait=False)  # The last one merges.
   assert merged == manifest
   assert all_records(two) == all_records(one)
   assert manifest["counts"]["written"] == 21
   with open(os.path.join(one, "tokenizer.json"), "rb") as a, open(
       os.path.join(two, "tokenizer.json"), "rb") as b:
     assert a.read() == b.read()  # Seeded sample: the same BPE.
-  assert prepare.merge(config, two) == manifest  # Idempotent.
+  assert prepare.merge(config.data, two,
+                       seed=config.seed) == manifest  # Idempotent.
 
 
 def test_prepare_into_a_bucket_uploads_what_a_local_prepare_writes(
@@ -122,13 +125,14 @@ def test_prepare_into_a_bucket_uploads_what_a_local_prepare_writes(
   for byte, what a local prepare writes, and nothing else."""
   config = make_config(num_examples=21, eval_examples=3, examples_per_shard=4)
   local = str(tmp_path / "local")
-  manifest = prepare.run(config, local, process_index=0, process_count=1,
-                         progress=False)
+  manifest = prepare.run(config.data, config.codec, local, seed=config.seed,
+                         process_index=0, process_count=1, progress=False)
   staging = tmp_path / "tmp"
   staging.mkdir()
   monkeypatch.setattr(tempfile, "tempdir", str(staging))
   bucket = storage.path(f"gs://test-bucket/prepared-{os.getpid()}")
-  assert prepare.run(config, os.fspath(bucket), process_index=0,
+  assert prepare.run(config.data, config.codec, os.fspath(bucket),
+                     seed=config.seed, process_index=0,
                      process_count=1) == manifest
   assert "uploaded=6/6" in capsys.readouterr().err  # The progress bar.
   assert not list(staging.iterdir())  # Temporary files deleted.
@@ -139,8 +143,9 @@ def test_prepare_into_a_bucket_uploads_what_a_local_prepare_writes(
   for name, records in all_records(local).items():  # Through a local copy.
     with storage.local_file(bucket / name) as copy:
       assert read_records(copy) == records
-  assert prepare.run(config, os.fspath(bucket), process_index=0,
-                     process_count=1, progress=False) == manifest  # Resumes.
+  assert prepare.run(config.data, config.codec, os.fspath(bucket),
+                     seed=config.seed, process_index=0, process_count=1,
+                     progress=False) == manifest  # Resumes.
 
 
 _SLOW_PREPARE = """
@@ -155,7 +160,8 @@ def slow(self, index):
   return getitem(self, index)
 synthetic_images.SyntheticSource.__getitem__ = slow
 config = make_config(**{data!r})
-prepare.run(config, {out!r}, process_index=0, process_count=1, progress=False)
+prepare.run(config.data, config.codec, {out!r}, seed=config.seed,
+            process_index=0, process_count=1, progress=False)
 print("finished")
 """
 
@@ -164,7 +170,8 @@ def test_killed_prepare_resumes_to_the_same_shards(tmp_path):
   data = dict(num_examples=40, eval_examples=4, examples_per_shard=6)
   config = make_config(**data)
   clean = str(tmp_path / "clean")
-  prepare.run(config, clean, process_index=0, process_count=1, progress=False)
+  prepare.run(config.data, config.codec, clean, seed=config.seed,
+              process_index=0, process_count=1, progress=False)
 
   out = str(tmp_path / "killed")
   script = _SLOW_PREPARE.format(repo=REPO, data=data, out=out)
@@ -187,8 +194,8 @@ def test_killed_prepare_resumes_to_the_same_shards(tmp_path):
 
   before = read_records(os.path.join(out, "train-00000-of-00006.array_record"))
   mtime = os.path.getmtime(first)
-  manifest = prepare.run(config, out, process_index=0, process_count=1,
-                         progress=False)
+  manifest = prepare.run(config.data, config.codec, out, seed=config.seed,
+                         process_index=0, process_count=1, progress=False)
   assert os.path.getmtime(first) == mtime  # Finished shards are not redone.
   assert all_records(out) == all_records(clean)
   assert before == all_records(clean)["train-00000-of-00006.array_record"]
@@ -198,60 +205,70 @@ def test_killed_prepare_resumes_to_the_same_shards(tmp_path):
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
   out = str(tmp_path / "data")
-  manifest = prepare.run(make_config(num_examples=10), out, process_index=0,
-                         process_count=1, progress=False)
+  ten = make_config(num_examples=10)
+  manifest = prepare.run(ten.data, ten.codec, out, seed=ten.seed,
+                         process_index=0, process_count=1, progress=False)
   tokenizer = os.path.join(out, "tokenizer.json")
   mtime = os.path.getmtime(tokenizer)
-  assert prepare.run(make_config(num_examples=10), out, process_index=0,
+  assert prepare.run(ten.data, ten.codec, out, seed=ten.seed, process_index=0,
                      process_count=1, progress=False) == manifest
   assert os.path.getmtime(tokenizer) == mtime  # Nothing redone.
   with open(tokenizer, "rb") as f:
     before = f.read()
   bigger = make_config(num_examples=10, vocab_size=280)  # Only the BPE changes.
-  assert prepare.run(bigger, out, process_index=0, process_count=1,
-                     progress=False)["tokenizer_settings"]["vocab_size"] == 280
+  assert prepare.run(bigger.data, bigger.codec, out, seed=bigger.seed,
+                     process_index=0, process_count=1, progress=False
+                     )["tokenizer_settings"]["vocab_size"] == 280
   with open(tokenizer, "rb") as f:
     assert f.read() != before  # Retrained.
   config = make_config(num_examples=10)
   config.codec.quality = 50
   with pytest.raises(DataError, match="different settings"):
-    prepare.run(config, out, process_index=0, process_count=1, progress=False)
+    prepare.run(config.data, config.codec, out, seed=config.seed,
+                process_index=0, process_count=1, progress=False)
 
 
 def test_given_tokenizer_is_copied(tmp_path):
   first = str(tmp_path / "first")
-  prepare.run(make_config(num_examples=10), first, process_index=0,
+  ten = make_config(num_examples=10)
+  prepare.run(ten.data, ten.codec, first, seed=ten.seed, process_index=0,
               process_count=1, progress=False)
   given = os.path.join(first, "tokenizer.json")
   config = make_config(num_examples=12, tokenizer=given)
   second = str(tmp_path / "second")
-  prepare.run(config, second, process_index=0, process_count=1, progress=False)
+  prepare.run(config.data, config.codec, second, seed=config.seed,
+              process_index=0, process_count=1, progress=False)
   with open(given, "rb") as a, open(os.path.join(second, "tokenizer.json"),
                                     "rb") as b:
     assert a.read() == b.read()
   config.data.tokenizer = str(tmp_path / "missing.json")
   with pytest.raises(DataError, match="missing.json"):
-    prepare.run(config, str(tmp_path / "third"), process_index=0,
-                process_count=1, progress=False)
+    prepare.run(config.data, config.codec, str(tmp_path / "third"),
+                seed=config.seed, process_index=0, process_count=1,
+                progress=False)
 
 
 def test_clear_errors(tmp_path):
   with pytest.raises(DataError, match="run --mode=prepare first"):
     prepare.load_manifest(str(tmp_path))
+  no_train = make_config(num_examples=4, eval_examples=4)
   with pytest.raises(DataError, match="eval_examples"):
-    prepare.run(make_config(num_examples=4, eval_examples=4), str(tmp_path),
-                process_index=0, process_count=1, progress=False)
+    prepare.run(no_train.data, no_train.codec, str(tmp_path),
+                seed=no_train.seed, process_index=0, process_count=1,
+                progress=False)
   junk = tmp_path / "junk"
   junk.mkdir()
   for i in range(3):
     (junk / f"{i}.jpg").write_bytes(b"not a jpeg")
+  all_junk = make_config(source=f"folder:{junk}", eval_examples=0)
   with pytest.raises(DataError, match="No training examples"):
-    prepare.run(make_config(source=f"folder:{junk}", eval_examples=0),
-                str(tmp_path / "out"), process_index=0, process_count=1,
+    prepare.run(all_junk.data, all_junk.codec, str(tmp_path / "out"),
+                seed=all_junk.seed, process_index=0, process_count=1,
                 progress=False)
+  four = make_config(num_examples=4)
   with pytest.raises(ValueError, match="process_index"):
-    prepare.run(make_config(num_examples=4), str(tmp_path), process_index=2,
-                process_count=2)
+    prepare.run(four.data, four.codec, str(tmp_path), seed=four.seed,
+                process_index=2, process_count=2)
 
 
 def test_plan_shards_cover_every_index_once():

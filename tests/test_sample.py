@@ -479,12 +479,10 @@ def test_sample_command_writes_images_and_reports(workdir, tmp_path):
 
 def test_tensorboard_sampler(workdir):
   loaded = workdir_lib.load(workdir, mesh_shape=(1, 1, 1))
-  config = ml_collections.ConfigDict(json.load(open(
-      os.path.join(workdir, "config.json"))))
-  config.sample = sample_config(tb_every=5, tb_samples=3, tb_images=2,
-                                max_new_tokens=40)
+  sample_cfg = sample_config(tb_every=5, tb_samples=3, tb_images=2,
+                             max_new_tokens=40)
   tb = tensorboard.TensorBoardSampler(
-      config, loaded.model, loaded.mesh, loaded.rules, loaded.tokenizer,
+      sample_cfg, loaded.model, loaded.mesh, loaded.rules, loaded.tokenizer,
       loaded.codec, os.path.join(workdir, "data"))
   assert tb.due(10) and not tb.due(7)
   images = tb(loaded.params)

@@ -174,7 +174,8 @@ def test_bytes_per_device_is_one_devices_shards(shape, caplog):
   total = sum(x.nbytes for x in jax.tree.leaves(state))
   assert (got == total) == (shape == (8, 1, 1))  # Replicated, or split.
   with caplog.at_level(logging.INFO):
-    loop.report(config, setup, config.batch_size)
+    loop.report(setup, config.batch_size, batch_size=config.batch_size,
+                seq_len=config.seq_len)
   assert f"~{got / 2**30:.3g} GiB per device" in caplog.text
 
 

@@ -37,6 +37,11 @@ def make_config(**data) -> ml_collections.ConfigDict:
   return config
 
 
+def source_of(config: ml_collections.ConfigDict):
+  """sources.open_source on a test config's data and codec sections."""
+  return sources.open_source(config.data, config.codec)
+
+
 def write_image_folder(root: str, damaged: bool = True) -> dict[str, str]:
   """Real photos at several sizes and modes in two class folders, plus junk.
 
@@ -121,10 +126,10 @@ def test_synthetic_pictures_are_not_trivial():
 
 def test_open_source_synthetic_needs_a_count():
   with pytest.raises(DataError, match="num_examples"):
-    sources.open_source(make_config(source="synthetic"))
+    source_of(make_config(source="synthetic"))
   with pytest.raises(DataError, match="num_examples"):
-    sources.open_source(make_config(source="synthetic", num_examples=0))
-  s = sources.open_source(make_config(num_examples=5))
+    source_of(make_config(source="synthetic", num_examples=0))
+  s = source_of(make_config(num_examples=5))
   assert len(s) == 5 and s[0].data.size == (32, 32)  # A PIL image.
   np.testing.assert_array_equal(np.asarray(s[3].data),
                                 synthetic_images.synthetic_image(3, 32, 32))
@@ -135,7 +140,7 @@ def test_open_source_synthetic_needs_a_count():
 def test_unknown_source_string():
   for spec in ("imagenet", "folder:", "tfds:", "s3:bucket"):
     with pytest.raises(DataError, match="config.data.source"):
-      sources.open_source(make_config(source=spec))
+      source_of(make_config(source=spec))
 
 
 # -- folder --------------------------------------------------------------------
@@ -144,11 +149,11 @@ def test_unknown_source_string():
 def test_folder_lists_every_image_sorted_with_labels(tmp_path):
   made = write_image_folder(str(tmp_path))
   config = make_config(source=f"folder:{tmp_path}", labels_from_folders=True)
-  s = sources.open_source(config)
+  s = sources.open_source(config.data, config.codec)
   keys = [s[i].key for i in range(len(s))]
   assert sorted(keys) == sorted(made)  # txt ignored; damaged files listed.
   assert keys != sorted(keys)  # Mixed, so that eval spans the classes...
-  again = sources.open_source(config)
+  again = sources.open_source(config.data, config.codec)
   assert [again[i].key for i in range(len(s))] == keys  # ...in a fixed order.
   assert s.label_names == ["animals", "things"]
   for i in range(len(s)):
@@ -156,8 +161,8 @@ def test_folder_lists_every_image_sorted_with_labels(tmp_path):
     assert item.data == os.path.join(str(tmp_path), item.key)  # The path.
     assert s.label_names[item.label] == item.key.split(os.sep)[0]
   # Capped, and picklable for worker processes.
-  capped = sources.open_source(make_config(source=f"folder:{tmp_path}",
-                                           num_examples=3))
+  capped = source_of(make_config(source=f"folder:{tmp_path}",
+                                 num_examples=3))
   assert len(capped) == 3 and capped[2].key == keys[2]
   assert capped[0].label is None and capped.label_names is None
   clone = pickle.loads(pickle.dumps(s))
@@ -167,17 +172,17 @@ def test_folder_lists_every_image_sorted_with_labels(tmp_path):
 def test_folder_errors_name_the_path(tmp_path):
   missing = tmp_path / "nowhere"
   with pytest.raises(DataError, match=str(missing)):
-    sources.open_source(make_config(source=f"folder:{missing}"))
+    source_of(make_config(source=f"folder:{missing}"))
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "readme.md").write_text("no images")
   with pytest.raises(DataError, match="No image files"):
-    sources.open_source(make_config(source=f"folder:{tmp_path / 'empty'}"))
+    source_of(make_config(source=f"folder:{tmp_path / 'empty'}"))
   loose = tmp_path / "loose"
   loose.mkdir()
   Image.new("RGB", (8, 8)).save(loose / "a.png")
   with pytest.raises(DataError, match="labels_from_folders"):
-    sources.open_source(make_config(source=f"folder:{loose}",
-                                    labels_from_folders=True))
+    source_of(make_config(source=f"folder:{loose}",
+                          labels_from_folders=True))
 
 
 def test_image_extensions_are_openable_formats():
@@ -230,8 +235,8 @@ def test_tfds_array_record_and_tfrecord_read_the_same(tmp_path):
   for fmt in ("array_record", "tfrecord"):
     data_dir = str(tmp_path / fmt)
     _tiny_builder(data_dir, fmt)
-    s = sources.open_source(make_config(source="tfds:codeclm_tiny_images",
-                                        tfds_data_dir=data_dir))
+    s = source_of(make_config(source="tfds:codeclm_tiny_images",
+                              tfds_data_dir=data_dir))
     assert s.random_access == (fmt == "array_record")
     assert len(s) == 7 and s.label_names == ["even", "odd"]
     items = [s[i] for i in range(len(s))]
@@ -248,12 +253,12 @@ def test_tfds_array_record_and_tfrecord_read_the_same(tmp_path):
       pictures.append(value)
     assert sorted(pictures) == list(range(7))
     seen[fmt] = [(i.key, i.data, i.label) for i in items]
-    test = sources.open_source(make_config(
+    test = source_of(make_config(
         source="tfds:codeclm_tiny_images:test", tfds_data_dir=data_dir))
     assert len(test) == 3
     with pytest.raises(DataError, match="no split 'val'"):
-      sources.open_source(make_config(source="tfds:codeclm_tiny_images:val",
-                                      tfds_data_dir=data_dir))
+      source_of(make_config(source="tfds:codeclm_tiny_images:val",
+                            tfds_data_dir=data_dir))
   assert seen["array_record"] == seen["tfrecord"]
 
 
@@ -274,8 +279,8 @@ def test_tfds_mock_data_both_access_paths():
 
 def test_tfds_manual_download_error_names_the_step(tmp_path):
   with pytest.raises(DataError) as e:
-    sources.open_source(make_config(source="tfds:imagenet2012",
-                                    tfds_data_dir=str(tmp_path)))
+    source_of(make_config(source="tfds:imagenet2012",
+                          tfds_data_dir=str(tmp_path)))
   message = str(e.value)
   assert os.path.join(str(tmp_path), "downloads", "manual") in message
   assert "tfds build imagenet2012" in message

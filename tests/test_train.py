@@ -163,17 +163,19 @@ def test_checkpoint_restores_on_another_topology(data_dir, tmp_path,
 
 def test_shapes_the_mesh_cannot_hold_are_rejected(data_dir):
   c = tiny(data_dir)  # batch 8; tiny heads: 4 query, 2 kv.
-  loop.check_config(c, sharding.make_mesh((2, 2, 2)))
+  check = lambda shape: loop.check_config(
+      c.model, c.train, sharding.make_mesh(shape), batch_size=c.batch_size)
+  check((2, 2, 2))
   c.batch_size = 4  # 4 rows cannot split over 8 data ways.
   with pytest.raises(ValueError, match="batch_size=4 must divide.*--config"):
-    loop.check_config(c, sharding.make_mesh((8, 1, 1)))
+    check((8, 1, 1))
   c.batch_size = 8
   c.train.grad_accum = 2  # 8 rows in 2 micro-batches over 8 data ways.
   with pytest.raises(ValueError, match="grad_accum"):
-    loop.check_config(c, sharding.make_mesh((8, 1, 1)))
+    check((8, 1, 1))
   c.train.grad_accum = 1
   with pytest.raises(ValueError, match="tensor mesh axis"):
-    loop.check_config(c, sharding.make_mesh((2, 1, 4)))
+    check((2, 1, 4))
 
 
 def run_main(workdir, data_dir, *flags, env=None):

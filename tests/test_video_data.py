@@ -26,6 +26,7 @@ from codeclm.tokenizer import ByteBPE
 from tests import tiny_config
 from tests.test_loader import examples
 from tests.test_sources import make_config
+from tests.test_sources import source_of
 
 
 def avc_config(**data):
@@ -81,7 +82,7 @@ def test_synthetic_video_is_deterministic_varied_and_moving():
 
 
 def test_open_source_picks_videos_by_codec(tmp_path):
-  source = sources.open_source(avc_config(num_examples=6))
+  source = source_of(avc_config(num_examples=6))
   assert isinstance(source, synthetic_videos.SyntheticVideoSource)
   item = source[5]
   assert item.key == "synthetic/5" and item.fps == 3.0
@@ -92,11 +93,11 @@ def test_open_source_picks_videos_by_codec(tmp_path):
   # A folder of images is no video source, and says so.
   (tmp_path / "a.png").write_bytes(b"")
   with pytest.raises(DataError, match="No video files.*codec.name"):
-    sources.open_source(avc_config(source=f"folder:{tmp_path}"))
+    source_of(avc_config(source=f"folder:{tmp_path}"))
   config = avc_config(num_examples=6)
   config.codec.name = "gif"
   with pytest.raises(DataError, match="config.codec.name='gif'"):
-    sources.open_source(config)
+    sources.open_source(config.data, config.codec)
 
 
 # -- prepare and load ----------------------------------------------------------
@@ -107,8 +108,8 @@ def prepared(tmp_path_factory):
   """The tiny Avc-LM config's synthetic clips as shards, plus their BPE."""
   config = avc_config()
   out = str(tmp_path_factory.mktemp("avc"))
-  manifest = prepare.run(config, out, process_index=0, process_count=1,
-                         progress=False)
+  manifest = prepare.run(config.data, config.codec, out, seed=config.seed,
+                         process_index=0, process_count=1, progress=False)
   return config, out, manifest
 
 
@@ -143,7 +144,9 @@ def test_loader_yields_windows_of_avc_streams(prepared):
   config.data.streams = 1  # Rows in order are one window stream.
   tokens = sum(len(tokenizer.encode(r)) + 2 for r in train)
   steps = -(-tokens // (4 * config.seq_len)) + 2  # Over one epoch.
-  it = loader.TrainBatches(config, out, tokenizer)
+  it = loader.TrainBatches(config.data, out, tokenizer,
+                           seq_len=config.seq_len,
+                           batch_size=config.batch_size, seed=config.seed)
   stream = []
   for _ in range(steps):
     batch = next(it)
@@ -185,9 +188,9 @@ def test_folder_of_video_files_skips_and_lists_damaged_ones(tmp_path):
   config = avc_config(source=f"folder:{root}", labels_from_folders=True,
                       eval_examples=1, examples_per_shard=2)
   out = str(tmp_path / "data")
-  manifest = prepare.run(config, out, process_index=0, process_count=1,
-                         progress=False)
-  source = sources.open_source(config)
+  manifest = prepare.run(config.data, config.codec, out, seed=config.seed,
+                         process_index=0, process_count=1, progress=False)
+  source = sources.open_source(config.data, config.codec)
   keys = [source[i].key for i in range(len(source))]
   assert sorted(keys) == sorted(set(made) | damaged)
   assert manifest["label_names"] == ["run", "walk"]
@@ -252,7 +255,7 @@ def test_tfds_video_frames_with_their_rate(tmp_path, file_format):
   config = avc_config(source="tfds:codeclm_tiny_videos",
                       tfds_data_dir=data_dir, tfds_fps=2.0)
   config.codec.frames = 4  # 4 frames at 3 fps: 1.33 s = up to 4 source frames.
-  source = sources.open_source(config)
+  source = sources.open_source(config.data, config.codec)
   assert len(source) == 5 and source.label_names == ["even", "odd"]
   made = []
   for i in reversed(range(5)):  # Clip j (TFDS's order) starts at level 10 j.
@@ -266,8 +269,9 @@ def test_tfds_video_frames_with_their_rate(tmp_path, file_format):
                                   np.arange(n) * 20 + 10 * j)
   assert sorted(made) == list(range(5))
   # Prepare hands the codec the dataset's rate: 2 fps, not its own 3.
-  manifest = prepare.run(config, str(tmp_path / "data"), process_index=0,
-                         process_count=1, progress=False)
+  manifest = prepare.run(config.data, config.codec, str(tmp_path / "data"),
+                         seed=config.seed, process_index=0, process_count=1,
+                         progress=False)
   assert manifest["counts"]["written"] == 5
   codec = codecs.from_config(config.codec)
   records = [r for split in ("eval", "train") for p in prepare.shard_paths(
@@ -277,8 +281,8 @@ def test_tfds_video_frames_with_their_rate(tmp_path, file_format):
   assert records != [codec.encode(c) for c in clips]
   # Without a known rate, the error names the field to set.
   with pytest.raises(DataError, match="config.data.tfds_fps"):
-    sources.open_source(avc_config(source="tfds:codeclm_tiny_videos",
-                                   tfds_data_dir=data_dir))
+    source_of(avc_config(source="tfds:codeclm_tiny_videos",
+                         tfds_data_dir=data_dir))
 
 
 def test_tfds_without_video_feature_names_the_fix():
@@ -287,7 +291,7 @@ def test_tfds_without_video_feature_names_the_fix():
                               policy=tfds.testing.MockPolicy.USE_CODE):
     with pytest.raises(DataError,
                        match="no top-level Video.*codec.name='jpeg'"):
-      sources.open_source(avc_config(source="tfds:cifar10", tfds_fps=25.0))
+      source_of(avc_config(source="tfds:cifar10", tfds_fps=25.0))
     # And the image codec on it still works.
-    assert len(sources.open_source(make_config(source="tfds:cifar10"))) == 2
+    assert len(source_of(make_config(source="tfds:cifar10"))) == 2
   assert tfds_source.TFDS_VIDEO_FPS["ucf101"] == 25.0

@@ -2,6 +2,10 @@
 
 Runs once all shards are finished (from `prepare.merge`). The training
 sample is seeded, so every process that merges writes the same tokenizer.
+
+Signatures: `tokenizer_settings(data, *, seed)` and
+`write_tokenizer(data, out, dest, shards, metas, *, seed)`, with `data` the
+config's data section and `seed` the config's seed.
 """
 
 from __future__ import annotations
@@ -18,35 +22,33 @@ from codeclm.data.sources.base import DataError
 from codeclm.runtime import storage
 
 
-def tokenizer_settings(config) -> dict:
+def tokenizer_settings(data, *, seed: int) -> dict:
   """What the tokenizer depends on: a rerun retrains it only if this changed."""
-  d = config.data
-  return dict(given=d.tokenizer, vocab_size=d.vocab_size,
-              examples=d.tokenizer_examples, seed=config.seed)
+  return dict(given=data.tokenizer, vocab_size=data.vocab_size,
+              examples=data.tokenizer_examples, seed=seed)
 
 
-def write_tokenizer(config, out: epath.Path, dest: epath.Path,
-                    shards: list[shard_writer.Shard],
-                    metas: list[dict]) -> None:
-  """Copies config.data.tokenizer to `dest`, or trains a BPE on a sample."""
+def write_tokenizer(data, out: epath.Path, dest: epath.Path,
+                    shards: list[shard_writer.Shard], metas: list[dict], *,
+                    seed: int) -> None:
+  """Copies data.tokenizer to `dest`, or trains a BPE on a seeded sample."""
   from codeclm.tokenizer import ByteBPE  # pylint: disable=g-import-not-at-top
-  if config.data.tokenizer:
-    if not os.path.isfile(config.data.tokenizer):
+  if data.tokenizer:
+    if not os.path.isfile(data.tokenizer):
       raise DataError(
-          f"config.data.tokenizer={config.data.tokenizer!r} does not exist; "
+          f"config.data.tokenizer={data.tokenizer!r} does not exist; "
           "point it at a tokenizer.json or set it to '' to train one.")
-    ByteBPE.load(config.data.tokenizer)  # Fails early on a bad file.
-    if storage.path(config.data.tokenizer) != dest:
-      storage.write_bytes(dest, storage.path(config.data.tokenizer)
-                          .read_bytes())
+    ByteBPE.load(data.tokenizer)  # Fails early on a bad file.
+    if storage.path(data.tokenizer) != dest:
+      storage.write_bytes(dest, storage.path(data.tokenizer).read_bytes())
     return
   train = [(s, m) for s, m in zip(shards, metas) if s.split == "train"]
   total = sum(len(m["lengths"]) for _, m in train)
   if not total:
     raise DataError(f"No training examples were written to {out} (all "
                     "skipped?); see the skipped list in the shard .json files.")
-  rng = np.random.default_rng(config.seed)
-  take = min(config.data.tokenizer_examples, total)
+  rng = np.random.default_rng(seed)
+  take = min(data.tokenizer_examples, total)
   chosen = np.sort(rng.choice(total, size=take, replace=False))
 
   def sample() -> Iterator[bytes]:
@@ -64,5 +66,5 @@ def write_tokenizer(config, out: epath.Path, dest: epath.Path,
         finally:
           reader.close()
 
-  tokenizer = ByteBPE.train(sample(), vocab_size=config.data.vocab_size)
+  tokenizer = ByteBPE.train(sample(), vocab_size=data.vocab_size)
   storage.write_text(dest, tokenizer.to_json())

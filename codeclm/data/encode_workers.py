@@ -4,6 +4,10 @@ Encoding is the slow part of prepare, so a pool of `prepare_workers`
 processes encodes chunks of indices while this process writes the results,
 in index order, into the shards. A bad input is recorded as skipped rather
 than ending the job.
+
+Signature: `encode_shards(out, shards, source, codec_config, workers,
+progress, desc)`, with `codec_config` the config's codec section and
+`workers` its data.prepare_workers resolved to a count (never the config).
 """
 
 from __future__ import annotations

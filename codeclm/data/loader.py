@@ -3,7 +3,7 @@
   ArrayRecord shards (codec bytes)
     -> the global record order: a seeded shuffle of all records, reshuffled
        each epoch, repeating forever
-    -> config.data.streams streams: stream j takes positions j, j + K, ...
+    -> data.streams streams: stream j takes positions j, j + K, ...
        of that order (K streams)
     -> per stream: Tokenize: BOS + BPE ids + EOS
     -> "concat" (the paper): concatenate everything, cut windows of seq_len + 1
@@ -12,7 +12,7 @@
     -> ToExample: inputs = w[:-1], targets = w[1:], plus segment ids,
        positions and the loss mask
     -> per stream: batch_size // K windows per step
-    -> optional worker processes (config.data.loader_workers, per stream)
+    -> optional worker processes (data.loader_workers, per stream)
 
 The data position does not depend on the process count. Row r of the global
 batch at step s is window s * R + r % R of stream r // R (R = batch_size //
@@ -32,6 +32,13 @@ A restored TrainBatches (get_state / set_state) yields exactly the batches
 the original would have. Shards hold bytes rather than token ids, so the
 vocabulary can change without re-encoding, and tokenizing on the fly costs
 little.
+
+Signatures take the config's data section and its top-level scalars as
+keywords, never the whole config: `TrainBatches(data, data_dir, tokenizer, *,
+seq_len, batch_size, seed, rows=None, writes=None)`, `eval_batches(data,
+data_dir, tokenizer, *, seq_len, batch_size, rows=None)`, `num_streams(data,
+*, batch_size)`, `stream_writers(data, rows_by_process, *, batch_size)` and
+`record_order(data_dir, *, seed)`.
 """
 
 from __future__ import annotations
@@ -135,51 +142,51 @@ def _records(data_dir: str, split: str) -> grain.MapDataset:
   return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
 
 
-def _windows(config, ds: grain.IterDataset, tokenizer,
+def _windows(data, ds: grain.IterDataset, tokenizer, *, seq_len: int,
              num_bins: int) -> grain.IterDataset:
   """Token streams -> one dict of the five model inputs per window."""
-  window = config.seq_len + 1
-  packing = config.data.packing
+  window = seq_len + 1
+  packing = data.packing
   if packing == "concat":
     ds = grain.experimental.ConcatThenSplitIterDataset(
         ds, length_struct={"tokens": window}, split_full_length_features=True)
   elif packing == "pack":
     ds = grain.experimental.FlatMapIterDataset(
-        ds, SplitLong(window, config.data.drop_long))
+        ds, SplitLong(window, data.drop_long))
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct={"tokens": window}, num_packing_bins=num_bins,
         shuffle_bins=False)
   else:
     raise DataError(f"Unknown config.data.packing {packing!r}; use 'concat' "
                     "(the paper) or 'pack'.")
-  return ds.map(ToExample(config.seq_len, tokenizer.pad_id,
+  return ds.map(ToExample(seq_len, tokenizer.pad_id,
                           packed=packing == "pack"))
 
 
-def num_streams(config) -> int:
-  """K, the number of independent window streams (config.data.streams)."""
-  streams = config.data.streams or config.batch_size
-  if streams < 1 or config.batch_size % streams:
+def num_streams(data, *, batch_size: int) -> int:
+  """K, the number of independent window streams (data.streams)."""
+  streams = data.streams or batch_size
+  if streams < 1 or batch_size % streams:
     raise DataError(
-        f"config.data.streams={config.data.streams} must divide "
-        f"config.batch_size={config.batch_size} (0 = one stream per row).")
+        f"config.data.streams={data.streams} must divide "
+        f"config.batch_size={batch_size} (0 = one stream per row).")
   return streams
 
 
-def record_order(config, data_dir: str) -> grain.MapDataset:
-  """The global record order: all training records shuffled with config.seed,
+def record_order(data_dir: str, *, seed: int) -> grain.MapDataset:
+  """The global record order: all training records shuffled with `seed`,
   reshuffled every epoch, repeating forever. Position i is epoch
   i // len(records); stream j of K reads positions j, j + K, ..."""
-  return _records(data_dir, "train").shuffle(seed=config.seed).repeat(None)
+  return _records(data_dir, "train").shuffle(seed=seed).repeat(None)
 
 
-def _checked_rows(config, rows: Sequence[int] | None) -> list[int]:
+def _checked_rows(rows: Sequence[int] | None, batch_size: int) -> list[int]:
   if rows is None:
-    return list(range(config.batch_size))
+    return list(range(batch_size))
   rows = sorted({int(r) for r in rows})
-  if not rows or rows[0] < 0 or rows[-1] >= config.batch_size:
+  if not rows or rows[0] < 0 or rows[-1] >= batch_size:
     raise DataError(f"Rows {rows[:3]}...{rows[-3:]} must be a non-empty set "
-                    f"of rows of the global batch [0, {config.batch_size}).")
+                    f"of rows of the global batch [0, {batch_size}).")
   return rows
 
 
@@ -192,16 +199,18 @@ class TrainBatches:
   for the streams read here; set_state() takes any state that holds them,
   whichever processes wrote it. `writes` are the streams whose position this
   process saves in checkpoints (default: those it reads; the trainer gives
-  each stream to one process).
+  each stream to one process). `data` is the config's data section;
+  `seq_len`, `batch_size` and `seed` are the config's values.
   """
 
-  def __init__(self, config, data_dir: str, tokenizer,
+  def __init__(self, data, data_dir: str, tokenizer, *, seq_len: int,
+               batch_size: int, seed: int,
                rows: Sequence[int] | None = None,
                writes: Sequence[int] | None = None):
-    self.batch_size = config.batch_size
-    self.num_streams = num_streams(config)
-    per_stream = config.batch_size // self.num_streams
-    self.rows = _checked_rows(config, rows)
+    self.batch_size = batch_size
+    self.num_streams = num_streams(data, batch_size=batch_size)
+    per_stream = batch_size // self.num_streams
+    self.rows = _checked_rows(rows, batch_size)
     self.streams = sorted({r // per_stream for r in self.rows})
     self.writes = self.streams if writes is None else sorted(writes)
     if not set(self.writes) <= set(self.streams):
@@ -220,15 +229,16 @@ class TrainBatches:
     options = grain.ReadOptions(
         num_threads=threads, prefetch_buffer_size=max(
             threads, READ_OPTIONS.prefetch_buffer_size // len(self.streams)))
-    order, self._iters = record_order(config, data_dir), {}
+    order, self._iters = record_order(data_dir, seed=seed), {}
     for j in self.streams:
       ds = order[j::self.num_streams].map(Tokenize(tokenizer))
-      ds = _windows(config, ds.to_iter_dataset(options), tokenizer,
+      ds = _windows(data, ds.to_iter_dataset(options), tokenizer,
+                    seq_len=seq_len,
                     num_bins=max(per_stream, MIN_PACKING_BINS))
       ds = ds.batch(per_stream, drop_remainder=True)
-      if config.data.loader_workers > 0:
+      if data.loader_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=config.data.loader_workers))
+            num_workers=data.loader_workers))
       self._iters[j] = iter(ds)
 
   def __iter__(self):
@@ -263,36 +273,37 @@ class TrainBatches:
         it.close()
 
 
-def stream_writers(config, rows_by_process: dict[int, Sequence[int]]
-                   ) -> dict[int, int]:
+def stream_writers(data, rows_by_process: dict[int, Sequence[int]], *,
+                   batch_size: int) -> dict[int, int]:
   """stream -> the lowest process reading it: the one that saves it."""
-  per_stream = config.batch_size // num_streams(config)
+  per_stream = batch_size // num_streams(data, batch_size=batch_size)
   writers = {}
   for process in sorted(rows_by_process):
     for r in rows_by_process[process]:
       writers.setdefault(r // per_stream, process)
   return writers
 
-def eval_batches(config, data_dir: str, tokenizer,
-                 rows: Sequence[int] | None = None
+def eval_batches(data, data_dir: str, tokenizer, *, seq_len: int,
+                 batch_size: int, rows: Sequence[int] | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
   """The held-out split once, in a fixed order: `rows` of each global batch.
 
   Every process builds the same window stream (the eval split is small) and
-  global batch g is windows [g*G, (g+1)*G) with G = config.batch_size; a
+  global batch g is windows [g*G, (g+1)*G) with G = batch_size; a
   process yields the rows its devices hold (default: all). So all processes
   yield the same number of batches (a collective step never waits forever)
   and the result does not depend on the process count. The tail is padded
   with windows whose loss_mask is 0.
   """
-  rows = _checked_rows(config, rows)
+  rows = _checked_rows(rows, batch_size)
   ds = _records(data_dir, "eval").map(Tokenize(tokenizer)).to_iter_dataset(
       READ_OPTIONS)
-  windows = iter(_windows(config, ds, tokenizer, num_bins=config.batch_size))
-  padding = _padding_window(config.seq_len, tokenizer.pad_id)
+  windows = iter(_windows(data, ds, tokenizer, seq_len=seq_len,
+                          num_bins=batch_size))
+  padding = _padding_window(seq_len, tokenizer.pad_id)
   while True:
     batch = []
-    for _ in range(config.batch_size):
+    for _ in range(batch_size):
       try:
         batch.append(next(windows))
       except StopIteration:
@@ -301,7 +312,7 @@ def eval_batches(config, data_dir: str, tokenizer,
       return
     mine = [batch[r] if r < len(batch) else padding for r in rows]
     yield {k: np.stack([w[k] for w in mine]) for k in BATCH_KEYS}
-    if len(batch) < config.batch_size:
+    if len(batch) < batch_size:
       return
 
 

@@ -12,7 +12,7 @@ What `run` leaves in `out_dir`, a local folder or any epath store (gs://):
                              last: its presence is what marks a shard finished
   tokenizer.json             the byte-level BPE, trained on a seeded sample of
                              the training shards (or copied from
-                             config.data.tokenizer)
+                             data.tokenizer)
   manifest.json              the merged summary; written last of all, so its
                              presence means the data is ready
 
@@ -53,6 +53,12 @@ tokenizer step.
 
 Damaged or unreadable inputs are skipped, counted and listed (with the
 reason) in the shard metadata and the manifest; they are never fatal.
+
+Signatures take the config's sections, never the whole config:
+`run(data, codec, out_dir, *, seed, process_index=None, process_count=None,
+progress=True, wait=True)` and `merge(data, out_dir, *, seed)`, with `data`
+and `codec` the config's sections of those names and `seed` its seed (it
+seeds the tokenizer's training sample).
 """
 
 from __future__ import annotations
@@ -109,23 +115,23 @@ def resolve_process(process_index, process_count) -> tuple[int, int]:
   return process_index, process_count
 
 
-def run(config, out_dir: storage.PathLike, *, process_index: int | None = None,
-        process_count: int | None = None, progress: bool = True,
-        wait: bool = True) -> dict:
+def run(data, codec, out_dir: storage.PathLike, *, seed: int,
+        process_index: int | None = None, process_count: int | None = None,
+        progress: bool = True, wait: bool = True) -> dict:
   """Encodes this process's shards; returns the manifest once all are done.
 
-  Process index and count default to JAX's. With `wait=False` a process that
+  `data` and `codec` are the config's sections, `seed` its seed. Process
+  index and count default to JAX's. With `wait=False` a process that
   is not the last to finish returns a partial summary ({"complete": False,
   ...}) instead of waiting for its peers.
   """
   out = storage.path(out_dir)
   process_index, process_count = resolve_process(process_index, process_count)
-  data = config.data
   if data.examples_per_shard <= 0:
     raise DataError(f"config.data.examples_per_shard="
                     f"{data.examples_per_shard} must be positive.")
-  source = sources.open_source(config)
-  codec = codecs.from_config(config.codec)
+  source = sources.open_source(data, codec)
+  codec_impl = codecs.from_config(codec)
   n = len(source)
   if not 0 <= data.eval_examples < n:
     raise DataError(
@@ -134,7 +140,7 @@ def run(config, out_dir: storage.PathLike, *, process_index: int | None = None,
         "examples (config.data.num_examples).")
   shards = plan_shards(n, data.eval_examples, data.examples_per_shard)
   out.mkdir(parents=True, exist_ok=True)
-  _check_plan(out, _plan(config, codec, source, shards))
+  _check_plan(out, _plan(data, codec_impl, source, shards))
 
   mine = [s for j, s in enumerate(shards) if j % process_count == process_index]
   todo = [s for s in mine if not shard_writer.is_finished(out, s)]
@@ -146,16 +152,17 @@ def run(config, out_dir: storage.PathLike, *, process_index: int | None = None,
     logging.info("Each shard is written to %s, uploaded to %s and deleted.",
                  tempfile.gettempdir(), out)
   encode_workers.encode_shards(
-      out, todo, source, config.codec, workers, progress,
+      out, todo, source, codec, workers, progress,
       desc=f"prepare {process_index}/{process_count}")
 
   if all(shard_writer.is_finished(out, s) for s in shards):
     manifest_path = out / MANIFEST
     if not todo and manifest_path.exists():  # A rerun of finished work.
       manifest = storage.read_json(manifest_path)
-      if manifest["tokenizer_settings"] == bpe.tokenizer_settings(config):
+      if manifest["tokenizer_settings"] == bpe.tokenizer_settings(
+          data, seed=seed):
         return manifest
-    return merge(config, out)
+    return merge(data, out, seed=seed)
   if not wait:
     metas = [storage.read_json(out / s.meta) for s in mine]
     return dict(complete=False, process_index=process_index,
@@ -167,9 +174,11 @@ def run(config, out_dir: storage.PathLike, *, process_index: int | None = None,
   return storage.read_json(out / MANIFEST)
 
 
-def merge(config, out_dir: storage.PathLike) -> dict:
+def merge(data, out_dir: storage.PathLike, *, seed: int) -> dict:
   """Trains (or copies) the tokenizer and writes manifest.json; returns it.
 
+  `data` is the config's data section (its tokenizer settings), `seed` the
+  config's seed.
   Needs every shard finished (by any number of processes); safe to call
   again. The manifest holds no timestamps, so it is the same on every call.
   """
@@ -184,7 +193,7 @@ def merge(config, out_dir: storage.PathLike) -> dict:
         f"{missing[:3]}); run prepare again (it resumes), with every process.")
   metas = [storage.read_json(out / s.meta) for s in shards]
   lengths = np.array([x for m in metas for x in m["lengths"]], np.int64)
-  bpe.write_tokenizer(config, out, out / TOKENIZER, shards, metas)
+  bpe.write_tokenizer(data, out, out / TOKENIZER, shards, metas, seed=seed)
   manifest = dict(
       format=1,
       source=plan["source"],
@@ -202,7 +211,7 @@ def merge(config, out_dir: storage.PathLike) -> dict:
       label_names=plan["label_names"],
       skipped=[x for m in metas for x in m["skipped"]],
       tokenizer=TOKENIZER,
-      tokenizer_settings=bpe.tokenizer_settings(config),
+      tokenizer_settings=bpe.tokenizer_settings(data, seed=seed),
   )
   storage.write_json(out / MANIFEST, manifest)
   return manifest
@@ -228,14 +237,16 @@ def shard_paths(data_dir: str, manifest: dict, split: str) -> list[str]:
 
 
 
-def _plan(config, codec, source, shards: list[shard_writer.Shard]) -> dict:
+def _plan(data, codec_impl, source,
+          shards: list[shard_writer.Shard]) -> dict:
+  """What is being prepared; `codec_impl` is the codec object."""
   return dict(
-      source=config.data.source,
+      source=data.source,
       num_examples=len(source),
-      eval_examples=config.data.eval_examples,
-      examples_per_shard=config.data.examples_per_shard,
-      codec=codec.settings(),
-      header_b64=base64.b64encode(codec.header()).decode("ascii"),
+      eval_examples=data.eval_examples,
+      examples_per_shard=data.examples_per_shard,
+      codec=codec_impl.settings(),
+      header_b64=base64.b64encode(codec_impl.header()).decode("ascii"),
       label_names=source.label_names,
       shards=[dataclasses.asdict(s) for s in shards],
   )

@@ -10,6 +10,9 @@ with M = config.sample.max_new_tokens, or when 0, max_len - ceil(ratio *
 max_len) (uncond: max_len - 1); rows sharing a budget are batched together,
 so the budget of a row never depends on its batch. A prompt that fills the
 model's max_len is scored as the prompt alone.
+
+Signature: `evaluate_slice(ec, sample_cfg, loaded, extractor, source,
+indices)`, with the config's eval and sample sections, never the whole config.
 """
 
 from __future__ import annotations
@@ -112,16 +115,16 @@ def _digest(data: bytes) -> np.ndarray:
   return np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
 
 
-def evaluate_slice(config, loaded: workdir_lib.Loaded, extractor, source,
-                   indices: range) -> tuple[dict, dict]:
-  """Samples, decodes and featurises one slice; returns (arrays, summary)."""
-  ec = config.eval
+def evaluate_slice(ec, sample_cfg, loaded: workdir_lib.Loaded, extractor,
+                   source, indices: range) -> tuple[dict, dict]:
+  """Samples, decodes and featurises one slice; returns (arrays, summary).
+  `ec` and `sample_cfg`: the config's eval and sample sections."""
   codec, tokenizer = loaded.codec, loaded.tokenizer
   slots = work.slots_of(ec.ratios, ec.unconditional)
-  sampler = workdir_lib.sampler_of(config.sample, loaded.model, tokenizer,
+  sampler = workdir_lib.sampler_of(sample_cfg, loaded.model, tokenizer,
                                    loaded.mesh, loaded.rules)
   sampler.check_split()  # Each process samples its own slice.
-  grammar = workdir_lib.grammar_of(config.sample.constrained, codec,
+  grammar = workdir_lib.grammar_of(sample_cfg.constrained, codec,
                                    tokenizer)
   max_len = loaded.model.config.max_len
   model_inputs = []
@@ -150,7 +153,7 @@ def evaluate_slice(config, loaded: workdir_lib.Loaded, extractor, source,
         prompts = [codec.prompt(e, cut) if slot.ratio else b""
                    for e in encoded]
         settings = workdir_lib.settings_of(
-            config.sample, max_new_tokens(config.sample, slot, max_len))
+            sample_cfg, max_new_tokens(sample_cfg, slot, max_len))
         done = complete(sampler, loaded.params, tokenizer, codec, prompts,
                         work.sample_ids(slot, indices), settings, seed=seed,
                         batch_size=ec.batch_size, progress=bar.update,

@@ -81,10 +81,10 @@ _FORMAT = 1
 # -- the job -------------------------------------------------------------------
 
 
-def _settings(config, *, step: int, spec: str, codec, max_len: int,
+def _settings(ec, sc, *, step: int, spec: str, codec, max_len: int,
               weights_hash: str, constrained: bool) -> dict:
-  """What a slice's numbers depend on: equal settings, mergeable slices."""
-  ec, sc = config.eval, config.sample
+  """What a slice's numbers depend on: equal settings, mergeable slices.
+  `ec` and `sc`: the config's eval and sample sections."""
   return json.loads(json.dumps(dict(
       format=_FORMAT,
       checkpoint_step=step,
@@ -179,8 +179,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
         f"{codec.name!r} codec.")
   max_len = storage.read_json(storage.path(workdir) / "config.json")["seq_len"]
   extractor = _extractor(ec)
-  spec = references.reference_spec(config)
-  settings = _settings(config, step=step, spec=spec, codec=codec,
+  spec = references.reference_spec(ec, config.data)
+  settings = _settings(ec, config.sample, step=step, spec=spec, codec=codec,
                        max_len=max_len, weights_hash=extractor.weights_hash,
                        constrained=bool(config.sample.constrained))
   name = work.slice_name(p, count)
@@ -193,10 +193,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
                  storage.path(out_dir) / results_lib.SLICES / name)
   else:
     start = time.time()
-    source = references.open_reference(config, spec, codec)
+    source = references.open_reference(ec, config.data, spec, codec)
     loaded = workdir_lib.load(workdir, step, ec.mesh_shape or None)
     arrays, summary = completions.evaluate_slice(
-        config, loaded, extractor, source, range(lo, hi))
+        ec, config.sample, loaded, extractor, source, range(lo, hi))
     results_lib.write_slice(out_dir, name, arrays, dict(
         settings=settings, process_index=p, process_count=count,
         indices=list(range(lo, hi)), slots=summary,

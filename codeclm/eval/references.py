@@ -10,6 +10,10 @@ Downscaled variant (`eval.downscale=True`): references are halved
 of a black canvas of the codec's size; the model's prompt is cut from that
 canvas, at `ratio` of the *active* rows (the top half of the canvas), and
 FID sees only the active top-left quarter of references and samples alike.
+
+Signatures take the config's sections, never the whole config:
+`reference_spec(ec, data)` and `open_reference(ec, data, spec, codec)`, with
+`ec` the eval section, `data` the data section and `codec` the codec object.
 """
 
 from __future__ import annotations
@@ -28,19 +32,19 @@ from codeclm.data.sources.base import DataError
 # -- the references ------------------------------------------------------------
 
 
-def reference_spec(config) -> str:
+def reference_spec(ec, data) -> str:
   """eval.source, else the training source (TFDS: its validation split)."""
-  if config.eval.source:
-    return config.eval.source
-  spec = config.data.source
+  if ec.source:
+    return ec.source
+  spec = data.source
   kind, _, arg = spec.partition(":")
   if kind == "tfds":
     return f"tfds:{arg.partition(':')[0]}:validation"
-  if config.eval.num_examples > config.data.eval_examples:
+  if ec.num_examples > data.eval_examples:
     logging.warning(
         "eval.num_examples=%d exceeds data.eval_examples=%d: references past "
         "the held-out split of %r were seen in training.",
-        config.eval.num_examples, config.data.eval_examples, spec)
+        ec.num_examples, data.eval_examples, spec)
   return spec
 
 
@@ -51,14 +55,14 @@ def split_of(spec: str, num_examples: int) -> str:
   return f"first {num_examples} items"
 
 
-def open_reference(config, spec: str, codec) -> Any:
+def open_reference(ec, data, spec: str, codec) -> Any:
   """The reference source: `spec` at the codec's size, N items or an error."""
-  n = config.eval.num_examples
+  n = ec.num_examples
   view = ml_collections.ConfigDict(dict(
-      data=dict(config.data.to_dict(), source=spec, num_examples=n,
+      data=dict(data.to_dict(), source=spec, num_examples=n,
                 labels_from_folders=False),
       codec=codec.settings()))
-  source = sources.open_source(view)
+  source = sources.open_source(view.data, view.codec)
   if len(source) < n:
     raise DataError(f"The reference source {spec!r} has {len(source)} images, "
                     f"fewer than eval.num_examples={n}; lower it.")

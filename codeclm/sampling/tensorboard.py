@@ -1,4 +1,8 @@
-"""Sample grids for TensorBoard during training."""
+"""Sample grids for TensorBoard during training.
+
+Signature: `TensorBoardSampler(sample_cfg, model, mesh, rules, tokenizer,
+codec, data_dir)`, the config's sample section, never the whole config.
+"""
 
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ class TensorBoardSampler:
 
   Built once (the sampler compiles on the first call and is reused):
 
-    tb = tensorboard.TensorBoardSampler(config, setup.model, setup.mesh,
-                                   setup.rules, tokenizer, codec, data_dir)
+    tb = tensorboard.TensorBoardSampler(config.sample, setup.model,
+                                        setup.mesh, setup.rules, tokenizer,
+                                        codec, data_dir)
     ...
     if tb.due(step):
       writer.write_images(step, tb(state.params))
@@ -37,12 +42,12 @@ class TensorBoardSampler:
   {"samples/unconditional": [1, H, W, 3] uint8, "samples/completions":
   [1, H, W, 3] uint8 (rows: held-out images; columns: prompt | completions |
   original)}, with the same seed every time, so the grids show training
-  progress on fixed prompts.
+  progress on fixed prompts. It reads the config's sample section alone.
   """
 
-  def __init__(self, config, model, mesh, rules, tokenizer, codec,
+  def __init__(self, sample_cfg, model, mesh, rules, tokenizer, codec,
                data_dir: str):
-    self.cfg = config.sample
+    self.cfg = sample_cfg
     self.tokenizer, self.codec = tokenizer, codec
     self.grammar = workdir_lib.grammar_of(self.cfg.constrained, codec,
                                           tokenizer)

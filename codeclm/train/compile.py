@@ -73,16 +73,17 @@ def _compile(name: str, fn, args, context, hlo_dir: epath.Path) -> dict:
               compile_s=time.perf_counter() - t)
 
 
-def _sampler_steps(config, setup):
+def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int):
   """The sampler's two programs, built from codeclm/model alone: prefill of a
-  prompt into a fresh cache, and one decode step over that cache."""
-  model, sc = setup.model, config.sample
+  prompt into a fresh cache, and one decode step over that cache. `sc` and
+  `compile_cfg`: the config's sample and compile sections."""
+  model = setup.model
   spec = nn.logical_to_mesh_axes(("batch",), setup.rules)[0]
   axes = spec if isinstance(spec, tuple) else (() if spec is None else (spec,))
   multiple = math.prod(setup.mesh.shape[a] for a in axes)
   rows = -(-sc.batch_size // multiple) * multiple
-  cache_len = config.seq_len
-  prompt_len = config.compile.sample_prompt_len or cache_len // 2
+  cache_len = seq_len
+  prompt_len = compile_cfg.sample_prompt_len or cache_len // 2
   cache_dtype = jnp.dtype(sc.cache_dtype)
 
   def prefill(params, prompts):
@@ -144,7 +145,8 @@ def run(config, workdir: str) -> dict:
   if "eval" in steps:
     programs.append(("eval step", setup.eval_fn, (state.params, batch)))
   if "sample" in steps:
-    programs += _sampler_steps(config, setup)
+    programs += _sampler_steps(config.sample, config.compile, setup,
+                               seq_len=config.seq_len)
 
   out = epath.Path(workdir)
   results = []
@@ -163,8 +165,9 @@ def run(config, workdir: str) -> dict:
   if not fits:
     available = worst["memory"].get("available", hbm)
     verdict["over_bytes"] = max(need - available, 0)
-    verdict["knobs"] = compile_report.knobs(config, setup, impl,
-                                            verdict["over_bytes"])
+    verdict["knobs"] = compile_report.knobs(
+        config.model, config.train, setup, impl, verdict["over_bytes"],
+        batch_size=config.batch_size, seq_len=config.seq_len)
   report = dict(
       topology=topology.name, libtpu_topology=topology.libtpu_name,
       chips=topology.chips, device_kind=devices[0].device_kind,

@@ -3,6 +3,9 @@
 Per-chip memory and FLOPs of a compiled program (or, when it did not fit,
 what XLA's RESOURCE_EXHAUSTED error says), the knobs to turn when a step does
 not fit, and the report as a text table.
+
+Signature: `knobs(model_cfg, tc, setup, impl, over_bytes, *, batch_size,
+seq_len)`, the config's model and train sections, never the whole config.
 """
 
 import re
@@ -44,20 +47,21 @@ def exhausted_numbers(message: str) -> dict:
               available=int(nums[1]))
 
 
-def knobs(config, setup, impl: str, over_bytes: float) -> list[str]:
-  """What to turn when a step does not fit, most effective first."""
+def knobs(model_cfg, tc, setup, impl: str, over_bytes: float, *,
+          batch_size: int, seq_len: int) -> list[str]:
+  """What to turn when a step does not fit, most effective first.
+  `model_cfg` and `tc`: the config's model and train sections."""
   out = []
-  m, chips = config.model, setup.mesh.size
-  rows = config.batch_size // (setup.mesh.shape["data"]
-                               * setup.mesh.shape["fsdp"])
-  if impl == "xla" and config.seq_len >= 2048:
+  m, chips = model_cfg, setup.mesh.size
+  rows = batch_size // (setup.mesh.shape["data"] * setup.mesh.shape["fsdp"])
+  if impl == "xla" and seq_len >= 2048:
     out.append("model.attention_impl='splash' (XLA attention stores the "
-               f"[rows, heads, {config.seq_len}, {config.seq_len}] logits)")
+               f"[rows, heads, {seq_len}, {seq_len}] logits)")
   if m.remat_policy not in ("full", "nothing_saveable"):
     out.append(f"model.remat_policy='full' (now {m.remat_policy!r})")
-  if rows // config.train.grad_accum > 1:
-    out.append(f"train.grad_accum={config.train.grad_accum * 2} (each chip "
-               f"holds {rows // config.train.grad_accum} rows per micro-batch)")
+  if rows // tc.grad_accum > 1:
+    out.append(f"train.grad_accum={tc.grad_accum * 2} (each chip "
+               f"holds {rows // tc.grad_accum} rows per micro-batch)")
   if setup.mesh.shape["data"] > 1:
     out.append(f"mesh.shape: move data ({setup.mesh.shape['data']}) into "
                "fsdp, so parameters and optimizer state are split over "

@@ -3,6 +3,14 @@
 Sections: devices and mesh, data, model and optimizer, shapes by eval_shape,
 sharded init by jit, donated train step, resume, loop (metrics, eval,
 checkpoints, preemption, non-finite checks).
+
+Below `train`, functions take the config's sections, never the whole config:
+`data_dir_of(data, workdir)`, `ensure_data(data, codec, data_dir, *, seed)`,
+`check_config(model_cfg, tc, mesh, *, batch_size)`, `report(setup, rows, *,
+batch_size, seq_len)`, `evaluate(data, tc, data_dir, ..., *, seq_len,
+batch_size)`, `train_step(..., tc, data, ...)`, `eval_step(..., data, ...)`;
+`build(config, ...)` alone takes the config (it reads mesh, model, train,
+data, seq_len and batch_size).
 """
 
 import contextlib
@@ -80,11 +88,11 @@ def summarize(sums) -> dict:
               bits_per_byte=sums["nll"] / math.log(2) / sums["bytes"])
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule, config,
+def train_step(state: TrainState, batch, *, model, tx, schedule, tc, data,
                token_bytes):
-  """One optimizer step over `grad_accum` micro-batches (scanned)."""
-  tc = config.train
-  use_segments = config.data.packing == "pack"
+  """One optimizer step over `grad_accum` micro-batches (scanned); `tc` and
+  `data` are the config's train and data sections."""
+  use_segments = data.packing == "pack"
   grad_fn = jax.grad(
       functools.partial(loss_terms, model, use_segments=use_segments,
                         z_loss=tc.z_loss, token_bytes=token_bytes),
@@ -120,9 +128,9 @@ def micro_batches(x: jax.Array, n: int) -> jax.Array:
   return nn.with_logical_constraint(strided, (None, "batch", "length"))
 
 
-def eval_step(params, batch, *, model, config, token_bytes):
+def eval_step(params, batch, *, model, data, token_bytes):
   _, sums = loss_terms(model, params, batch,
-                       config.data.packing == "pack", 0.0, token_bytes)
+                       data.packing == "pack", 0.0, token_bytes)
   return sums
 
 
@@ -159,16 +167,16 @@ def global_batch(local: dict, data_sharding, rows: list[int],
   return {k: one(local[k]) for k in loader.BATCH_KEYS}
 
 
-def check_config(config, mesh) -> None:
-  """Shapes the mesh cannot hold fail here, with what to change."""
-  tc = config.train
+def check_config(model_cfg, tc, mesh, *, batch_size: int) -> None:
+  """Shapes the mesh cannot hold fail here, with what to change; `model_cfg`
+  and `tc` are the config's model and train sections."""
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.batch_size % (data_ways * tc.grad_accum):
+  if batch_size % (data_ways * tc.grad_accum):
     raise ValueError(
-        f"config.batch_size={config.batch_size} must divide by data*fsdp "
+        f"config.batch_size={batch_size} must divide by data*fsdp "
         f"mesh size ({data_ways}) times train.grad_accum ({tc.grad_accum}); "
         "change --config.batch_size or --config.mesh.shape.")
-  m = config.model
+  m = model_cfg
   if m.num_heads % mesh.shape["tensor"] or m.num_kv_heads % mesh.shape["tensor"]:
     raise ValueError(
         f"Heads ({m.num_heads}, kv {m.num_kv_heads}) must divide by the "
@@ -176,21 +184,23 @@ def check_config(config, mesh) -> None:
         "--config.mesh.shape.")
 
 
-def ensure_data(config, data_dir: str) -> None:
-  """Prepares synthetic data on first use; other sources must be prepared."""
+def ensure_data(data, codec, data_dir: str, *, seed: int) -> None:
+  """Prepares synthetic data on first use; other sources must be prepared.
+  `data` and `codec` are the config's sections, as prepare.run takes them."""
   prepare.require_local(data_dir)
   if (storage.path(data_dir) / "manifest.json").exists():
     return
-  if config.data.source != "synthetic":
+  if data.source != "synthetic":
     raise FileNotFoundError(
-        f"No prepared data in {data_dir} for source {config.data.source!r}. "
+        f"No prepared data in {data_dir} for source {data.source!r}. "
         "Run --mode=prepare with the same config (or set --config.data.dir).")
   logging.info("No data in %s: preparing the synthetic set.", data_dir)
-  prepare.run(config, data_dir)
+  prepare.run(data, codec, data_dir, seed=seed)
 
 
-def data_dir_of(config, workdir: str) -> str:
-  return config.data.dir or os.fspath(storage.path(workdir) / "data")
+def data_dir_of(data, workdir: str) -> str:
+  """data.dir, else <workdir>/data; `data` is the config's data section."""
+  return data.dir or os.fspath(storage.path(workdir) / "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +235,8 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
   """
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   rules = tuple(tuple(r) for r in config.mesh.rules)
-  check_config(config, mesh)
+  check_config(config.model, config.train, mesh,
+               batch_size=config.batch_size)
   model = llama.Llama(config_base.model_config(config, vocab_size))
   token_bytes = np.asarray(token_bytes, np.float32)
   rng_shape = jax.eval_shape(lambda: jax.random.key(0))
@@ -248,12 +259,13 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
                       out_shardings=state_shardings)
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                          config=config, token_bytes=token_bytes),
+                          tc=config.train, data=config.data,
+                          token_bytes=token_bytes),
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,))
     eval_fn = jax.jit(
-        functools.partial(eval_step, model=model, config=config,
+        functools.partial(eval_step, model=model, data=config.data,
                           token_bytes=token_bytes),
         in_shardings=(state_shardings.params, batch_shardings))
   abstract_state = nn.meta.unbox(boxed)
@@ -268,9 +280,10 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
                llama_config.flops_per_token(model.config, config.seq_len))
 
 
-def report(config, setup: Setup, rows: int) -> None:
+def report(setup: Setup, rows: int, *, batch_size: int, seq_len: int) -> None:
   """The start-up facts a user checks before waiting for a compile; `rows`:
-  the batch rows this process feeds."""
+  the batch rows this process feeds; `batch_size` and `seq_len`: the
+  config's."""
   n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
   state_bytes = sharding.bytes_per_device(setup.abstract_state,
                                           setup.state_shardings)
@@ -280,9 +293,9 @@ def report(config, setup: Setup, rows: int) -> None:
       "process, %d per device). Params+optimizer ~%.3g GiB per device.",
       dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind,
       jax.process_count(), n_params / 1e6, setup.flops_per_token,
-      config.batch_size, config.seq_len, config.batch_size * config.seq_len,
+      batch_size, seq_len, batch_size * seq_len,
       rows,
-      max(1, config.batch_size // setup.mesh.size),
+      max(1, batch_size // setup.mesh.size),
       state_bytes / 2**30)
 
 
@@ -302,8 +315,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                       os.fspath(workdir / "jax_cache"))
 
   # -- Data. -------------------------------------------------------------------
-  data_dir = data_dir_of(config, workdir)
-  ensure_data(config, data_dir)
+  data_dir = data_dir_of(config.data, workdir)
+  ensure_data(config.data, config.codec, data_dir, seed=config.seed)
   tokenizer = ByteBPE.load(storage.path(data_dir) / "tokenizer.json")
   checkpoint.write_run_files(workdir, config, data_dir)
 
@@ -316,26 +329,32 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   rows_by_process = batch_rows(data_sharding, config.batch_size)
   me = jax.process_index()
   rows = rows_by_process[me]
-  writers = loader.stream_writers(config, rows_by_process)
+  writers = loader.stream_writers(config.data, rows_by_process,
+                                  batch_size=config.batch_size)
   train_iter = loader.TrainBatches(
-      config, data_dir, tokenizer, rows,
+      config.data, data_dir, tokenizer, seq_len=config.seq_len,
+      batch_size=config.batch_size, seed=config.seed, rows=rows,
       writes=[j for j, p in writers.items() if p == me])
   feed = lambda local: global_batch(local, data_sharding, rows,
                                     config.batch_size)
-  report(config, setup, len(rows))
+  report(setup, len(rows), batch_size=config.batch_size,
+         seq_len=config.seq_len)
   tokens_per_step = config.batch_size * config.seq_len
   rng = jax.random.key(config.seed)
 
   # -- Initialise or resume. ---------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, tc)
-  with setup.context():  # The newest step that restores; damaged ones skipped.
+  # The newest step that restores; RestoreError if steps exist and none
+  # does (unless train.restart_from_scratch), never a silent step 0.
+  with setup.context():
     state, start = ckpt.restore_latest(checkpoint.abstract_with_shardings(
         setup.abstract_state, setup.state_shardings), train_iter)
     if state is None:
       state, start = setup.init_fn(rng), 0
       if tc.init_from:  # Params only: the optimizer and data start afresh.
         state = state.replace(params=params_io.init_params_from(
-            tc.init_from, state.params, config, tokenizer.vocab_size))
+            config.model, tc.init_from, state.params, tokenizer.vocab_size,
+            seq_len=config.seq_len))
     else:
       logging.info("Resuming from step %d.", start)
 
@@ -356,7 +375,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   tb_samples = None
   if config.sample.tb_every:  # Every process joins: params are sharded.
     tb_samples = tensorboard.TensorBoardSampler(
-        config, setup.model, mesh, setup.rules, tokenizer,
+        config.sample, setup.model, mesh, setup.rules, tokenizer,
         codecs.from_config(config.codec), data_dir)
   last, pending, t0, t_step = {}, None, time.perf_counter(), start
   paused = 0.0  # Seconds of eval and sampling since t0: not step time.
@@ -402,8 +421,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       t_aside = time.perf_counter()
       if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
         with setup.context():
-          scores = evaluate(config, data_dir, tokenizer, setup.eval_fn,
-                            state.params, rows, feed)
+          scores = evaluate(config.data, tc, data_dir, tokenizer,
+                            setup.eval_fn, state.params, rows, feed,
+                            seq_len=config.seq_len,
+                            batch_size=config.batch_size)
         writer.write_scalars(step, {f"eval_{k}": v for k, v in scores.items()})
       if tb_samples is not None and tb_samples.due(step):
         writer.write_images(step, tb_samples(state.params))
@@ -429,14 +450,16 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   return last
 
 
-def evaluate(config, data_dir, tokenizer, eval_fn, params, rows,
-             feed) -> dict:
+def evaluate(data, tc, data_dir, tokenizer, eval_fn, params, rows, feed, *,
+             seq_len: int, batch_size: int) -> dict:
   """Loss and bits per codec byte on the held-out split; `rows` of each
-  global batch are this process's, `feed` makes them a global batch."""
+  global batch are this process's, `feed` makes them a global batch.
+  `data` and `tc`: the config's data and train sections."""
   totals = dict(nll=0.0, tokens=0.0, bytes=0.0)
-  for i, batch in enumerate(loader.eval_batches(config, data_dir, tokenizer,
-                                                rows)):
-    if config.train.eval_batches and i >= config.train.eval_batches:
+  for i, batch in enumerate(loader.eval_batches(
+      data, data_dir, tokenizer, seq_len=seq_len,
+      batch_size=batch_size, rows=rows)):
+    if tc.eval_batches and i >= tc.eval_batches:
       break
     sums = jax.device_get(eval_fn(params, feed(batch)))
     totals = {k: totals[k] + float(sums[k]) for k in totals}

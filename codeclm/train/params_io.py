@@ -3,12 +3,16 @@ export and train.init_from, which need no optimizer state or data position.
 
 Reading a workdir skips damaged steps with a warning but never moves them: a
 trainer may be writing the workdir while this reads it.
+
+Signature: `init_params_from(model_cfg, workdir, params, vocab_size, *,
+seq_len)`, the config's model section and seq_len, never the whole config.
 """
 
 from typing import Any
 
 from absl import logging
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from codeclm.runtime import storage
@@ -88,12 +92,13 @@ def restore_workdir_params(workdir: str, abstract_params: Any,
       "(--mode=train) or pass a step directory.")
 
 
-def init_params_from(workdir: str, params: Any, config,
-                     vocab_size: int) -> Any:
+def init_params_from(model_cfg, workdir: str, params: Any, vocab_size: int,
+                     *, seq_len: int) -> Any:
   """The params of `workdir`'s newest step, placed like `params`.
 
   For train.init_from. The source's model (its config.json and tokenizer)
-  must have this run's vocabulary and shapes; the error names both sides of
+  must have this run's vocabulary and shapes (`model_cfg`: this run's model
+  section; `seq_len`: its config.seq_len); the error names both sides of
   each difference.
   """
   from codeclm import config_base  # pylint: disable=g-import-not-at-top
@@ -113,10 +118,13 @@ def init_params_from(workdir: str, params: Any, config,
         f"{vocab_size}; fine-tune with the source's tokenizer: "
         f"--config.data.tokenizer={workdir / 'tokenizer.json'} "
         "and a new data dir.")
-  ours = config_base.model_config(config, vocab_size)
+  ours = config_base.model_config(
+      ml_collections.ConfigDict(dict(model=model_cfg, seq_len=seq_len)),
+      vocab_size)
   model = dict(source_config["model"], vocab_size=source_vocab)
   theirs = config_base.model_config(
-      type(config)(dict(model=model, seq_len=source_config["seq_len"])),
+      ml_collections.ConfigDict(dict(model=model,
+                                     seq_len=source_config["seq_len"])),
       source_vocab)
   fields = ("num_layers", "emb_dim", "num_heads", "num_kv_heads", "mlp_dim",
             "head_dim", "qk_norm", "scan_layers", "param_dtype")

@@ -22,6 +22,9 @@ picks one.
 
 Sources are picklable (TFDS re-opens lazily), so worker processes receive
 them as they are.
+
+Signature: `open_source(data, codec)`, the config's `data` and `codec`
+sections (never the whole config).
 """
 
 from __future__ import annotations
@@ -33,14 +36,17 @@ from codeclm.data.sources import synthetic_videos
 from codeclm.data.sources import tfds_source
 
 
-def open_source(config) -> base.Source:
-  """The source config.data.source names, capped at config.data.num_examples."""
-  spec = config.data.source
-  cap = config.data.num_examples
+def open_source(data, codec) -> base.Source:
+  """The source data.source names, capped at data.num_examples.
+
+  `data` and `codec` are the config's sections of those names; the codec's
+  name picks images or videos, its size and length make synthetic items.
+  """
+  spec = data.source
+  cap = data.num_examples
   if cap is not None and cap <= 0:
     raise base.DataError(
         f"config.data.num_examples={cap} must be positive or None.")
-  codec = config.codec
   if codec.name not in base.MEDIA:
     raise base.DataError(f"config.codec.name={codec.name!r} has no source "
                          f"media; use one of {sorted(base.MEDIA)}.")
@@ -56,13 +62,13 @@ def open_source(config) -> base.Source:
     return synthetic_images.SyntheticSource(cap, codec.width, codec.height)
   kind, _, arg = spec.partition(":")
   if kind == "folder" and arg:
-    source = folder.FolderSource(arg, labels=config.data.labels_from_folders,
+    source = folder.FolderSource(arg, labels=data.labels_from_folders,
                                  media=media)
   elif kind == "tfds" and arg:
     name, _, split = arg.partition(":")
     source = tfds_source.TfdsSource(
-        name, split or "train", config.data.tfds_data_dir, media=media,
-        fps=config.data.tfds_fps if media == "video" else None,
+        name, split or "train", data.tfds_data_dir, media=media,
+        fps=data.tfds_fps if media == "video" else None,
         max_seconds=codec.frames / codec.fps if media == "video" else None)
   else:
     raise base.DataError(
