@@ -19,6 +19,7 @@ setuptools.setup(
         "array-record",
         "clu",
         "flax",
+        "gcsfs",  # The one gs:// client (codeclm/runtime/storage.py).
         "grain",
         "jax",
         "ml-collections",
@@ -34,10 +35,9 @@ setuptools.setup(
     ],
     extras_require={
         "dev": [
-            # A GCS API on localhost (tests/gcs_emulator.py) and the gcsfs
-            # etils.epath reaches it with: tests of gs:// workdirs.
+            # A GCS API on localhost (tests/gcs_emulator.py): tests of gs://
+            # workdirs.
             "gcp-storage-emulator",
-            "gcsfs",
             "hypothesis",
             "ipykernel",  # tests/test_notebook.py runs notebooks/ headless
             "nbclient",

@@ -37,8 +37,7 @@ def start_emulator() -> subprocess.Popen:
       break
     except OSError:
       time.sleep(0.1)
-  os.environ.update(TENSORSTORE_GCS_HTTP_URL=url, EPATH_USE_TF="false",
-                    STORAGE_EMULATOR_HOST=url)
+  os.environ.update(TENSORSTORE_GCS_HTTP_URL=url, STORAGE_EMULATOR_HOST=url)
   return proc
 
 

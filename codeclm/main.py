@@ -39,6 +39,10 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   # Imported here so --help is fast and flags parse before JAX starts.
   from codeclm.runtime import distributed  # pylint: disable=g-import-not-at-top
+  from codeclm.runtime import storage  # pylint: disable=g-import-not-at-top
+  if storage.is_remote(workdir):  # e.g. "storage: gs:// through gcsfs 2024.9.0"
+    logging.info("storage: %s:// through %s", workdir.split("://", 1)[0],
+                 storage.backend_name(workdir))
   distributed.skip_absent_tpu()
   if _MODE.value == "compile":  # One process on a host with no TPU.
     from codeclm.train import compile as aot  # pylint: disable=g-import-not-at-top
@@ -47,7 +51,6 @@ def main(argv):
     return
   distributed.initialize(config.distributed)
   if _MODE.value in ("sample", "eval"):  # Train checks its own, first thing.
-    from codeclm.runtime import storage  # pylint: disable=g-import-not-at-top
     storage.check_writable(workdir)  # A bad store fails before compiling.
 
   if _MODE.value == "prepare":

@@ -76,8 +76,8 @@ def gcs(tmp_path_factory):
 
   gcp-storage-emulator from PyPI (tests/gcs_emulator.py). Yields the
   environment that points each client at it: TENSORSTORE_GCS_HTTP_URL for
-  Orbax's arrays, EPATH_USE_TF=false (gs:// through gcsfs, not tf.io.gfile,
-  which reaches only googleapis.com) and STORAGE_EMULATOR_HOST for gcsfs.
+  Orbax's arrays and STORAGE_EMULATOR_HOST for gcsfs (codeclm's one gs://
+  client, chosen by codeclm/runtime/storage.py, not by the environment).
   """
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -103,8 +103,7 @@ def gcs(tmp_path_factory):
         time.sleep(0.1)
     else:
       pytest.fail(f"The storage emulator did not answer at {url}.")
-    yield dict(TENSORSTORE_GCS_HTTP_URL=url, EPATH_USE_TF="false",
-               STORAGE_EMULATOR_HOST=url)
+    yield dict(TENSORSTORE_GCS_HTTP_URL=url, STORAGE_EMULATOR_HOST=url)
   finally:
     proc.kill()
     proc.wait()
@@ -113,14 +112,11 @@ def gcs(tmp_path_factory):
 @pytest.fixture
 def gcs_env(gcs, monkeypatch):
   """This process's clients pointed at the emulator, for one test."""
-  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
   for name, value in gcs.items():
     monkeypatch.setenv(name, value)
-  # epath caches its choice of gs:// client (tf.io.gfile unless
-  # EPATH_USE_TF=false) on first use; local paths never use either.
-  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+  # Not needed: codeclm picks gcsfs itself. Unset, as on a pod.
+  monkeypatch.delenv("EPATH_USE_TF", raising=False)
   yield gcs
-  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
 
 
 @pytest.fixture(scope="module")

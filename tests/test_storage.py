@@ -1,9 +1,12 @@
 """The path layer (codeclm/runtime/storage.py) on local disk and a GCS emulator."""
 
+import importlib.metadata
+import json
 import os
 import re
 import subprocess
 import shutil
+import sys
 import urllib.error
 import urllib.request
 
@@ -69,6 +72,97 @@ def test_local_dir_uploads_what_libraries_wrote(base):
     with open(os.path.join(local, "a.txt"), "w") as f:
       f.write("hi")
   assert (storage.path(base) / "out" / "a.txt").read_text() == "hi"
+
+
+# Run in a fresh interpreter, so import order is real: TensorFlow first (as a
+# pod's other code might import it), then codeclm by a module that does not
+# import storage itself. Prints what each way of making a gs:// path got.
+_BACKEND_PROBE = r"""
+import json
+import os
+import sys
+
+import tensorflow  # pylint: disable=unused-import
+import codeclm.tokenizer  # pylint: disable=unused-import
+from etils import epath
+from etils.epath import backend
+import gcsfs
+
+from codeclm.runtime import storage
+
+name = sys.argv[1]
+out = {}
+for made_by, make in [("storage", storage.path), ("epath", epath.Path)]:
+  p = make(f"gs://test-bucket/{name}-{made_by}") / "sub" / "x.txt"
+  try:
+    b = p._backend  # pylint: disable=protected-access
+  except storage.StorageError as e:
+    out[made_by] = {"error": str(e)}
+    continue
+  out[made_by] = got = {
+      "class": f"{type(p).__module__}.{type(p).__name__}",
+      "backend": type(b).__name__, "fsspec": b is backend.fsspec_backend}
+  if got["fsspec"]:
+    got["gcsfs"] = isinstance(b.fs(p), gcsfs.GCSFileSystem)
+    storage.write_text(p, made_by)  # tf.io.gfile cannot reach the emulator.
+    got["read"] = p.read_text()
+    got["name"] = getattr(storage, "backend_name", repr)(p)
+try:
+  if out["storage"].get("fsspec", True):  # tf.io.gfile would retry for long.
+    storage.check_writable(f"gs://test-bucket/{name}-check")
+    out["check"] = "ok"
+except storage.StorageError as e:
+  out["check"] = str(e)
+print("PROBE " + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("use_tf", [None, "false", "true", "1"])
+def test_gs_goes_through_gcsfs_whatever_imported_first(gcs, use_tf):
+  """With TensorFlow installed and imported first, and EPATH_USE_TF unset,
+  every gs:// path (codeclm's and a plain epath.Path, as Orbax makes) is
+  read and written by gcsfs; EPATH_USE_TF=true is refused, not honoured."""
+  env = {k: v for k, v in os.environ.items() if k != "EPATH_USE_TF"}
+  env.update(gcs, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+  if use_tf is not None:
+    env["EPATH_USE_TF"] = use_tf
+  name = f"probe-{os.getpid()}-{use_tf}"
+  result = subprocess.run([sys.executable, "-c", _BACKEND_PROBE, name],
+                          env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line, = [x for x in result.stdout.splitlines() if x.startswith("PROBE ")]
+  out = json.loads(line.removeprefix("PROBE "))
+  if use_tf in ("true", "1"):
+    for made_by in ("storage", "epath", "check"):
+      got = out[made_by] if made_by == "check" else out[made_by]["error"]
+      assert f"EPATH_USE_TF={use_tf}" in got and "unset" in got, out
+    return
+  version = importlib.metadata.version("gcsfs")
+  for made_by in ("storage", "epath"):
+    assert out[made_by] == {
+        "class": "codeclm.runtime.storage.GcsfsPath",
+        "backend": "_FileSystemSpecBackend", "fsspec": True, "gcsfs": True,
+        "read": made_by, "name": f"gcsfs {version}"}, out
+  assert out["check"] == "ok"
+
+
+def test_main_logs_the_gs_backend(tmp_path):
+  """One line at start names the client of a gs:// workdir; here the
+  emulator is down, so the run then stops before compiling."""
+  env = {k: v for k, v in os.environ.items() if k != "EPATH_USE_TF"}
+  env.update(PYTHONPATH=ROOT, STORAGE_EMULATOR_HOST="http://127.0.0.1:9",
+             TENSORSTORE_GCS_HTTP_URL="http://127.0.0.1:9")
+  result = subprocess.run(
+      [sys.executable, "-m", "codeclm.main",
+       f"--config={ROOT}/tests/tiny_config.py", "--workdir=gs://test-bucket/x",
+       f"--config.data.dir={tmp_path}", "--mode=eval"],
+      env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode != 0
+  version = importlib.metadata.version("gcsfs")
+  assert f"storage: gs:// through gcsfs {version}" in result.stderr, (
+      result.stderr[-3000:])
+  assert "does not answer" in result.stderr, result.stderr[-3000:]
 
 
 def test_the_emulator_answers_after_a_long_log(gcs_env):

@@ -3,10 +3,27 @@
 Every workdir path (run files, checkpoints, samples, eval slices and results,
 TensorBoard events, the JAX compilation cache) is an `epath.Path` from
 `path()`, so `--workdir=gs://bucket/run` works like a local directory.
-epath reads gs:// through tf.io.gfile, or through gcsfs when
-EPATH_USE_TF=false (which is how tests reach a local storage emulator: with
-STORAGE_EMULATOR_HOST for gcsfs and TENSORSTORE_GCS_HTTP_URL for Orbax's
-arrays).
+
+One gs:// backend, the tested one: gcsfs. etils.epath has two clients for
+gs://, tf.io.gfile and gcsfs (its fsspec backend), and picks one on every
+call in `_GPath._backend`: tf.io.gfile whenever TensorFlow is installed
+(a codeclm dependency) unless EPATH_USE_TF is false, a value epath caches on
+first use (`gpath._is_tf_installed`). The two differ in what an atomic write
+or a move does, and only gcsfs reaches the emulator the tests run against
+(STORAGE_EMULATOR_HOST; Orbax's arrays use TENSORSTORE_GCS_HTTP_URL). So this
+module does not rely on the environment or on import order: it registers
+`GcsfsPath` for the gs:// prefix (`epath.register_path_cls`, epath's public
+registry), whose backend is always gcsfs. Every `epath.Path("gs://...")` made
+after codeclm is imported (`codeclm/__init__.py` imports this module, so any
+codeclm import does it), Orbax's included, is a GcsfsPath, whether or not
+TensorFlow was imported first. `backend_name()` names the backend (main logs
+it at start); check_writable() fails at start when gcsfs is missing.
+
+EPATH_USE_TF set to a true value (anything but unset, empty, false, no, f or
+0) is refused with a StorageError on the first gs:// call, rather than
+honoured: honouring it would run the untested client on a pod, the very gap
+this closes, and ignoring it silently would hide that the setting does
+nothing. Other schemes (s3://...) keep epath's own choice and are untested.
 
 Writes here are atomic: readers see the old file or the whole new one. On a
 local disk that is write-then-rename; an object store has no atomic rename
@@ -18,6 +35,7 @@ appears only once its upload or copy is complete).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -30,6 +48,8 @@ import uuid
 
 from absl import logging
 from etils import epath
+from etils.epath import backend as epath_backend
+from etils.epath import gpath
 
 PathLike = str | os.PathLike
 _COPY_CHUNK = 16 << 20  # Bytes per read when streaming a file between stores.
@@ -38,6 +58,51 @@ _MIRROR_SYNC_S = 60  # Events reach a remote workdir at most this late.
 
 class StorageError(OSError):
   """A workdir that cannot be written; the message says what to set."""
+
+
+_USE_TF_OFF = ("", "false", "no", "f", "0")  # epath's own reading of it.
+
+
+@epath.register_path_cls("gs://")
+class GcsfsPath(gpath.PosixGPath):
+  """A gs:// path whose every call goes through gcsfs (see the docstring)."""
+
+  @property
+  def _backend(self) -> epath_backend.Backend:
+    if self._uri_scheme != "gs":  # A local path made from this one.
+      return super()._backend
+    value = os.environ.get("EPATH_USE_TF", "")
+    if value.lower() not in _USE_TF_OFF:
+      raise StorageError(
+          f"EPATH_USE_TF={value}: codeclm reads and writes gs:// through "
+          "gcsfs only (the client its tests run against a storage emulator; "
+          "tf.io.gfile differs in atomic writes and moves); unset "
+          "EPATH_USE_TF.")
+    return epath_backend.fsspec_backend
+
+
+def backend_name(p: PathLike) -> str:
+  """The client that reads and writes `p`: "gcsfs 2024.9.0" for gs://,
+  "local disk" for a local path. Raises StorageError when it is missing."""
+  p = path(p)
+  backend = p._backend  # pylint: disable=protected-access
+  if backend is epath_backend.os_backend:
+    return "local disk"
+  if backend is epath_backend.tf_backend:
+    return "tf.io.gfile"
+  if backend is not epath_backend.fsspec_backend:
+    return type(backend).__name__
+  import fsspec  # pylint: disable=g-import-not-at-top
+  protocol = os.fspath(p).split("://", 1)[0]
+  try:
+    package = fsspec.get_filesystem_class(protocol).__module__.split(".")[0]
+  except (ImportError, ValueError) as e:
+    raise StorageError(f"{p}: no client for {protocol}:// is installed "
+                       f"(for gs://: pip install gcsfs): {e}") from e
+  try:
+    return f"{package} {importlib.metadata.version(package)}"
+  except importlib.metadata.PackageNotFoundError:
+    return package
 
 
 def is_remote(p: PathLike) -> bool:
@@ -54,7 +119,7 @@ def path(p: PathLike) -> epath.Path:
 
 
 def read_json(p: PathLike) -> Any:
-  return json.loads(epath.Path(p).read_text())
+  return json.loads(path(p).read_text())
 
 
 def write_json(p: PathLike, value: Any, indent: int | None = 1) -> None:
@@ -165,6 +230,7 @@ def check_writable(workdir: PathLike) -> epath.Path:
   p = path(workdir)
   remote = is_remote(p)
   if remote:
+    backend_name(p)  # No client for it (gcsfs), or EPATH_USE_TF=true.
     _check_emulator_reachable(p)
   probe = p / tmp_name(".codeclm_write_check")
   try:
@@ -172,7 +238,7 @@ def check_writable(workdir: PathLike) -> epath.Path:
     probe.write_bytes(b"")
     probe.unlink()
   except Exception as e:  # pylint: disable=broad-except
-    # gcsfs, tf.io.gfile and os raise different types for the same causes.
+    # gcsfs and os raise different types for the same causes.
     if remote and not _bucket_exists(p):
       raise StorageError(
           f"--workdir={p}: the bucket {_bucket(p)} does not exist; create it "
@@ -190,7 +256,7 @@ _CLOUD_FIX = (
     "give this machine's account write access (on a TPU VM its service "
     "account; elsewhere `gcloud auth application-default login` or "
     "GOOGLE_APPLICATION_CREDENTIALS), or for a local emulator set "
-    "STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_HTTP_URL and EPATH_USE_TF=false")
+    "STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL")
 
 
 def _bucket(p: epath.Path) -> str:
