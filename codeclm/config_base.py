@@ -96,6 +96,12 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       keep_every=0,               # also keep every K steps; 0 = off
       restore_tries=2,            # a failed restore is retried (transient
       restore_retry_s=2.0,        # read errors) before its step is skipped
+      restart_from_scratch=False,  # when the workdir has checkpoint steps
+                                  # and none restores: False stops with an
+                                  # error naming each step; True moves them
+                                  # to <workdir>/previous_runs/<UTC time>/
+                                  # and starts at step 0 (a step that
+                                  # restores is resumed either way)
       async_checkpoints=True,
       compilation_cache=True,     # JAX's persistent cache in <workdir>/jax_cache
       profile=False,              # a profiler trace of a few steps in workdir

@@ -3,9 +3,13 @@
 Real Orbax checkpoints of a real tiny training run (one device, float32, a
 checkpoint every step) are damaged the ways a crash or a full disk leaves them;
 the trainer must resume from the newest step that restores, say which
-directories it skipped and why, and then match a straight run exactly.
+directories it skipped and why, and then match a straight run exactly. When
+no step restores, or the store fails, it must stop with an error rather than
+start over at step 0, and move nothing (unless told to start over).
 """
 
+import contextlib
+import errno
 import glob
 import json
 import logging
@@ -17,6 +21,7 @@ import pytest
 
 from codeclm.codecs import jpeg
 from codeclm.data import loader
+from codeclm.runtime import storage
 from codeclm.sampling import workdir as workdir_lib
 from codeclm.tokenizer import ByteBPE
 from codeclm.train import checkpoint
@@ -97,8 +102,11 @@ def drop_state_metadata(step_dir):
   os.remove(os.path.join(step_dir, "state", "_METADATA"))
 
 
-DAMAGES = [drop_commit_marker, drop_step_metadata, truncate_arrays, empty,
-           drop_iterator_state, drop_state_metadata]
+# Damage as Orbax judges it. On a local disk Orbax's finished save is the
+# renamed folder, so its commit marker and step metadata (drop_commit_marker,
+# drop_step_metadata) are not needed to restore: see
+# test_an_orbax_file_renamed_is_judged_by_orbax.
+DAMAGES = [truncate_arrays, empty, drop_iterator_state, drop_state_metadata]
 
 
 def step_dir(workdir, step) -> str:
@@ -120,14 +128,13 @@ def infos_of(caplog) -> str:
 def test_resume_skips_damaged_steps_and_matches_straight_run(
     data_dir, straight, workdir, caplog):
   truncate_arrays(step_dir(workdir, 5))
-  drop_commit_marker(step_dir(workdir, 4))
-  drop_step_metadata(step_dir(workdir, 4))
+  drop_state_metadata(step_dir(workdir, 4))
   with caplog.at_level(logging.INFO):
     last = run(tiny(data_dir), workdir)
   assert "Resuming from step 3." in infos_of(caplog)
   warned = warnings_of(caplog)
   assert step_dir(workdir, 5) in warned and step_dir(workdir, 4) in warned
-  assert "commit_success.txt" in warned  # Why step 4 was skipped.
+  assert "the state's metadata does not read" in warned  # Why 4 was skipped.
   assert float(last["loss"]) == straight[1]
   # Steps 4 and 5 were saved again; the damaged ones were moved aside.
   assert checkpoint_steps.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
@@ -266,10 +273,189 @@ def test_no_checkpoint_starts_fresh(data_dir, tmp_path):
     ckpt.close()
 
 
+# -- No step restores, or the store fails: stop, never start over. -------------
+
+
+def files_of(folder) -> dict:
+  """{path relative to `folder`: size} of every file under it."""
+  found = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(root, name)
+      found[os.path.relpath(path, folder)] = os.path.getsize(path)
+  return found
+
+
+def restore_latest(config, data_dir, workdir, patch=None):
+  """Checkpointer.restore_latest on `workdir`; patch(ckpt) runs first."""
+  setup, abstract, iterator = restore_target(config, data_dir)
+  ckpt = checkpoint.Checkpointer(str(workdir), config.train)
+  try:
+    with contextlib.ExitStack() as patches:
+      if patch:
+        patches.enter_context(patch(ckpt))
+      with setup.context():
+        return ckpt.restore_latest(abstract, iterator)
+  finally:
+    ckpt.close()
+
+
+@pytest.mark.parametrize("damage,kind", [(truncate_arrays, "unreadable"),
+                                         (empty, "incomplete")],
+                         ids=["truncated", "emptied"])
+def test_no_step_restores_stops_training_and_moves_nothing(data_dir, workdir,
+                                                           damage, kind):
+  """Every step damaged: train() raises (so `python -m codeclm.main` exits
+  1) naming each step and why; no step is moved or written again. (Steps
+  judged incomplete used to be moved away and training started at 0.)"""
+  for step in range(1, STEPS + 1):
+    damage(step_dir(workdir, step))
+  before = files_of(workdir / "checkpoints")
+  with pytest.raises(checkpoint_steps.RestoreError) as raised:
+    run(tiny(data_dir), workdir)
+  assert not isinstance(raised.value, checkpoint_steps.StoreUnreachable)
+  message = str(raised.value)
+  for step in range(1, STEPS + 1):
+    assert f"{step_dir(workdir, step)}: {kind}: " in message, message
+  assert "--config.train.restart_from_scratch=True" in message
+  assert files_of(workdir / "checkpoints") == before
+  assert not os.path.exists(workdir / checkpoint.DAMAGED)
+  assert not os.path.exists(workdir / checkpoint.PREVIOUS_RUNS)
+
+
+def store_down(*args, **kwargs):
+  raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+
+@contextlib.contextmanager
+def failing_listing(ckpt):
+  """Listing the checkpoints folder fails (Orbax listed it at start)."""
+  cls, folder = type(ckpt.directory), os.fspath(ckpt.directory)
+  iterdir = cls.iterdir
+  def listing(self):
+    if os.fspath(self) == folder:
+      store_down()
+    return iterdir(self)
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(cls, "iterdir", listing)
+    yield
+
+
+@contextlib.contextmanager
+def failing_reads(ckpt):
+  """codeclm's reads of the data position fail."""
+  del ckpt
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(storage, "read_json", store_down)
+    yield
+
+
+@contextlib.contextmanager
+def failing_restore(ckpt):
+  """Orbax's restore fails as TensorStore reports a store that is down."""
+  def restore(*args):
+    raise ValueError('UNAVAILABLE: Error reading "state/d/1" from '
+                     "gs://bucket/run: connection refused")
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(ckpt, "restore", restore)
+    yield
+
+
+@contextlib.contextmanager
+def failing_test_write(ckpt):
+  """Reads gave damage-like answers and then a test write fails: the
+  damage may be the store failing (gcsfs reports some errors as no file)."""
+  del ckpt
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(storage, "check_writable", store_down)
+    yield
+
+
+@pytest.mark.parametrize(
+    "patch", [failing_listing, failing_reads, failing_restore,
+              failing_test_write], ids=lambda f: f.__name__)
+def test_a_store_that_fails_at_resume_stops_it_and_moves_nothing(
+    data_dir, workdir, patch):
+  """Step 5 is really damaged and would be set aside once an older step
+  restores; with the store failing, resume stops and nothing moves."""
+  truncate_arrays(step_dir(workdir, 5))
+  before = files_of(workdir / "checkpoints")
+  with pytest.raises(checkpoint_steps.StoreUnreachable) as raised:
+    restore_latest(tiny(data_dir), data_dir, workdir, patch)
+  message = str(raised.value)
+  assert "Nothing was moved" in message
+  assert files_of(workdir / "checkpoints") == before
+  assert not os.path.exists(workdir / checkpoint.DAMAGED)
+  if patch is failing_listing:
+    assert "ConnectionResetError" in message
+    return
+  assert f"{step_dir(workdir, 5)}: unreadable: " in message, message
+  if patch is failing_test_write:
+    assert "a test write to" in message
+  else:
+    assert f"{step_dir(workdir, 4)}: storage unreachable: " in message
+    assert "steps 3, 2, 1: not tried" in message
+
+
+@pytest.mark.parametrize("name,restores", [
+    ("_CHECKPOINT_METADATA", True), ("commit_success.txt", True),
+    (os.path.join("state", "_METADATA"), False)])
+def test_an_orbax_file_renamed_is_judged_by_orbax(data_dir, workdir, name,
+                                                  restores):
+  """Orbax's own files renamed in every step, as a new Orbax might: on a
+  local disk a finished save is the renamed folder, so Orbax still counts
+  each step and restores it without its commit marker or step metadata;
+  without the state's _METADATA Orbax cannot restore, which is an error
+  naming each step, never a start at step 0 or a crash in codeclm's checks."""
+  for step in range(1, STEPS + 1):
+    path = os.path.join(step_dir(workdir, step), name)
+    os.rename(path, path + ".renamed")
+  config = tiny(data_dir)
+  if restores:
+    state, step = restore_latest(config, data_dir, workdir)
+    assert step == 5 and int(state.step) == 5
+    assert checkpoint_steps.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
+  else:
+    with pytest.raises(checkpoint_steps.RestoreError, match="_METADATA"
+                       ) as raised:
+      restore_latest(config, data_dir, workdir)
+    for step in range(1, STEPS + 1):
+      assert f"{step_dir(workdir, step)}: unreadable: " in str(raised.value)
+  assert not os.path.exists(workdir / checkpoint.DAMAGED)
+
+
+def test_restart_from_scratch_starts_at_0_and_keeps_the_old_steps(
+    data_dir, straight, workdir, caplog):
+  for step in range(1, STEPS + 1):
+    truncate_arrays(step_dir(workdir, step))
+  before = files_of(workdir / "checkpoints")
+  with caplog.at_level(logging.INFO):
+    last = run(tiny(data_dir, restart_from_scratch=True), workdir)
+  assert "Resuming" not in infos_of(caplog)
+  assert float(last["loss"]) == straight[1]  # The straight run, from step 0.
+  runs = os.listdir(workdir / checkpoint.PREVIOUS_RUNS)
+  assert len(runs) == 1 and runs[0] in warnings_of(caplog)
+  assert files_of(workdir / checkpoint.PREVIOUS_RUNS / runs[0]) == before
+  assert checkpoint_steps.committed_steps(str(workdir)) == [1, 2, 3, 4, 5]
+  assert not os.path.exists(workdir / checkpoint.DAMAGED)
+
+
+def test_restart_from_scratch_still_resumes_a_step_that_restores(
+    data_dir, workdir):
+  """The setting only allows a start over: a job restarted with it after
+  its first save resumes that save rather than starting over again."""
+  truncate_arrays(step_dir(workdir, 5))
+  _, step = restore_latest(tiny(data_dir, restart_from_scratch=True),
+                           data_dir, workdir)
+  assert step == 4
+  assert os.listdir(workdir / checkpoint.DAMAGED) == ["5"]
+  assert not os.path.exists(workdir / checkpoint.PREVIOUS_RUNS)
+
+
 # -- Sampling reads the newest step that restores, and moves nothing. ----------
 
 
-@pytest.mark.parametrize("damage", [truncate_arrays, drop_commit_marker],
+@pytest.mark.parametrize("damage", [truncate_arrays, empty],
                          ids=lambda f: f.__name__)
 def test_sampling_skips_a_damaged_newest_step(workdir, damage, caplog):
   damage(step_dir(workdir, 5))

@@ -244,7 +244,7 @@ def test_gs_workdir_end_to_end(data_dir, straight_losses, gcs_env, tmp_path):
   resumed = run_main(workdir, data_dir, *_RESUME_FLAGS, env=gcs_env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert re.search(r"Skipping checkpoint gs://test-bucket/run/checkpoints/12: "
-                   r"state/_METADATA does not read", resumed.stderr)
+                   r"the state's metadata does not read", resumed.stderr)
   assert "Resuming from step 10" in resumed.stderr
   assert (run / checkpoint.DAMAGED / "12" / "commit_success.txt").exists()
   # Events were mirrored into the bucket (the crash lost its unsynced ones).

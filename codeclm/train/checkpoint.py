@@ -8,14 +8,20 @@ Grain state per loader stream (codeclm/train/data_position.py), so a
 checkpoint written on one topology (devices, processes, mesh) resumes on
 another with the same batch.
 
-Resume takes the newest step that is complete and restores
-(codeclm/train/checkpoint_steps.py judges the files), warning about each one
-skipped, and moves the skipped ones to `damaged_checkpoints/` so that Orbax
-can write those steps again. On several processes resume decides together: a
-step is taken only if it restores on every process, so all resume from the
-same step.
+Resume never silently starts over. It takes the newest step that Orbax counts
+as finished and that restores (codeclm/train/checkpoint_steps.py), warning
+about each one skipped, and then moves the skipped ones to
+`damaged_checkpoints/` so that Orbax can write those steps again. A workdir
+with no step folder starts at step 0. One whose steps all fail stops with a
+RestoreError naming each step and why (nothing is moved), unless
+`train.restart_from_scratch` is set, which moves them to
+`previous_runs/<UTC time>/` and starts at step 0. A store that fails while
+listing or reading stops with StoreUnreachable and moves nothing. On several
+processes resume decides together: a step is taken only if it restores on
+every process, so all resume from the same step.
 """
 
+import datetime
 import time
 
 from absl import logging
@@ -31,6 +37,8 @@ from codeclm.train import data_position
 
 RUN_FILES = ("config.json", "tokenizer.json", "manifest.json")
 DAMAGED = "damaged_checkpoints"  # Workdir folder for steps resume skipped.
+PREVIOUS_RUNS = "previous_runs"  # Steps put aside by restart_from_scratch.
+_OK, _DAMAGED, _UNREACHABLE = 0, 1, 2  # A step's verdict, worst wins.
 
 
 class Checkpointer:
@@ -64,87 +72,168 @@ class Checkpointer:
     )
 
   def restore_latest(self, abstract_state, iterator):
-    """(state, step) of the newest step that restores; (None, None) if none.
+    """(state, step) of the newest step that restores, or (None, None) when
+    training starts at step 0: the workdir has no step folder, or none
+    restores and train.restart_from_scratch is set.
 
-    Every process takes the same step. The candidates are process 0's list;
-    each process checks without any collective that a step is complete and that
-    the files it will read (the state metadata, the positions of the loader
-    streams it reads) are there and parse, and the processes vote on the
-    result, so a stale view or a damaged file on one host moves all of them to
-    an older step together. A check or restore that fails is tried again after
-    a pause (train.restore_tries, train.restore_retry_s): a transient read
-    error is not damage. Once an older step has restored, the skipped ones are
-    moved to `<workdir>/damaged_checkpoints/` (Orbax would otherwise still
-    count them and refuse to save those steps again); incomplete ones are moved
-    in any case. If steps are complete but none restores, that is a config that
-    does not fit the checkpoints rather than damage: RestoreError, nothing
-    moved. On several processes Orbax's restore is itself collective, so a step
-    that passes the vote and then fails to restore (arrays damaged on one host)
-    stops every process with that error.
+    Every process takes the same step. The candidates are process 0's list of
+    step folders, finished or not (a workdir whose steps all look unfinished
+    is not an empty one). Each process checks without any collective that
+    Orbax counts a step as finished and that the files it will read (the
+    state's metadata, the positions of the loader streams it reads) are there
+    and parse, and the processes vote, so a stale view or a damaged file on
+    one host moves all of them to an older step together. A check or restore
+    that fails is tried again after a pause (train.restore_tries,
+    train.restore_retry_s): a transient read error is not damage.
+
+    The steps that fail:
+      * The store fails (listing, reading or restoring raised an error that
+        is not about a file; checkpoint_steps.is_store_error) on any process:
+        StoreUnreachable at once, nothing moved.
+      * Damaged ones (incomplete, unreadable, do not restore), once an older
+        step restored: moved to `<workdir>/damaged_checkpoints/` (Orbax would
+        otherwise count them and refuse to save those steps again).
+      * None restores: RestoreError listing each step and why, nothing moved;
+        with train.restart_from_scratch every step folder (and unfinished
+        save) is moved to `<workdir>/previous_runs/<UTC time>/` instead and
+        training starts at step 0. A step that restores is resumed whatever
+        that setting, so a restarted job never starts over twice.
+    Before a step is called damaged and anything moves, a small write to the
+    workdir (storage.check_writable) must succeed on every process, since some
+    clients report a failing store as a missing file; if not, StoreUnreachable.
+    A DataPositionError (another data config) is raised as is. On several
+    processes Orbax's restore is itself collective, so a step that passes the
+    vote and then fails to restore (arrays damaged on one host) stops every
+    process with that error.
     """
-    checkpoint_steps.warn_tmp_dirs(self.directory)
-    incomplete, unrestorable = [], []
-    for step in _same_everywhere(sorted(self.manager.all_steps(),
-                                        reverse=True)):
+    steps, unfinished = self._listing()
+    checkpoint_steps.warn_unfinished(unfinished)
+    failed = []  # (path, kind, why), newest first.
+    for i, step in enumerate(steps):
       path = self.directory / str(step)
-      _, reason = self._retried(step, lambda: (
-          None, checkpoint_steps.unreadable_reason(path, iterator)))
-      if not _true_everywhere(reason is None):
-        logging.warning("Skipping checkpoint %s: %s.", path,
-                        reason or "unreadable on another process")
-        incomplete.append(path)
+      _, failure = self._retried(f"Checkpoint step {step}", lambda: (
+          None, checkpoint_steps.unusable_reason(path, iterator)))
+      verdict = _worst_everywhere(_verdict(failure))  # All act alike.
+      if verdict == _UNREACHABLE and _verdict(failure) != _UNREACHABLE:
+        failure = (checkpoint_steps.UNREACHABLE,
+                   "the store failed on another process")
+      elif verdict == _DAMAGED and failure is None:
+        failure = (checkpoint_steps.UNREADABLE,
+                   "it is unusable on another process")
+      elif verdict == _OK and jax.process_count() > 1:
+        state = self.restore(step, abstract_state, iterator)
+      elif verdict == _OK:
+        state, failure = self._retried(
+            f"Checkpoint step {step}",
+            lambda: self._restore_or_failure(step, abstract_state, iterator))
+      if failure is not None:
+        failed.append((path, *failure))
+        if failure[0] == checkpoint_steps.UNREACHABLE:
+          raise self._unreachable(failed, steps[i + 1:])
+        logging.warning("Skipping checkpoint %s: %s.", path, failure[1])
         continue
-      if jax.process_count() > 1:
-        state, reason = self.restore(step, abstract_state, iterator), None
-      else:
-        state, reason = self._retried(
-            step, lambda: self._restore_or_reason(step, abstract_state,
-                                                  iterator))
-      if reason is not None:
-        logging.warning("Skipping checkpoint %s: %s.", path, reason)
-        unrestorable.append((path, reason))
-        continue
-      self._set_aside(incomplete + [p for p, _ in unrestorable])
+      self._check_store(failed)
+      self._set_aside([p for p, _, _ in failed],
+                      self.directory.parent / DAMAGED)
       _check_same_step_everywhere(step)
       return state, step
-    self._set_aside(incomplete)
-    if unrestorable:
+    if not steps:
+      return None, None
+    self._check_store(failed)
+    if not self._train_cfg.restart_from_scratch:
       raise checkpoint_steps.RestoreError(
-          f"No checkpoint in {self.directory} restores onto this config:\n"
-          + "\n".join(f"  {p}: {r}" for p, r in unrestorable) + "\nIf the "
-          "config changed (model size, optimizer), use a new --workdir or the "
-          "config the checkpoints were written with; if the files are damaged, "
-          "move those steps out of the checkpoints folder.")
+          f"No checkpoint step in {self.directory} restores, so training "
+          "stops rather than start over at step 0 (nothing was moved):\n"
+          f"{_report(failed)}\nIf the config changed (model size, "
+          "optimizer), use the config the checkpoints were written with or a "
+          "new --workdir. To start over in this workdir anyway, pass "
+          "--config.train.restart_from_scratch=True: the steps are then moved "
+          f"to {self.directory.parent / PREVIOUS_RUNS}/<UTC time>/, not "
+          "deleted.")
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    aside = self.directory.parent / PREVIOUS_RUNS / stamp.strftime(
+        "%Y%m%dT%H%M%SZ")
+    logging.warning(
+        "No checkpoint step in %s restores:\n%s\ntrain.restart_from_scratch "
+        "is set: moving them to %s and starting at step 0.", self.directory,
+        _report(failed), aside)
+    self._set_aside([self.directory / str(s) for s in steps] + unfinished,
+                    aside)
     return None, None
 
-  def _retried(self, step: int, attempt):
-    """Runs attempt() -> (value, why it failed or None) until it succeeds or
-    the tries are spent; returns the last (value, reason)."""
+  def _listing(self):
+    """(process 0's step folders, this process's unfinished saves); a
+    listing that fails on any process (after the retries) is
+    StoreUnreachable."""
+    def attempt():
+      try:
+        return checkpoint_steps.list_steps(self.directory), None
+      except Exception as e:  # pylint: disable=broad-except
+        return e, (checkpoint_steps.UNREACHABLE,
+                   f"listing it failed ({checkpoint_steps.describe(e)})")
+    listing, failure = self._retried(str(self.directory), attempt)
+    if not _true_everywhere(failure is None):
+      why = failure[1] if failure else "listing it failed on another process"
+      raise checkpoint_steps.StoreUnreachable(
+          f"The checkpoint store failed while resuming from {self.directory}"
+          f": {why}.\n{_STOPS}") from (listing if failure else None)
+    steps, unfinished = listing
+    return _same_everywhere(steps), unfinished
+
+  def _retried(self, label: str, attempt):
+    """Runs attempt() -> (value, (kind, why) if it failed, else None) until
+    it succeeds or the tries are spent; returns the last (value, failure)."""
     tries = max(1, self._train_cfg.restore_tries)
     for i in range(tries):
-      value, reason = attempt()
-      if reason is None or i + 1 == tries:
-        return value, reason
+      value, failure = attempt()
+      if failure is None or i + 1 == tries:
+        return value, failure
       pause = self._train_cfg.restore_retry_s
-      logging.warning("Checkpoint step %d: %s; trying again in %ss.", step,
-                      reason, pause)
+      logging.warning("%s: %s; trying again in %ss.", label, failure[1],
+                      pause)
       time.sleep(pause)
 
-  def _restore_or_reason(self, step: int, abstract_state, iterator):
+  def _restore_or_failure(self, step: int, abstract_state, iterator):
     try:
       return self.restore(step, abstract_state, iterator), None
     except data_position.DataPositionError:
       raise  # The run's data config, not damage: no older step fits either.
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore raise many types for damaged files.
-      return None, f"it does not restore ({checkpoint_steps.describe(e)})"
+      kind = (checkpoint_steps.UNREACHABLE
+              if checkpoint_steps.is_store_error(e)
+              else checkpoint_steps.UNRESTORABLE)
+      return None, (kind, f"it does not restore "
+                          f"({checkpoint_steps.describe(e)})")
 
-  def _set_aside(self, paths: list[str]) -> None:
-    """Moves step directories to damaged_checkpoints/ (process 0 does it)."""
+  def _check_store(self, failed) -> None:
+    """StoreUnreachable unless a small write to the workdir succeeds on
+    every process; called before steps that failed are called damaged."""
+    if not failed:
+      return
+    try:
+      storage.check_writable(self.directory.parent)
+      error = None
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    if not _true_everywhere(error is None):
+      why = (checkpoint_steps.describe(error) if error
+             else "it failed on another process")
+      raise self._unreachable(
+          failed, (), f"; a test write to {self.directory.parent} "
+          f"failed ({why}), so these may be the store failing rather than "
+          "damage") from error
+
+  def _unreachable(self, failed, untried, more: str = ""):
+    return checkpoint_steps.StoreUnreachable(
+        f"The checkpoint store failed while resuming from {self.directory}"
+        f"{more}:\n{_report(failed, untried)}\n{_STOPS}")
+
+  def _set_aside(self, paths, root) -> None:
+    """Moves step folders into `root` (process 0 does it)."""
     if not paths:
       return
     if jax.process_index() == 0:
-      root = self.directory.parent / DAMAGED
       root.mkdir(parents=True, exist_ok=True)
       for path in paths:
         dest, n = root / path.name, 0
@@ -207,6 +296,33 @@ def _same_everywhere(steps: list[int]) -> list[int]:
   mine = np.zeros(n, np.int64)
   mine[:min(n, len(steps))] = steps[:n]
   return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)]
+
+
+_STOPS = ("Nothing was moved, and training stops rather than start over at "
+          "step 0: rerun once the store answers (train.restore_tries and "
+          "train.restore_retry_s set how long reads are retried).")
+
+
+def _report(failed, untried=()) -> str:
+  """One line per step that failed, newest first, then those not tried."""
+  lines = [f"  {path}: {kind}: {why}" for path, kind, why in failed]
+  if untried:
+    lines.append(f"  steps {', '.join(map(str, untried))}: not tried")
+  return "\n".join(lines)
+
+
+def _verdict(failure) -> int:
+  if failure is None:
+    return _OK
+  return (_UNREACHABLE if failure[0] == checkpoint_steps.UNREACHABLE
+          else _DAMAGED)
+
+
+def _worst_everywhere(verdict: int) -> int:
+  """The worst verdict of any process (a collective: all must call)."""
+  if jax.process_count() == 1:
+    return verdict
+  return int(np.max(multihost_utils.process_allgather(np.int32(verdict))))
 
 
 def _true_everywhere(flag: bool) -> bool:
