@@ -6,14 +6,19 @@ r"""The fit table: the paper's runs compiled for TPU slices (--mode=compile).
   python benchmarks/fit_table.py --out=/tmp/fit.jsonl --smallest=all
   python benchmarks/fit_table.py --out=/tmp/fit.jsonl --smallest=all --markdown
 
-Each row compiles the real train step (`python -m codeclm.main --mode=compile
---config.compile.steps='(train,)'`, one process per row, so a crash or an
-out-of-memory row does not stop the others) at the paper's global batch, with
-fsdp over every chip, remat "full" and train.grad_accum chosen so that each
-chip holds one sequence per micro-batch; splash first, then XLA on the same
-slice. Results are appended to --out as JSON lines as they finish, so a run
-stopped early keeps its rows. Needs the [tpu] extra; a 7B row takes minutes of
-CPU.
+Each row compiles the real train step and the sampler's programs
+(`python -m codeclm.main --mode=compile --config.compile.steps='(train,
+sample)'`, one process per row, so a crash or an out-of-memory row does not
+stop the others) at the paper's global batch, with fsdp over every chip,
+remat "full" and train.grad_accum chosen so that each chip holds one sequence
+per micro-batch; splash first, then XLA on the same slice. The sampler's
+programs run on the weights' layout sampling would choose there (by default
+"auto": a replicated bf16 copy unless it takes over half a chip's HBM, see
+codeclm/train/compile.py); --markdown gives each program a line, the layout
+in its name, and a row fits when every program does. --steps=train compiles
+the train step alone, as rows before the sampling lines did. Results are
+appended to --out as JSON lines as they finish, so a run stopped early keeps
+its rows. Needs the [tpu] extra; a 7B row takes minutes of CPU.
 
 --smallest searches, per model, TPU generation and attention, for the smallest
 slice that fits: slices upward from the first on which the fp32 parameters
@@ -47,6 +52,8 @@ _TIMEOUT = flags.DEFINE_integer("timeout_s", 3600, "Per compile.")
 _SMALLEST = flags.DEFINE_list(
     "smallest", [], "Searches to run, model:generation[:attention] "
     "(jpeg-7b:v5e:splash), or 'all'; with --markdown, the search table.")
+_STEPS = flags.DEFINE_list(
+    "steps", ["train", "sample"], "compile.steps of each row compiled.")
 _RECOUNT = flags.DEFINE_bool(
     "recount", False, "Recount --out's collectives from the HLO each compile "
     "kept in its workdir (after a change to hlo_stats.collectives), in place.")
@@ -121,7 +128,7 @@ def compile_row(name, config, seq_len, batch, topology, impl) -> dict:
   argv = [sys.executable, "-m", "codeclm.main", f"--config={config}",
           f"--workdir={workdir}", "--mode=compile",
           f"--config.compile.topology={topology}",
-          "--config.compile.steps=('train',)",
+          f"--config.compile.steps={tuple(_STEPS.value)}",
           "--config.mesh.shape=(1,-1,1)", f"--config.seq_len={seq_len}",
           f"--config.batch_size={batch}", f"--config.train.grad_accum={accum}",
           "--config.model.remat_policy=full",
@@ -268,35 +275,45 @@ def smallest_markdown(rows) -> str:
   return "\n".join(out)
 
 
+def _program_fits(prog, hbm: int) -> str:
+  m = prog["memory"]
+  if prog["fits"] and m["total"] <= hbm:
+    return "yes"
+  over = m["total"] - m.get("available", hbm)
+  return f"no: over by {over / GIB:.1f} GiB"
+
+
 def markdown(rows) -> str:
+  """A line per compiled program: the train step, then the sampler's."""
   out = ["| model | seq | global batch (accum) | slice | mesh | remat | "
-         "attention | GiB per chip (temp) | of HBM | collectives GiB/step | "
-         "fits | compile s |", "|" + "---|" * 12]
+         "attention | program | GiB per chip (temp) | of HBM | "
+         "collectives GiB/step | fits | compile s |", "|" + "---|" * 13]
   for r in rows:
     rep = r.get("report")
     if rep is None:
       out.append(f"| {r['config']} | {r['seq_len']:,} | {r['batch']} | "
-                 f"{r['topology']} | | full | {r['attention']} | failed: "
+                 f"{r['topology']} | | full | {r['attention']} | | failed: "
                  f"see log | | | | {r['wall_s']} |")
       continue
-    prog, v = rep["programs"][0], rep["verdict"]
-    m = prog["memory"]
     mesh = "x".join(str(rep["mesh"][a]) for a in ("data", "fsdp", "tensor"))
-    if prog["fits"]:
-      need = f"{m['total'] / GIB:.1f} ({m['temporary'] / GIB:.1f})"
-      moved = sum(c["bytes"] for c in prog["collectives"].values())
-      # Counted before the HLO was kept (and the count fixed): see RESULTS.
-      moved = f"{moved / GIB:.1f}" + ("" if "hlo" in prog else " (old count)")
-    else:  # XLA stopped at its temporaries.
-      need, moved = f">= {m['temporary'] / GIB:.1f} (temporaries alone)", "-"
-    fits = "yes" if v["fits"] else (
-        f"no: over by {v.get('over_bytes', 0) / GIB:.1f} GiB")
-    out.append(
-        f"| {r['config'].split('/')[-1]} | {r['seq_len']:,} | {r['batch']} "
-        f"({r['grad_accum']}) | {r['topology']} | {mesh} | full | "
-        f"{rep['config']['attention_resolved']} | {need} | "
-        f"{rep['hbm_bytes_per_chip'] / GIB:.0f} | {moved} | {fits} | "
-        f"{prog['compile_s']:.0f} |")
+    hbm = rep["hbm_bytes_per_chip"]
+    for prog in rep["programs"]:
+      m = prog["memory"]
+      if prog["fits"]:
+        need = f"{m['total'] / GIB:.1f} ({m['temporary'] / GIB:.1f})"
+        moved = sum(c["bytes"] for c in prog["collectives"].values())
+        # Counted before the HLO was kept (and the count fixed): RESULTS.
+        moved = f"{moved / GIB:.1f}" + ("" if "hlo" in prog
+                                         else " (old count)")
+      else:  # XLA stopped at its temporaries.
+        need = f">= {m['temporary'] / GIB:.1f} (temporaries alone)"
+        moved = "-"
+      out.append(
+          f"| {r['config'].split('/')[-1]} | {r['seq_len']:,} | "
+          f"{r['batch']} ({r['grad_accum']}) | {r['topology']} | {mesh} | "
+          f"full | {rep['config']['attention_resolved']} | {prog['name']} | "
+          f"{need} | {hbm / GIB:.0f} | {moved} | {_program_fits(prog, hbm)}"
+          f" | {prog['compile_s']:.0f} |")
   return "\n".join(out)
 
 

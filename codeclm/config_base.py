@@ -151,8 +151,13 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       # Params cast to the model dtype and replicated over data/fsdp (split
       # over tensor) once before decoding: no weight all-gathers per token.
       # False keeps the trained layout, for a model that fits the devices
-      # only sharded (7B in bf16 replicated is 13.5 GB per device).
-      reshard_params=True,
+      # only sharded (7B in bf16 replicated is 13.5 GB per device). "auto":
+      # replicated unless that copy would take over max_copy_fraction of a
+      # device's memory (unknown, as on CPU: replicated); --mode=compile
+      # decides the same with the slice's HBM. Typed object: True, False and
+      # "auto" are all accepted, from Python or the command line.
+      reshard_params=ml_collections.FieldReference("auto", field_type=object),
+      max_copy_fraction=0.5,
       # Scanned layers split and run unrolled while sampling: XLA (on CPU)
       # copies a scanned layer's weights before each matmul, every token.
       # False: one layer body to compile (faster compiles, slower decode).

@@ -105,7 +105,9 @@ def test_report_of_every_step(tmp_path, capsys):
   assert report["device_kind"] == "TPU v5 lite"
   assert report["config"]["attention_resolved"] == "splash"
   assert [p["name"].split(" (")[0] for p in report["programs"]] == [
-      "train step", "eval step", "sample prefill", "sample decode"]
+      "train step", "eval step", "sample prepare", "sample prefill",
+      "sample decode"]
+  assert report["sample"]["layout"] == "bfloat16 replicated over data,fsdp"
   for program in report["programs"]:
     assert program["fits"]
     assert set(program["memory"]) == {"argument", "output", "alias",
@@ -120,6 +122,67 @@ def test_report_of_every_step(tmp_path, capsys):
   assert report["verdict"]["fits"] and report["verdict"]["need_bytes"] < (
       report["hbm_bytes_per_chip"])
   assert "FITS" in capsys.readouterr().out
+
+
+def sampler_config(mlp_dim=512, **sample):
+  """One layer, wide enough that the weights outweigh TPU tile padding."""
+  c = small_config("v5e-4", "splash", seq_len=256, steps=("sample",))
+  c.model.update(emb_dim=256, mlp_dim=mlp_dim, num_heads=2, num_kv_heads=2)
+  c.sample.update(sample)
+  return c
+
+
+def _programs(report):
+  return {p["name"].split(" (")[0]: p for p in report["programs"]}
+
+
+@needs_libtpu
+def test_sampler_programs_hold_the_replicated_copy(tmp_path):
+  """Prefill and decode compile on the weights as sampling lays them out:
+  with reshard_params a bf16 copy on every chip (made by the prepare step),
+  else fp32 split over the 4 fsdp chips; so the copy's arguments are larger
+  by the difference, counted here from the parameter count."""
+  reports = {r: aot.run(sampler_config(reshard_params=r),
+                        str(tmp_path / str(r))) for r in (True, False)}
+  copy, kept = (reports[r]["sample"] for r in (True, False))
+  assert copy["layout"] == "bfloat16 replicated over data,fsdp"
+  assert kept["layout"] == "float32 sharded as trained"
+  assert list(_programs(reports[True])) == [
+      "sample prepare", "sample prefill", "sample decode"]
+  assert list(_programs(reports[False])) == ["sample prefill",
+                                             "sample decode"]
+  # Parameters: nearly all bf16 in the copy (norm scales stay fp32), and
+  # fp32 over 4 chips as trained (an unsplit vocabulary dim aside).
+  params = copy["weights_bytes_per_chip"] / 2
+  assert abs(kept["weights_bytes_per_chip"] - params) < 0.1 * params, kept
+  extra = copy["weights_bytes_per_chip"] - kept["weights_bytes_per_chip"]
+  assert extra > 0.8 * params
+  for name in ("sample prefill", "sample decode"):
+    args = {r: _programs(reports[r])[name]["memory"]["argument"]
+            for r in (True, False)}
+    assert abs(args[True] - args[False] - extra) < 0.1 * extra, (name, args)
+  prepare = _programs(reports[True])["sample prepare"]["memory"]
+  assert prepare["output"] >= 0.9 * copy["weights_bytes_per_chip"]
+
+
+@needs_libtpu
+def test_auto_layout_follows_the_chips_memory(tmp_path, capsys):
+  """reshard_params="auto" (the default) replicates on a v5e chip's 16 GiB,
+  and keeps the weights sharded once the copy is over max_copy_fraction of
+  it; the table says which layout was compiled, and why."""
+  # Programs of their own: libtpu cannot reload another test's from JAX's
+  # persistent cache (and warns).
+  report = aot.run(sampler_config(768), str(tmp_path / "default"))
+  assert report["sample"]["setting"] == "auto"
+  assert report["sample"]["reshard_params"], report["sample"]
+  assert "sample prepare" in _programs(report)
+  tiny = aot.run(sampler_config(768, max_copy_fraction=1e-6),
+                 str(tmp_path / "tiny"))
+  assert not tiny["sample"]["reshard_params"], tiny["sample"]
+  assert list(_programs(tiny)) == ["sample prefill", "sample decode"]
+  assert "over 1e-06 of its 16.00 GiB" in tiny["sample"]["why"]
+  assert ("Sampling weights: float32 sharded as trained"
+          in capsys.readouterr().out)
 
 
 @needs_libtpu

@@ -4,12 +4,14 @@ import atexit
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -360,6 +362,92 @@ def test_decode_loop_gathers_no_weights_on_an_fsdp_mesh():
     gathered[reshard] = [x for x in loop_all_gathers(hlo) if x in weights]
   assert len(gathered[False]) >= 7, gathered  # A layer's 7 projections.
   assert not gathered[True], gathered[True]
+
+
+def test_auto_reshard_replicates_only_what_fits():
+  """reshard_params="auto": the replicated copy while it takes at most
+  max_fraction of a device (or the memory is unknown, as on CPU), else the
+  weights as trained; True and False (or their text) always win."""
+  model, params = model_and_params()
+  rules = sharding.DEFAULT_RULES
+  # The copy, counted here: every weight whole in the model dtype, norm
+  # scales as stored (fp32).
+  bf16 = llama.Llama(dataclasses.replace(model.config, dtype="bfloat16"))
+  whole = {
+      dtype: sum(x.size * (4 if dtype == "float32" or "scale" in
+                           jax.tree_util.keystr(path) else 2)
+                 for path, x in jax.tree_util.tree_leaves_with_path(params))
+      for dtype in ("float32", "bfloat16")}
+  fsdp = sharding.make_mesh((1, 8, 1))  # Replicated over all 8 devices.
+  assert decode_loop.copy_bytes(model, fsdp, rules) == whole["float32"]
+  assert decode_loop.copy_bytes(bf16, fsdp, rules) == whole["bfloat16"]
+  mesh = sharding.make_mesh((1, 4, 2))  # Split over tensor only.
+  copy = decode_loop.copy_bytes(model, mesh, rules)
+  assert whole["float32"] / 2 <= copy < whole["float32"]
+
+  choose = functools.partial(sampler_lib.choose_reshard, model=model,
+                             mesh=mesh, rules=rules)
+  assert choose("auto", memory=2 * copy) == (True, mock.ANY)  # Just half.
+  assert choose("auto", memory=None)[0]
+  keep, why = choose("auto", memory=2 * copy - 1)
+  assert not keep and "over 0.5 of" in why and "sharded as trained" in why
+  assert not choose("auto", memory=4 * copy, max_fraction=0.2)[0]
+  assert choose("AUTO", memory=4 * copy, max_fraction=0.3)[0]
+  for setting, want in ((True, True), (False, False), ("False", False),
+                        ("true", True)):
+    assert choose(setting, memory=1)[0] is want
+    assert choose(setting, memory=None)[0] is want
+  with pytest.raises(ValueError, match="True, False or 'auto'"):
+    choose("yes", memory=None)
+
+
+def test_sampler_auto_keeps_the_weights_sharded_where_a_copy_would_not_fit(
+    monkeypatch, caplog):
+  """The Sampler applies the rule with its devices' memory and says why."""
+  model, _ = model_and_params()
+  mesh = sharding.make_mesh((1, 8, 1))
+  params = fsdp_params(mesh)
+  make = lambda **kw: sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD,
+                                          mesh=mesh, **kw)
+  assert make().reshard_params  # CPU: no memory limit known, replicate.
+  copy = decode_loop.copy_bytes(model, mesh, sharding.DEFAULT_RULES)
+  monkeypatch.setattr(sharding, "device_memory", lambda mesh: 4 * copy)
+  assert make().reshard_params
+  monkeypatch.setattr(sharding, "device_memory", lambda mesh: copy)
+  caplog.set_level(logging.INFO)
+  s = make()
+  assert not s.reshard_params
+  said = [r.getMessage() for r in caplog.records if "Sampler:" in
+          r.getMessage()]
+  assert len(said) == 1 and "over 0.5 of" in said[0], said
+  # Nothing laid out: prepare hands the trained weights back as they are.
+  kept = s.prepare(params)
+  assert all(a is b for a, b in zip(jax.tree.leaves(kept.tree),
+                                    jax.tree.leaves(params)))
+  assert make(reshard_params=True).reshard_params  # Explicit wins.
+  assert make(max_copy_fraction=1.0).reshard_params  # The share, passed.
+
+
+def test_prepared_shardings_are_the_layout_prepare_makes():
+  """--mode=compile compiles prefill and decode on prepared_shardings: the
+  layout Sampler.prepare really gives (replicated over fsdp, split over
+  tensor), per layer when unrolled."""
+  model, _ = model_and_params()
+  mesh = sharding.make_mesh((1, 4, 2))
+  params = fsdp_params(mesh)
+  for unroll in (True, False):
+    s = sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD, mesh=mesh,
+                            reshard_params=True, unroll_layers=unroll)
+    got = s.prepare(params).tree
+    want = decode_loop.prepared_shardings(model, mesh, s.rules,
+                                          unroll_layers=unroll)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert ("layers_1" in want) is unroll
+    specs = [w.spec for w in jax.tree.leaves(want)]
+    assert any("tensor" in str(p) for p in specs), specs
+    assert not any("fsdp" in str(p) for p in specs), specs
+    for x, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert x.sharding.is_equivalent_to(w, x.ndim), (x.sharding, w)
 
 
 def test_bf16_cache_is_the_default_and_tracks_fp32():

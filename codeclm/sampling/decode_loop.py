@@ -14,7 +14,11 @@ over (data, fsdp), split over the rest (tensor) as the rules say. So a
 decode step does no all-gather of weights: on a training (fsdp) mesh it would
 otherwise gather every layer's fp32 weights, a whole model moved per token.
 `Sampler(reshard_params=False)` keeps the given layout instead, for a model
-that fits the devices only when sharded over fsdp.
+that fits the devices only when sharded over fsdp; "auto" (the default)
+chooses by the copy's size per device (`copy_bytes`, sampler.py). The
+prefill and the decode step are functions of their own (`prefill`,
+`decode_step`), so that --mode=compile compiles the programs sampling runs,
+on this layout (`prepared_shardings`).
 
 Layers: a model trained with scanned layers keeps its weights stacked
 [layers, ...]; inside a scan each layer reads its slice with a dynamic-slice,
@@ -46,6 +50,7 @@ import jax.numpy as jnp
 
 from codeclm.model import kv_cache
 from codeclm.model import llama
+from codeclm.model import sharding
 from codeclm.sampling import hosts
 
 
@@ -115,25 +120,61 @@ class _Loop:
   count: jax.Array         # int32 [B]: constraint counter
 
 
+def _decode_dtype(path, stored, dtype):
+  """A weight's dtype for decoding: `dtype`, but norm scales as stored (the
+  model reads them in fp32)."""
+  keep = jax.tree_util.keystr(path).endswith("['scale']")
+  return stored if keep else jnp.dtype(dtype)
+
+
 def _for_decoding(params, shardings, dtype):
   """Params cast to the compute dtype (norm scales kept) in `shardings`."""
   def one(path, x, s):
-    if not jax.tree_util.keystr(path).endswith("['scale']"):
-      x = x.astype(dtype)
+    x = x.astype(_decode_dtype(path, x.dtype, dtype))
     return jax.lax.with_sharding_constraint(x, s)
   return jax.tree_util.tree_map_with_path(one, params, shardings)
 
 
-def _unrolled(params, model: llama.Llama) -> tuple[Any, llama.Llama]:
-  """Stacked layer weights split per layer, and the unscanned model."""
+def _unrolled(params, model: llama.Llama,
+              take=lambda x, i: x[i]) -> tuple[Any, llama.Llama]:
+  """Stacked layer weights split per layer (`take` gives layer i of a
+  leaf), and the unscanned model."""
   if not model.config.scan_layers:
     return params, model
   params = dict(params)
   stacked = params.pop("layers")
   for i in range(model.config.num_layers):
-    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: take(x, i), stacked)
   return params, llama.Llama(dataclasses.replace(model.config,
                                                  scan_layers=False))
+
+
+def prepared_shardings(model: llama.Llama, mesh: jax.sharding.Mesh,
+                       rules: Sequence, *, unroll_layers: bool) -> Any:
+  """The shardings `_prepare` lays the weights out in (reshard_params):
+  the decode layout, split per layer as `_unrolled` splits them. What
+  --mode=compile gives prefill and decode, as a prepared call gets them."""
+  shardings = hosts.decode_shardings(model, mesh, rules)
+  if not unroll_layers:
+    return shardings
+  one_layer = lambda s, i: jax.sharding.NamedSharding(
+      s.mesh, jax.sharding.PartitionSpec(*s.spec[1:]))
+  return _unrolled(shardings, model, take=one_layer)[0]
+
+
+def copy_bytes(model: llama.Llama, mesh: jax.sharding.Mesh,
+               rules: Sequence) -> int:
+  """Bytes per device of the weights laid out for decoding: in the model
+  dtype, replicated over the batch's mesh axes (JPEG-LM 7B in bf16: 12 GiB)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
+  cast = jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.ShapeDtypeStruct(
+          x.shape, _decode_dtype(path, x.dtype, model.config.dtype)),
+      shapes["params"])
+  return sharding.bytes_per_device(
+      cast, hosts.decode_shardings(model, mesh, rules))
 
 
 @flax.struct.dataclass
@@ -155,6 +196,26 @@ def _prepare(params, *, model: llama.Llama, param_shardings,
   return DecodeParams(params, model)
 
 
+def prefill(params: DecodeParams, prompts, lengths, *, cache_len: int,
+            cache_dtype) -> tuple[jax.Array, kv_cache.KVCache]:
+  """Right-padded prompts [B, P] into a fresh cache of cache_len slots:
+  (the logits at each row's last prompt position [B, 1, V], the cache)."""
+  model = params.model
+  cache = kv_cache.init_cache(model.config, prompts.shape[0], cache_len,
+                              cache_dtype,
+                              per_layer=not model.config.scan_layers)
+  # No positions: every row from 0, the model's causal prefill fast path.
+  return model.apply({"params": params.tree}, prompts, cache=cache,
+                     logits_at=(lengths - 1)[:, None])
+
+
+def decode_step(params: DecodeParams, tokens, positions, cache
+                ) -> tuple[jax.Array, kv_cache.KVCache]:
+  """One token per row [B, 1] at `positions` [B, 1]: (logits, cache)."""
+  return params.model.apply({"params": params.tree}, tokens, positions,
+                            cache=cache)
+
+
 def _generate(params, prompts, lengths, active, sample_ids, states, counts,
               seed, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
               constraint, *, model: llama.Llama, cache_len: int, cache_dtype,
@@ -166,12 +227,8 @@ def _generate(params, prompts, lengths, active, sample_ids, states, counts,
   if not isinstance(params, DecodeParams):  # Once, outside the loop.
     params = _prepare(params, model=model, param_shardings=param_shardings,
                       unroll_layers=unroll_layers)
-  params, model = params.tree, params.model
-  apply = functools.partial(model.apply, {"params": params})
-  cache = kv_cache.init_cache(model.config, b, cache_len, cache_dtype,
-                              per_layer=not model.config.scan_layers)
-  # No positions: every row from 0, the model's causal prefill fast path.
-  last, cache = apply(prompts, cache=cache, logits_at=(lengths - 1)[:, None])
+  last, cache = prefill(params, prompts, lengths, cache_len=cache_len,
+                        cache_dtype=cache_dtype)
   tokens = jnp.full((b, cache_len), pad_id, jnp.int32)
   tokens = jax.lax.dynamic_update_slice(tokens, prompts, (0, 0))
   tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
@@ -211,7 +268,8 @@ def _generate(params, prompts, lengths, active, sample_ids, states, counts,
   def body(s: _Loop) -> _Loop:
     token, state, count, tokens = draw(s)
     pos = lengths + s.step
-    new_logits, cache = apply(token[:, None], pos[:, None], cache=s.cache)
+    new_logits, cache = decode_step(params, token[:, None], pos[:, None],
+                                    s.cache)
     return _Loop(step=s.step + 1, tokens=tokens,
                  logits=new_logits[:, 0], cache=cache,
                  done=s.done | (token == eos_id), state=state, count=count)

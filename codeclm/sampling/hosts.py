@@ -38,8 +38,9 @@ def decode_shardings(model: llama.Llama, mesh: jax.sharding.Mesh,
   parallel there), split over the others (tensor) as in training.
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(model.init, jax.random.key(0),
-                           jnp.zeros((1, 1), jnp.int32))["params"]
+    # Nothing concrete: the mesh may be a TPU topology's (--mode=compile).
+    boxed = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
   batch = batch_mesh_axes(rules)
   as_tuple = lambda axes: ((axes,) if isinstance(axes, str) else
                            tuple(axes or ()))

@@ -30,6 +30,7 @@ import dataclasses
 import math
 from typing import Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,42 @@ def bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+# reshard_params="auto": the largest share of a device's memory the
+# replicated decode copy may take; the KV cache and activations need the rest.
+MAX_COPY_FRACTION = 0.5
+
+
+def choose_reshard(setting, model: llama.Llama, mesh: jax.sharding.Mesh,
+                   rules: Sequence, *, memory: int | None,
+                   max_fraction: float = MAX_COPY_FRACTION
+                   ) -> tuple[bool, str]:
+  """(reshard_params, why): True/False (or their text) as given; "auto"
+  replicates the weights for decoding (no gathers per token) unless that
+  copy would take over `max_fraction` of `memory`, a device's bytes (None,
+  as on CPU: unknown, so replicate), where it keeps them sharded as trained
+  (a decode step gathers them layer by layer) rather than run out of memory.
+  """
+  text = str(setting).strip().lower()
+  if text not in ("auto", "true", "false"):
+    raise ValueError(f"sample.reshard_params={setting!r}: use True, False "
+                     "or 'auto'.")
+  if text != "auto":
+    return text == "true", f"reshard_params={setting!r} as given"
+  if memory is None:
+    return True, "auto: device memory unknown, weights replicated"
+  need = decode_loop.copy_bytes(model, mesh, rules)
+  gib = lambda n: f"{n / 2**30:.2f} GiB"
+  if need <= max_fraction * memory:
+    return True, (f"auto: the replicated {model.config.dtype} copy of the "
+                  f"weights takes {gib(need)} per device, within "
+                  f"{max_fraction:g} of its {gib(memory)}")
+  return False, (f"auto: a replicated {model.config.dtype} copy of the "
+                 f"weights would take {gib(need)} per device, over "
+                 f"{max_fraction:g} of its {gib(memory)}, so they stay "
+                 "sharded as trained and each decode step gathers them "
+                 "layer by layer (sample.reshard_params=True forces the copy)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Sample:
   """One row's result: new tokens (EOS and padding dropped)."""
@@ -81,11 +118,12 @@ class Sampler:
 
   Params may come in any layout (e.g. restored with the training shardings,
   see `load`); each call lays them out for decoding first (decode_loop.py)
-  unless reshard_params=False, and then splits scanned layers to run them
-  unrolled unless unroll_layers=False. Prompts and outputs are split over
-  the mesh's batch axes by the logical rules. Batches are padded to a power
-  of two (a multiple of the data-parallel size); prompts to a power of two
-  >= `min_bucket`; the cache
+  unless reshard_params=False ("auto": unless that copy would take over
+  max_copy_fraction of a device, see `choose_reshard`), and then splits
+  scanned layers to run them unrolled unless unroll_layers=False. Prompts
+  and outputs are split over the mesh's batch axes by the logical rules.
+  Batches are padded to a power of two (a multiple of the data-parallel
+  size); prompts to a power of two >= `min_bucket`; the cache
   holds the prompt bucket + max_new_tokens rounded up to a power of two
   >= `min_bucket`, capped at the model's max_len. So prompts of any length
   within a bucket share one compilation, and a decode step attends over
@@ -98,7 +136,9 @@ class Sampler:
                mesh: jax.sharding.Mesh | None = None,
                rules: Sequence = sharding.DEFAULT_RULES,
                cache_dtype=jnp.bfloat16, min_bucket: int = 64,
-               reshard_params: bool = True, unroll_layers: bool = True):
+               reshard_params: bool | str = "auto",
+               unroll_layers: bool = True,
+               max_copy_fraction: float = MAX_COPY_FRACTION):
     self.model = model
     self.eos_id, self.pad_id = int(eos_id), int(pad_id)
     self.mesh = mesh if mesh is not None else sharding.make_mesh(
@@ -119,9 +159,15 @@ class Sampler:
         self.mesh, jax.sharding.PartitionSpec())
     # id -> (constraint, its tables on the mesh), most recent last (`place`).
     self._placed: dict[int, tuple] = {}
-    self._reshard_params = bool(reshard_params)
+    # The layout decoding uses: the replicated copy, or the weights as given.
+    self.reshard_params, why = choose_reshard(
+        reshard_params, model, self.mesh, self.rules,
+        memory=sharding.device_memory(self.mesh),
+        max_fraction=max_copy_fraction)
+    if not self.reshard_params and str(reshard_params).lower() == "auto":
+      logging.info("Sampler: %s.", why)
     self._jitted, self._traces, self._prepare = decode_loop.loop_for(
-        model, self.mesh, self.rules, self.cache_dtype, bool(reshard_params),
+        model, self.mesh, self.rules, self.cache_dtype, self.reshard_params,
         bool(unroll_layers))
 
   @property
@@ -135,7 +181,7 @@ class Sampler:
     given plain params needs anyway (it makes the same copy inside)."""
     if isinstance(params, decode_loop.DecodeParams):
       return params
-    if not self._reshard_params:  # Nothing to lay out: no copy either.
+    if not self.reshard_params:  # Nothing to lay out: no copy either.
       return decode_loop.DecodeParams(params, self.model)
     with self._context():
       return self._prepare(params)

@@ -104,7 +104,10 @@ def sampler_of(sample_cfg, model, tokenizer, mesh, rules) -> sampler_lib.Sampler
                  mesh=mesh, rules=rules, cache_dtype=sample_cfg.cache_dtype,
                  min_bucket=sample_cfg.min_bucket,
                  reshard_params=sample_cfg.reshard_params,
-                 unroll_layers=sample_cfg.unroll_layers)
+                 unroll_layers=sample_cfg.unroll_layers,
+                 # A workdir's config.json from before the field: default.
+                 max_copy_fraction=sample_cfg.get(
+                     "max_copy_fraction", sampler_lib.MAX_COPY_FRACTION))
 
 
 def grammar_of(constrained: bool, codec, tokenizer):

@@ -1,13 +1,18 @@
 r"""--mode=compile: does a config fit a TPU slice, and what does it communicate?
 
 Compiles, on a machine with no accelerator, the train step, the eval step and
-the sampler's prefill and decode steps for a named Cloud TPU topology
-(libtpu's topology descriptions give the slice's devices), then reports per
+the sampler's programs for a named Cloud TPU topology (libtpu's topology
+descriptions give the slice's devices), then reports per
 chip: argument / output / temporary / code bytes against the chip's HBM with a
 verdict (and, when it does not fit, the knobs to turn); XLA's FLOPs next to
 the model FLOPs; and the collectives in the compiled HLO with their bytes per
 step. Written to <workdir>/compile_report.json and printed as a table; each
 program's compiled HLO is kept next to it (train_step.hlo.gz, ...).
+
+The sampler's programs are the ones sampling runs, on the weights' layout it
+would choose on this slice (sampler.choose_reshard with the chip's HBM):
+by default a copy in the model dtype replicated over data/fsdp, made by the
+prepare step and taken by prefill and decode, so their arguments hold it.
 
   python -m codeclm.main --config=configs/jpeg_lm.py:7b --workdir=/tmp/aot \
       --mode=compile --config.compile.topology=v5p-128 \
@@ -39,6 +44,9 @@ from codeclm.data import loader
 from codeclm.model import attention
 from codeclm.model import kv_cache
 from codeclm.model import sharding
+from codeclm.sampling import decode_loop
+from codeclm.sampling import hosts
+from codeclm.sampling import sampler as sampler_lib
 from codeclm.train import checkpoint
 from codeclm.train import compile_report
 from codeclm.train import hlo_stats
@@ -73,50 +81,92 @@ def _compile(name: str, fn, args, context, hlo_dir: epath.Path) -> dict:
               compile_s=time.perf_counter() - t)
 
 
-def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int):
-  """The sampler's two programs, built from codeclm/model alone: prefill of a
-  prompt into a fresh cache, and one decode step over that cache. `sc` and
-  `compile_cfg`: the config's sample and compile sections."""
-  model = setup.model
-  spec = nn.logical_to_mesh_axes(("batch",), setup.rules)[0]
+def _on_device(tree) -> int:
+  """Bytes one chip holds of abstract arrays that carry their shardings."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int,
+                   hbm_bytes: int) -> tuple[list, dict]:
+  """The sampler's programs as sampling runs them (decode_loop.py), and the
+  weights' layout they run on.
+
+  The layout is the Sampler's choice (sampler.choose_reshard) with the
+  slice's HBM per chip: with reshard_params, the prepare step that casts
+  the trained weights and replicates them over the batch axes, then prefill
+  of a prompt into a fresh cache and one decode step taking that copy;
+  else those two on the weights as trained. `sc` and `compile_cfg`: the
+  config's sample and compile sections.
+  """
+  model, mesh, rules = setup.model, setup.mesh, setup.rules
+  reshard, why = sampler_lib.choose_reshard(
+      sc.reshard_params, model, mesh, rules, memory=hbm_bytes,
+      max_fraction=sc.max_copy_fraction)
+  cache_dtype = jnp.dtype(sc.cache_dtype)
+  _, _, prepare = decode_loop.loop_for(model, mesh, rules, cache_dtype,
+                                       reshard, bool(sc.unroll_layers))
+  trained = checkpoint.abstract_with_shardings(setup.abstract_state.params,
+                                               setup.state_shardings.params)
+  programs = []
+  if reshard:
+    axes = ",".join(hosts.batch_mesh_axes(rules)) or "none"
+    layout = f"{model.config.dtype} replicated over {axes}"
+    with setup.context():
+      shapes = jax.eval_shape(prepare, trained)
+    shardings = decode_loop.prepared_shardings(
+        model, mesh, rules, unroll_layers=bool(sc.unroll_layers))
+    params = decode_loop.DecodeParams(jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        shapes.tree, shardings), shapes.model)
+    programs.append((f"sample prepare ({layout})", prepare, (trained,)))
+  else:
+    layout = f"{model.config.param_dtype} sharded as trained"
+    params = decode_loop.DecodeParams(trained, model)
+
+  spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
   axes = spec if isinstance(spec, tuple) else (() if spec is None else (spec,))
-  multiple = math.prod(setup.mesh.shape[a] for a in axes)
+  multiple = math.prod(mesh.shape[a] for a in axes)
   rows = -(-sc.batch_size // multiple) * multiple
   cache_len = seq_len
   prompt_len = compile_cfg.sample_prompt_len or cache_len // 2
-  cache_dtype = jnp.dtype(sc.cache_dtype)
 
-  def prefill(params, prompts):
-    cache = kv_cache.init_cache(model.config, rows, cache_len, cache_dtype)
-    logits, cache = model.apply({"params": params}, prompts, cache=cache)
-    return logits[:, -1], cache
-
-  def decode(params, tokens, positions, cache):
-    logits, cache = model.apply({"params": params}, tokens, positions,
-                                cache=cache)
+  def prefill(params, prompts, lengths):
+    logits, cache = decode_loop.prefill(params, prompts, lengths,
+                                        cache_len=cache_len,
+                                        cache_dtype=cache_dtype)
     return logits[:, 0], cache
 
+  def decode(params, tokens, positions, cache):
+    logits, cache = decode_loop.decode_step(params, tokens, positions, cache)
+    return logits[:, 0], cache
+
+  named = lambda spec: jax.sharding.NamedSharding(mesh, spec)
   with setup.context():
-    data = jax.sharding.NamedSharding(
-        setup.mesh, nn.logical_to_mesh_axes(("batch", "length"), setup.rules))
-    cache_shape = jax.eval_shape(
-        lambda: kv_cache.init_cache(model.config, rows, cache_len, cache_dtype))
-    cache_sharding = jax.sharding.NamedSharding(
-        setup.mesh, sharding._fit(  # pylint: disable=protected-access
-            nn.logical_to_mesh_axes(kv_cache.CACHE_AXES, setup.rules),
-            cache_shape.k.shape, setup.mesh))
-  params = checkpoint.abstract_with_shardings(setup.abstract_state.params,
-                                              setup.state_shardings.params)
-  ints = lambda t: jax.ShapeDtypeStruct((rows, t), jnp.int32, sharding=data)
-  cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=cache_sharding), cache_shape)
-  return [
-      (f"sample prefill ({rows}x{prompt_len})", jax.jit(prefill),
-       (params, ints(prompt_len))),
-      (f"sample decode ({rows} rows, cache {cache_len})",
+    data = named(nn.logical_to_mesh_axes(("batch", "length"), rules))
+    cache_shape = jax.eval_shape(lambda: kv_cache.init_cache(
+        params.model.config, rows, cache_len, cache_dtype,
+        per_layer=not params.model.config.scan_layers))
+    fit = sharding._fit  # pylint: disable=protected-access
+    cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=named(fit(
+            nn.logical_to_mesh_axes(kv_cache.CACHE_AXES[-x.ndim:], rules),
+            x.shape, mesh))), cache_shape)
+  ints = lambda *shape: jax.ShapeDtypeStruct(
+      (rows, *shape), jnp.int32,
+      sharding=named(jax.sharding.PartitionSpec(*data.spec[:len(shape) + 1])))
+  programs += [
+      (f"sample prefill ({rows}x{prompt_len}, {layout})", jax.jit(prefill),
+       (params, ints(prompt_len), ints())),
+      (f"sample decode ({rows} rows, cache {cache_len}, {layout})",
        jax.jit(decode, donate_argnums=(3,)),
        (params, ints(1), ints(1), cache)),
   ]
+  info = dict(reshard_params=reshard, setting=str(sc.reshard_params),
+              why=why, layout=layout, rows=rows, batch_multiple=multiple,
+              weights_bytes_per_chip=_on_device(params),
+              max_copy_fraction=sc.max_copy_fraction)
+  return programs, info
 
 
 def run(config, workdir: str) -> dict:
@@ -139,14 +189,18 @@ def run(config, workdir: str) -> dict:
   if unknown or not steps:
     raise ValueError(f"compile.steps={steps}: use some of 'train', 'eval', "
                      "'sample'.")
-  programs = []
+  programs, sample = [], None
   if "train" in steps:
     programs.append(("train step", setup.step_fn, (state, batch)))
   if "eval" in steps:
     programs.append(("eval step", setup.eval_fn, (state.params, batch)))
   if "sample" in steps:
-    programs += _sampler_steps(config.sample, config.compile, setup,
-                               seq_len=config.seq_len)
+    sampler_programs, sample = _sampler_steps(
+        config.sample, config.compile, setup, seq_len=config.seq_len,
+        hbm_bytes=topology.hbm_bytes)
+    logging.info("Sampling layout: %s (%s).", sample["layout"],
+                 sample["why"])
+    programs += sampler_programs
 
   out = epath.Path(workdir)
   results = []
@@ -165,9 +219,13 @@ def run(config, workdir: str) -> dict:
   if not fits:
     available = worst["memory"].get("available", hbm)
     verdict["over_bytes"] = max(need - available, 0)
-    verdict["knobs"] = compile_report.knobs(
-        config.model, config.train, setup, impl, verdict["over_bytes"],
-        batch_size=config.batch_size, seq_len=config.seq_len)
+    if worst["name"].startswith("sample"):
+      verdict["knobs"] = compile_report.sample_knobs(sample,
+                                                     verdict["over_bytes"])
+    else:
+      verdict["knobs"] = compile_report.knobs(
+          config.model, config.train, setup, impl, verdict["over_bytes"],
+          batch_size=config.batch_size, seq_len=config.seq_len)
   report = dict(
       topology=topology.name, libtpu_topology=topology.libtpu_name,
       chips=topology.chips, device_kind=devices[0].device_kind,
@@ -179,6 +237,7 @@ def run(config, workdir: str) -> dict:
                   attention_impl=config.model.attention_impl,
                   attention_resolved=impl, dtype=config.model.dtype),
       programs=results,
+      sample=sample,
       flops=dict(
           model_per_chip=model_flops / topology.chips,
           xla_per_chip=train_result.get("xla_flops"),

@@ -5,7 +5,8 @@ what XLA's RESOURCE_EXHAUSTED error says), the knobs to turn when a step does
 not fit, and the report as a text table.
 
 Signature: `knobs(model_cfg, tc, setup, impl, over_bytes, *, batch_size,
-seq_len)`, the config's model and train sections, never the whole config.
+seq_len)`, the config's model and train sections, never the whole config;
+`sample_knobs(sample, over_bytes)` when a sampler program is the worst.
 """
 
 import re
@@ -71,6 +72,25 @@ def knobs(model_cfg, tc, setup, impl: str, over_bytes: float, *,
   return out
 
 
+def sample_knobs(sample: dict, over_bytes: float) -> list[str]:
+  """What to turn when a sampler program does not fit; `sample`: the
+  report's entry for the sampler (compile.py)."""
+  out = []
+  if sample["reshard_params"]:
+    out.append(
+        "sample.reshard_params=False (the weights stay sharded as trained, "
+        "not a replicated copy of "
+        f"{sample['weights_bytes_per_chip'] / tpu_topology.GIB:.2f} GiB per "
+        "chip; or lower sample.max_copy_fraction for 'auto')")
+  per_chip = sample["rows"] // sample["batch_multiple"]
+  if per_chip > 1:
+    out.append(f"sample.batch_size={sample['rows'] // 2} (each chip holds "
+               f"{per_chip} rows' KV caches)")
+  out.append(f"a larger slice: {over_bytes / tpu_topology.GIB:.2f} GiB per "
+             "chip over")
+  return out
+
+
 def table(report: dict) -> str:
   """The report as a small text table."""
   gib = lambda b: "-" if b is None else f"{b / tpu_topology.GIB:.2f}"
@@ -92,6 +112,11 @@ def table(report: dict) -> str:
         f"{gib(m.get('code'))} | {gib(m.get('total'))}"
         f"{'' if r['fits'] else ' (RESOURCE_EXHAUSTED)'} | "
         f"{gib(moved) if r['fits'] else '-'} | {r['compile_s']:.0f} |")
+  if report.get("sample"):
+    s = report["sample"]
+    lines.append(f"Sampling weights: {s['layout']}, "
+                 f"{gib(s['weights_bytes_per_chip'])} GiB per chip "
+                 f"({s['why']}).")
   f = report["flops"]
   if f["xla_per_chip"]:
     lines.append(f"FLOPs per chip per train step: XLA {f['xla_per_chip']:.3g}"
