@@ -57,7 +57,7 @@ def pytest_sessionfinish(session):
 # together (longest-processing-time-first). Others keep pytest's order. A
 # stale ranking costs only time.
 _LONGEST_FIRST = (
-    "test_readme.py", "test_train.py", "test_multihost.py",
+    "test_readme.py", "test_train.py", "test_multihost.py", "test_launch.py",
     "test_evaluate.py", "test_compile.py", "test_sample.py",
     "test_notebook.py", "test_constrained_sample.py", "test_avc_sample.py",
     "test_hf_io.py", "test_llama.py", "test_checkpoint.py",

@@ -5,6 +5,7 @@ Grain worker processes and prepare's encoder pool never call this: only
 """
 
 import importlib.util
+import os
 
 from absl import logging
 import jax
@@ -33,28 +34,39 @@ def initialize(cfg) -> None:
 
   A host that never arrives makes initialize time out after cfg.timeout_s with
   JAX's error instead of hanging; a cluster of the wrong size fails here.
+
+  Unset fields (coordinator_address "", num_processes 0, process_id -1) are
+  auto-detected by JAX (TPU metadata, SLURM, Open MPI, ...). Where no cluster
+  JAX knows gives them, the environment can: JAX itself reads
+  JAX_COORDINATOR_ADDRESS, and codeclm reads CODECLM_NUM_PROCESSES and
+  CODECLM_PROCESS_ID (a config field that is set wins). The tests' simulated
+  TPU pod (tests/fake_cluster/gcloud) starts its workers this way.
   """
   if not cfg.initialize:
     return
   if jax.distributed.is_initialized():
     return
+  num_processes = cfg.num_processes or int(
+      os.environ.get("CODECLM_NUM_PROCESSES") or 0)
+  process_id = cfg.process_id if cfg.process_id >= 0 else int(
+      os.environ.get("CODECLM_PROCESS_ID") or -1)
   logging.info(
       "Joining the cluster (coordinator %s, %s processes, this one %s); a "
       "host that does not arrive within config.distributed.timeout_s=%ss "
       "makes every process abort with DEADLINE_EXCEEDED.",
-      cfg.coordinator_address or "auto", cfg.num_processes or "auto",
-      "auto" if cfg.process_id < 0 else cfg.process_id, cfg.timeout_s)
+      cfg.coordinator_address or "auto", num_processes or "auto",
+      "auto" if process_id < 0 else process_id, cfg.timeout_s)
   jax.distributed.initialize(
       coordinator_address=cfg.coordinator_address or None,
-      num_processes=cfg.num_processes or None,
-      process_id=None if cfg.process_id < 0 else cfg.process_id,
+      num_processes=num_processes or None,
+      process_id=None if process_id < 0 else process_id,
       initialization_timeout=cfg.timeout_s,
   )
-  if cfg.num_processes and jax.process_count() != cfg.num_processes:
+  if num_processes and jax.process_count() != num_processes:
     raise RuntimeError(
-        f"Expected {cfg.num_processes} processes (config.distributed."
-        f"num_processes) but the cluster has {jax.process_count()}; check the "
-        "launcher's host list.")
+        f"Expected {num_processes} processes (config.distributed."
+        f"num_processes or CODECLM_NUM_PROCESSES) but the cluster has "
+        f"{jax.process_count()}; check the launcher's host list.")
   logging.info("Process %d of %d, %d local / %d global devices.",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
