@@ -66,3 +66,36 @@ def test_missing_host_fails_loudly_within_the_timeout():
   assert "DEADLINE_EXCEEDED" in out, out[-2000:]
   assert "timeout_s=5" in out  # Our log line says which knob to turn.
   assert elapsed < 90, elapsed
+
+
+_LATE = """
+import sys, time
+import ml_collections
+from codeclm.runtime import distributed
+address, i, late_s = sys.argv[1:]
+distributed.initialize(ml_collections.ConfigDict(dict(
+    initialize=True, coordinator_address=address, num_processes=2,
+    process_id=int(i), timeout_s=60)))
+from codeclm.sampling import hosts
+if int(i) == 1:
+  time.sleep(float(late_s))  # Host work of uneven length (a slow store read).
+print("AGREED", hosts.gather_ints([int(i)]).ravel().tolist(), flush=True)
+"""
+
+
+def test_a_process_late_to_an_agreement_point_is_waited_for():
+  """XLA's CPU collectives give a process late to its first collective 30 s;
+  agreement points wait at a coordination-service barrier first, so a
+  process 40 s late still agrees (eval's first gather failed this way)."""
+  address = f"localhost:{_free_port()}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+             PYTHONUNBUFFERED="1")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _LATE, address, str(i), "40"],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+      cwd=root) for i in range(2)]
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+    assert "AGREED [0, 1]" in out, out[-3000:]

@@ -71,6 +71,7 @@ from codeclm.eval import inception
 from codeclm.eval import references
 from codeclm.eval import results as results_lib
 from codeclm.eval import work
+from codeclm.runtime import distributed as distributed_lib
 from codeclm.runtime import storage
 from codeclm.sampling import hosts
 from codeclm.sampling import workdir as workdir_lib
@@ -204,6 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     logging.info("Wrote %s (indices %d:%d).",
                  storage.path(out_dir) / results_lib.SLICES / name, lo, hi)
   if distributed:  # Process 0 merges once every slice is written.
+    distributed_lib.arrive_together("eval slices written")
     multihost_utils.sync_global_devices("eval slices written")
     if p:
       return None

@@ -5,10 +5,33 @@ Grain worker processes and prepare's encoder pool never call this: only
 """
 
 import importlib.util
+import itertools
 import os
 
 from absl import logging
 import jax
+
+
+# A process late to its first collective on the CPU backend (gloo) gets 30 s;
+# host work before an agreement point (store reads, one process's slice of
+# eval) can differ by more under load, so those points first meet at a
+# barrier of the coordination service, which waits this long.
+AGREE_TIMEOUT_S = 1800
+_BARRIER_IDS = itertools.count()  # The same sequence on every process.
+
+
+def arrive_together(name: str, timeout_s: int = AGREE_TIMEOUT_S) -> None:
+  """Blocks until every process reaches this point (no-op in one process).
+
+  Call it before a collective that follows host work of uneven length, so
+  the collective starts everywhere within moments. Like a collective, every
+  process must make the same calls in the same order.
+  """
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+  multihost.get_barrier_sync_fn()(
+      key=f"codeclm/{name}/{next(_BARRIER_IDS)}", timeout_ms=timeout_s * 1000)
 
 
 def skip_absent_tpu() -> None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from codeclm.model import llama
 from codeclm.model import sharding
+from codeclm.runtime import distributed
 
 
 def batch_mesh_axes(rules: Sequence) -> tuple[str, ...]:
@@ -115,4 +116,5 @@ def gather_ints(values: Sequence[int]) -> np.ndarray:
   values = np.asarray(values, np.int32)[None]
   if jax.process_count() == 1:
     return values
+  distributed.arrive_together("gather_ints")
   return np.asarray(multihost_utils.process_allgather(values, tiled=True))

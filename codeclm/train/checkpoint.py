@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from codeclm.runtime import distributed
 from codeclm.runtime import storage
 from codeclm.train import checkpoint_steps
 from codeclm.train import data_position
@@ -244,6 +245,7 @@ class Checkpointer:
         logging.warning("Moved %s to %s; delete it once inspected.", path,
                         dest)
     if jax.process_count() > 1:
+      distributed.arrive_together("set_aside_checkpoints")
       multihost_utils.sync_global_devices("codeclm_set_aside_checkpoints")
     self.manager.reload()
 
@@ -290,6 +292,7 @@ def _same_everywhere(steps: list[int]) -> list[int]:
   """Process 0's list of steps, on every process (views can differ)."""
   if jax.process_count() == 1:
     return steps
+  distributed.arrive_together("same_everywhere")
   n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
   if not n:
     return []
@@ -322,6 +325,7 @@ def _worst_everywhere(verdict: int) -> int:
   """The worst verdict of any process (a collective: all must call)."""
   if jax.process_count() == 1:
     return verdict
+  distributed.arrive_together("worst_everywhere")
   return int(np.max(multihost_utils.process_allgather(np.int32(verdict))))
 
 
@@ -329,6 +333,7 @@ def _true_everywhere(flag: bool) -> bool:
   """Whether `flag` holds on every process (a collective: all must call)."""
   if jax.process_count() == 1:
     return flag
+  distributed.arrive_together("true_everywhere")
   return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
 
 
