@@ -265,7 +265,7 @@ class TrainBatches:
       raise DataError(f"The saved data position lacks streams {missing} of "
                       f"this process's {self.streams}.")
     for j, it in self._iters.items():
-      it.set_state(state["streams"][str(j)])
+      it.set_state(_from_json(state["streams"][str(j)]))
 
   def close(self) -> None:
     for it in self._iters.values():
@@ -314,6 +314,20 @@ def eval_batches(data, data_dir: str, tokenizer, *, seq_len: int,
     yield {k: np.stack([w[k] for w in mine]) for k in BATCH_KEYS}
     if len(batch) < batch_size:
       return
+
+
+def _from_json(stream_state: dict) -> dict:
+  """A stream's Grain state as read back from JSON, its tuples tuples again.
+
+  Concat-then-split stores "no remainder" as (-1, -1) slices and tests them
+  with `!= (-1, -1)`: the list JSON makes of them read as a remainder, and
+  the restored stream skipped ahead (a row of the first batch differed).
+  """
+  slices = stream_state.get("remainder_slices")
+  if not isinstance(slices, dict):
+    return stream_state
+  return {**stream_state,
+          "remainder_slices": {k: tuple(v) for k, v in slices.items()}}
 
 
 def _padding_window(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
