@@ -76,10 +76,9 @@ address, i, late_s = sys.argv[1:]
 distributed.initialize(ml_collections.ConfigDict(dict(
     initialize=True, coordinator_address=address, num_processes=2,
     process_id=int(i), timeout_s=60)))
-from codeclm.sampling import hosts
 if int(i) == 1:
   time.sleep(float(late_s))  # Host work of uneven length (a slow store read).
-print("AGREED", hosts.gather_ints([int(i)]).ravel().tolist(), flush=True)
+print("AGREED", distributed.gather_ints([int(i)]).ravel().tolist(), flush=True)
 """
 
 

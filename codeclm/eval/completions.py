@@ -29,7 +29,7 @@ import tqdm
 from codeclm.eval import inception
 from codeclm.eval import references
 from codeclm.eval import work
-from codeclm.sampling import hosts
+from codeclm.runtime import distributed
 from codeclm.sampling import sampler as sampler_lib
 from codeclm.sampling import workdir as workdir_lib
 
@@ -80,7 +80,7 @@ def complete(sampler: sampler_lib.Sampler, params, tokenizer, codec,
   # jax.distributed): each process joins each group's calls, rows or not.
   params = sampler.prepare(params)  # Once for every call (DecodeParams).
   counts = np.bincount(list(groups), minlength=max_len + 1)
-  every = hosts.gather_ints(counts).sum(axis=0)
+  every = distributed.gather_ints(counts).sum(axis=0)
   for budget in np.flatnonzero(every)[::-1].tolist():
     rows = groups.get(budget, [])
     for part in sampler.chunks(len(rows), batch_size):

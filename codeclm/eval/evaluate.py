@@ -62,7 +62,6 @@ import time
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 
 from codeclm.data import prepare
@@ -73,7 +72,6 @@ from codeclm.eval import results as results_lib
 from codeclm.eval import work
 from codeclm.runtime import distributed as distributed_lib
 from codeclm.runtime import storage
-from codeclm.sampling import hosts
 from codeclm.sampling import workdir as workdir_lib
 
 _FORMAT = 1
@@ -188,7 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   lo, hi = work.slice_bounds(ec.num_examples, p, count)
   done = results_lib.finished_slice(out_dir, name, settings)
   if distributed:  # One collective job: every process samples, or none.
-    done = bool(hosts.gather_ints([done]).all())
+    done = bool(distributed_lib.gather_ints([done]).all())
   if done:
     logging.info("%s is done; skipping it.",
                  storage.path(out_dir) / results_lib.SLICES / name)
@@ -206,7 +204,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
                  storage.path(out_dir) / results_lib.SLICES / name, lo, hi)
   if distributed:  # Process 0 merges once every slice is written.
     distributed_lib.arrive_together("eval slices written")
-    multihost_utils.sync_global_devices("eval slices written")
     if p:
       return None
   slices = storage.path(out_dir) / results_lib.SLICES

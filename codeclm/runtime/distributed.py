@@ -7,9 +7,12 @@ Grain worker processes and prepare's encoder pool never call this: only
 import importlib.util
 import itertools
 import os
+from typing import Sequence
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 
 # A process late to its first collective on the CPU backend (gloo) gets 30 s;
@@ -32,6 +35,17 @@ def arrive_together(name: str, timeout_s: int = AGREE_TIMEOUT_S) -> None:
   from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
   multihost.get_barrier_sync_fn()(
       key=f"codeclm/{name}/{next(_BARRIER_IDS)}", timeout_ms=timeout_s * 1000)
+
+
+def gather_ints(values: Sequence[int]) -> np.ndarray:
+  """int32 [processes, len(values)]: every process's values (collective
+  under jax.distributed, after `arrive_together`; no communication in a
+  single process)."""
+  values = np.asarray(values, np.int32)[None]
+  if jax.process_count() == 1:
+    return values
+  arrive_together("gather_ints")
+  return np.asarray(multihost_utils.process_allgather(values, tiled=True))
 
 
 def skip_absent_tpu() -> None:

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from codeclm.runtime import distributed
 from codeclm.runtime import storage
 from codeclm.sampling import hosts
 from codeclm.sampling import sampler as sampler_lib
@@ -69,7 +70,7 @@ def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
   """
   prompts = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(r.prompt)])
              .astype(np.int32) for r in requests]
-  longest = int(hosts.gather_ints(
+  longest = int(distributed.gather_ints(
       [max((len(x) for x in prompts), default=0)]).max())
   room = sampler.model.config.max_len - longest
   if room < 1:

@@ -4,7 +4,7 @@ Under jax.distributed a sampler call is collective, but no process needs
 another's prompts or outputs: the global batch is assembled from the rows
 each process's devices hold (`owners`, `put`) and each reads back only those
 (`local_rows`). The processes agree on shapes with one small all-gather
-(`gather_ints`). Requests are split into contiguous shares (`share`) with
+(`distributed.gather_ints`). Requests are split into contiguous shares (`share`) with
 global ids, and `gather_bytes` collects what every share drew. The weights'
 decode layout (`decode_shardings`) drops the mesh axes the batch is split
 over, so a decode step gathers no weights.
@@ -100,7 +100,8 @@ def gather_bytes(local: Sequence[bytes], num: int) -> list[bytes]:
   most = -(-num // count)
   lengths = np.zeros(most, np.int32)
   lengths[:len(local)] = [len(x) for x in local]
-  width = max(1, int(gather_ints([lengths.max(initial=0)]).max()))
+  width = max(1, int(distributed.gather_ints(
+      [lengths.max(initial=0)]).max()))
   padded = np.zeros((most, width), np.uint8)
   for j, x in enumerate(local):
     padded[j, :len(x)] = np.frombuffer(x, np.uint8)
@@ -108,13 +109,3 @@ def gather_bytes(local: Sequence[bytes], num: int) -> list[bytes]:
       (padded, lengths)))
   return [every[p, j, :sizes[p, j]].tobytes() for p in range(count)
           for j in range(len(share(num, p, count)))]
-
-
-def gather_ints(values: Sequence[int]) -> np.ndarray:
-  """int32 [processes, len(values)]: every process's values (collective
-  under jax.distributed; no communication in a single process)."""
-  values = np.asarray(values, np.int32)[None]
-  if jax.process_count() == 1:
-    return values
-  distributed.arrive_together("gather_ints")
-  return np.asarray(multihost_utils.process_allgather(values, tiled=True))

@@ -38,6 +38,7 @@ import numpy as np
 
 from codeclm.model import llama
 from codeclm.model import sharding
+from codeclm.runtime import distributed
 from codeclm.sampling import constraint as constraint_lib
 from codeclm.sampling import decode_loop
 from codeclm.sampling import hosts
@@ -252,7 +253,7 @@ class Sampler:
     must still make those calls.
     """
     per = max(1, -(-batch_size // self.feeds))
-    most = int(hosts.gather_ints([num_rows])[:, 0].max())
+    most = int(distributed.gather_ints([num_rows])[:, 0].max())
     return [slice(i, i + per) for i in range(0, most, per)]
 
   def _context(self):
@@ -341,7 +342,7 @@ class Sampler:
     if starts.shape != (n, 2):
       raise ValueError(f"starts has {len(starts)} entries; give one (state, "
                        f"count) per prompt ({n}).")
-    every = hosts.gather_ints([n, lengths.max(initial=0)])
+    every = distributed.gather_ints([n, lengths.max(initial=0)])
     most, longest = every.max(axis=0)
     if not most:
       raise ValueError("Sampler needs at least one prompt (on some "

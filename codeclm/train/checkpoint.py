@@ -246,7 +246,6 @@ class Checkpointer:
                         dest)
     if jax.process_count() > 1:
       distributed.arrive_together("set_aside_checkpoints")
-      multihost_utils.sync_global_devices("codeclm_set_aside_checkpoints")
     self.manager.reload()
 
   def restore(self, step: int, abstract_state, iterator):
@@ -323,18 +322,12 @@ def _verdict(failure) -> int:
 
 def _worst_everywhere(verdict: int) -> int:
   """The worst verdict of any process (a collective: all must call)."""
-  if jax.process_count() == 1:
-    return verdict
-  distributed.arrive_together("worst_everywhere")
-  return int(np.max(multihost_utils.process_allgather(np.int32(verdict))))
+  return int(distributed.gather_ints([verdict]).max())
 
 
 def _true_everywhere(flag: bool) -> bool:
   """Whether `flag` holds on every process (a collective: all must call)."""
-  if jax.process_count() == 1:
-    return flag
-  distributed.arrive_together("true_everywhere")
-  return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
+  return bool(distributed.gather_ints([flag]).all())
 
 
 def _check_same_step_everywhere(step: int) -> None:
