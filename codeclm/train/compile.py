@@ -81,12 +81,6 @@ def _compile(name: str, fn, args, context, hlo_dir: epath.Path) -> dict:
               compile_s=time.perf_counter() - t)
 
 
-def _on_device(tree) -> int:
-  """Bytes one chip holds of abstract arrays that carry their shardings."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-             for x in jax.tree.leaves(tree))
-
-
 def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int,
                    hbm_bytes: int) -> tuple[list, dict]:
   """The sampler's programs as sampling runs them (decode_loop.py), and the
@@ -124,9 +118,7 @@ def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int,
     layout = f"{model.config.param_dtype} sharded as trained"
     params = decode_loop.DecodeParams(trained, model)
 
-  spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
-  axes = spec if isinstance(spec, tuple) else (() if spec is None else (spec,))
-  multiple = math.prod(mesh.shape[a] for a in axes)
+  multiple = math.prod(mesh.shape[a] for a in hosts.batch_mesh_axes(rules))
   rows = -(-sc.batch_size // multiple) * multiple
   cache_len = seq_len
   prompt_len = compile_cfg.sample_prompt_len or cache_len // 2
@@ -164,7 +156,8 @@ def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int,
   ]
   info = dict(reshard_params=reshard, setting=str(sc.reshard_params),
               why=why, layout=layout, rows=rows, batch_multiple=multiple,
-              weights_bytes_per_chip=_on_device(params),
+              weights_bytes_per_chip=sharding.bytes_per_device(
+                  params.tree, jax.tree.map(lambda x: x.sharding, params.tree)),
               max_copy_fraction=sc.max_copy_fraction)
   return programs, info
 
