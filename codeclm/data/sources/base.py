@@ -47,6 +47,12 @@ class Source(Protocol):
     ...
 
 
+def check_index(index: int, length: int) -> None:
+  """IndexError unless 0 <= index < length (every source's __getitem__)."""
+  if not 0 <= index < length:
+    raise IndexError(f"Index {index} out of range [0, {length}).")
+
+
 @dataclasses.dataclass(frozen=True)
 class Capped:
   """The first `n` items of a source."""
@@ -61,6 +67,5 @@ class Capped:
     return self.n
 
   def __getitem__(self, index: int) -> Item:
-    if not 0 <= index < self.n:
-      raise IndexError(f"Index {index} out of range [0, {self.n}).")
+    check_index(index, self.n)
     return self.source[index]

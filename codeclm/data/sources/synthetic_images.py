@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from codeclm.data.sources.base import check_index
 from codeclm.data.sources.base import Item
 
 
@@ -33,8 +34,7 @@ class SyntheticSource:
     return self.num_examples
 
   def __getitem__(self, index: int) -> Item:
-    if not 0 <= index < self.num_examples:
-      raise IndexError(f"Index {index} out of range [0, {self.num_examples}).")
+    check_index(index, self.num_examples)
     # A PIL image, not an array: saves the codec two copies per picture.
     return Item(key=f"synthetic/{index}",
                 data=synthetic_picture(index, self.width, self.height))

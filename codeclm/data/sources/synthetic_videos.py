@@ -13,6 +13,7 @@ from PIL import Image
 from PIL import ImageDraw
 
 from codeclm.data.sources import synthetic_images
+from codeclm.data.sources.base import check_index
 from codeclm.data.sources.base import Item
 
 
@@ -35,8 +36,7 @@ class SyntheticVideoSource:
     return self.num_examples
 
   def __getitem__(self, index: int) -> Item:
-    if not 0 <= index < self.num_examples:
-      raise IndexError(f"Index {index} out of range [0, {self.num_examples}).")
+    check_index(index, self.num_examples)
     return Item(key=f"synthetic/{index}", fps=self.fps,
                 data=synthetic_video(index, self.width, self.height,
                                      self.frames))

@@ -12,6 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from codeclm.data.sources.base import check_index
 from codeclm.data.sources.base import DataError
 from codeclm.data.sources.base import Item
 from codeclm.data.sources.base import MEDIA
@@ -144,8 +145,7 @@ class TfdsSource:
     return self._len
 
   def __getitem__(self, index: int) -> Item:
-    if not 0 <= index < self._len:
-      raise IndexError(f"Index {index} out of range [0, {self._len}).")
+    check_index(index, self._len)
     if self.random_access:
       example = self._open()[index]
     else:
