@@ -116,27 +116,40 @@ def test_every_part_is_listed():
   assert parts <= set(_ALLOWED), parts - set(_ALLOWED)
 
 
+def _project_files(endings: tuple[str, ...]):
+  """(folder, path, text) of the project's files with these endings, outside
+  hidden folders and build outputs."""
+  for folder, dirs, names in os.walk(ROOT):
+    dirs[:] = [d for d in dirs if not d.startswith(".") and d not in (
+        "build", "dist") and not d.endswith(".egg-info")]
+    for name in names:
+      if name.endswith(endings):
+        path = os.path.join(folder, name)
+        with open(path, encoding="utf-8") as f:
+          yield folder, path, f.read()
+
+
 def test_every_document_link_stays_inside_the_project():
   """Relative links in the project's Markdown files point at files that exist
   in the project (a clone stands alone)."""
   import re  # pylint: disable=g-import-not-at-top
   bad = []
-  for folder, dirs, names in os.walk(ROOT):
-    dirs[:] = [d for d in dirs if not d.startswith(".") and d not in (
-        "build", "dist") and not d.endswith(".egg-info")]
-    for name in names:
-      if not name.endswith(".md"):
-        continue
-      path = os.path.join(folder, name)
-      with open(path, encoding="utf-8") as f:
-        text = f.read()
-      for target in re.findall(r"\]\(([^)#\s]+)", text):
-        if re.match(r"[a-z]+:", target):
-          continue  # http(s), mailto: not a file.
-        resolved = os.path.normpath(os.path.join(folder, target))
-        if (not resolved.startswith(ROOT + os.sep)
-            or not os.path.exists(resolved)):
-          bad.append(f"{os.path.relpath(path, ROOT)}: {target}")
+  for folder, path, text in _project_files((".md",)):
+    for target in re.findall(r"\]\(([^)#\s]+)", text):
+      if re.match(r"[a-z]+:", target):
+        continue  # http(s), mailto: not a file.
+      resolved = os.path.normpath(os.path.join(folder, target))
+      if (not resolved.startswith(ROOT + os.sep)
+          or not os.path.exists(resolved)):
+        bad.append(f"{os.path.relpath(path, ROOT)}: {target}")
+  assert not bad, bad
+
+
+def test_nothing_refers_to_a_folder_beside_the_project():
+  """No source, script or document names ../shared (a clone lacks it)."""
+  bad = [os.path.relpath(path, ROOT) for _, path, text in _project_files(
+      (".py", ".md", ".sh", ".sbatch", ".ipynb", ".ini", ".cfg"))
+         if "../shared" in text and path != os.path.abspath(__file__)]
   assert not bad, bad
 
 

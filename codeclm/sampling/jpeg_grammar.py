@@ -4,9 +4,8 @@ Jpeg-LM's streams (one codec setting: fixed Huffman tables, a restart marker
 after every MCU) are a regular language apart from one count: the restart
 markers' numbers (D0..D7 cycling) and where EOI may come (only after the last
 MCU). The automaton recognises everything else; an external MCU counter
-carried beside its state checks the markers (see `Walk`), the "counter
-variant" of ../shared/notes/jpeg_grammar.md: 8x fewer states than keeping the
-marker number in the state.
+carried beside its state checks the markers (see `Walk`): 8x fewer states
+than keeping the marker number in the state.
 
 Nothing is hard-coded: the Huffman tables come from the DHT segments of
 `codec.header()`; components, sampling factors, the image size and the
@@ -28,9 +27,9 @@ Stricter than libjpeg, as it should be for generation: padding bits are 1s
 and fewer than 8; an AC run may not pass coefficient 63; ZRL must leave room
 for a coefficient (k + 16 <= 63); after coefficient 63 a block ends with no
 EOB (an EOB there would be read as the next block's DC); no fill bytes before
-markers; markers only between MCUs. Unreachable states and dead ones (that cannot
-reach DONE) are pruned, so a walk can always finish (tested), and equivalent
-states merged (`_minimise`).
+markers; markers only between MCUs. Unreachable states and dead ones (that
+cannot reach DONE) are pruned, so a walk can always finish (tested), and
+equivalent states merged (`_minimise`).
 """
 
 from __future__ import annotations
