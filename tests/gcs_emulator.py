@@ -12,6 +12,7 @@ connections concurrently (below).
 
 import http.server
 import sys
+import threading
 
 from gcp_storage_emulator.handlers import objects
 
@@ -36,6 +37,23 @@ objects.download = _with_generation(objects.download)
 http.server.HTTPServer = http.server.ThreadingHTTPServer
 
 from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _one_at_a_time(handle):
+  """Its storage is not thread-safe: saving its metadata iterates dicts that
+  another request may be changing ("dictionary changed size during
+  iteration", a 500 after the object was written, so the client's retry of a
+  finished resumable upload gets 404). Connections stay concurrent; requests
+  are handled one at a time, as each object is atomic on GCS."""
+  lock = threading.Lock()
+
+  def locked(self, method):
+    with lock:
+      handle(self, method)
+  return locked
+
+
+server.Router.handle = _one_at_a_time(server.Router.handle)
 
 
 if __name__ == "__main__":
