@@ -25,6 +25,14 @@ honoured: honouring it would run the untested client on a pod, the very gap
 this closes, and ignoring it silently would hide that the setting does
 nothing. Other schemes (s3://...) keep epath's own choice and are untested.
 
+Failed requests are retried by the clients themselves (tests/test_faults.py
+and benchmarks/store_faults.py measure it through a fault-injecting proxy):
+gcsfs retries HTTP 408, 429 and 5xx answers and connection errors 6 times,
+pausing 1, 2, 4, 8 and 16 s (plus up to 1 s each), so it rides out about 31 s
+without an answer; TensorStore (Orbax's arrays) retries its requests up to 32
+times, pausing from 1 s doubling to at most 32 s (its `gcs_request_retries`
+defaults, which Orbax keeps), about 15 minutes. A 403 or 404 is not retried.
+
 Writes here are atomic: readers see the old file or the whole new one. On a
 local disk that is write-then-rename; an object store has no atomic rename
 (gcsfs's is copy-then-delete, or a move API emulators lack), so the data

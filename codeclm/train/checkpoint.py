@@ -42,6 +42,10 @@ PREVIOUS_RUNS = "previous_runs"  # Steps put aside by restart_from_scratch.
 _OK, _DAMAGED, _UNREACHABLE = 0, 1, 2  # A step's verdict, worst wins.
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint save failed; the run stops (its step is not committed)."""
+
+
 class Checkpointer:
   """Saves and restores {state, data} with keep-last-N plus keep-every-K."""
 
@@ -53,9 +57,16 @@ class Checkpointer:
         enable_async_checkpointing=train_cfg.async_checkpoints,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         create=True,
+        # Orbax 0.12.8 creates a step's folders in a thread whose failure it
+        # only logs: the save then waits 20 minutes (AsyncOptions.
+        # timeout_secs) for a signal that never comes. Created in save(),
+        # a store that refuses fails the save at once (tests/test_faults.py).
+        async_options=ocp.AsyncOptions(
+            create_directories_asynchronously=False),
     )
     self.directory = checkpoint_steps.checkpoints_dir(workdir)
     self._train_cfg = train_cfg
+    self._in_flight = None  # The step of the last save not yet waited for.
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data"))
 
@@ -63,14 +74,49 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, iterator, force: bool = False) -> bool:
-    return self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=data_position.data_save(iterator),
-        ),
-        force=force,
-    )
+    """Starts saving `step` (async: the arrays are written in the
+    background). Raises CheckpointSaveError on every process together when
+    this save, or the previous one still in flight, failed on any process:
+    a run whose saves fail stops now rather than train on unsaved."""
+    def attempt():
+      self._wait_for_save()  # Orbax would wait too, and not raise.
+      return self.manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=data_position.data_save(iterator),
+          ),
+          force=force,
+      )
+    saved = self._failing_together(attempt, step)
+    if saved:
+      self._in_flight = step
+    return saved
+
+  def _failing_together(self, attempt, step):
+    """attempt()'s value; if it raised on any process, CheckpointSaveError
+    everywhere (a collective: every process calls it at the same step)."""
+    error, value = None, None
+    try:
+      value = attempt()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    if not _true_everywhere(error is None):
+      if isinstance(error, CheckpointSaveError):
+        raise error
+      why = (checkpoint_steps.describe(error) if error is not None
+             else "it failed on another process")
+      raise self._save_error(step, why) from error
+    return value
+
+  def _save_error(self, step, why: str) -> "CheckpointSaveError":
+    """The error a failed save stops the run with, naming the step."""
+    return CheckpointSaveError(
+        f"Saving checkpoint step {step} to {self.directory} failed ({why}). "
+        "Training stops: a step whose save failed is never committed, so a "
+        "resume takes the newest committed step before it. Check the "
+        "store (permissions, quota, reachability) and rerun the same "
+        "command.")
 
   def restore_latest(self, abstract_state, iterator):
     """(state, step) of the newest step that restores, or (None, None) when
@@ -261,11 +307,38 @@ class Checkpointer:
     return restored["state"]
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; CheckpointSaveError on every process
+    together if it failed on any (a collective)."""
+    self._failing_together(self._wait_for_save, self._in_flight)
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight (no collective: close runs when a
+    process stops, alone or not); CheckpointSaveError if it failed."""
+    try:
+      self._wait_for_save()
+    finally:
+      self.manager.close()
+
+  def _wait_for_save(self):
+    """Waits for the save in flight; CheckpointSaveError if it failed.
+
+    Orbax raises a failed background save here, or only logs it and skips
+    finalizing the step (CheckpointManager._finalize_checkpoint): a step
+    saved but not finalized is that failure too.
+    """
+    step, self._in_flight = self._in_flight, None
+    try:
+      self.manager.wait_until_finished()
+      finished = step is None or self._finalized(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, checkpoint_steps.describe(e)) from e
+    if not finished:
+      raise self._save_error(step, "Orbax did not finalize it; its log above "
+                             "says why")
+
+  def _finalized(self, step: int) -> bool:
+    path = self.directory / str(step)  # Absent: never renamed into place.
+    return path.exists() and ocp.step.is_checkpoint_finalized(path)
 
 
 def abstract_with_shardings(abstract_tree, shardings):

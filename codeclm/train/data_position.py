@@ -5,6 +5,7 @@ codeclm/data/loader.py), not per process, so a checkpoint written on one
 topology (devices, processes, mesh) resumes on another with the same batch.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 from typing import Any
@@ -13,6 +14,9 @@ from etils import epath
 import orbax.checkpoint as ocp
 
 from codeclm.runtime import storage
+
+
+WRITERS = 32  # Stream files one process uploads at once.
 
 
 class DataPositionError(ValueError):
@@ -34,10 +38,20 @@ class DataPositionHandler:
   """
 
   def save(self, directory: epath.Path, item=None, args=None):
+    """Writes this process's stream files concurrently: on an object store
+    one host's 32-128 streams as sequential uploads would cost a request
+    round trip each per checkpoint (benchmarks/RESULTS.md). The first
+    failed write is raised."""
     args = args or item
-    for stream, state in args.streams.items():
+
+    def write(stream):
       (directory / stream_file(stream, args.num_streams)).write_text(
-          json.dumps(dict(batch_size=args.batch_size, state=state), indent=1))
+          json.dumps(dict(batch_size=args.batch_size,
+                          state=args.streams[stream]), indent=1))
+    workers = max(1, min(WRITERS, len(args.streams)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      for _ in pool.map(write, args.streams):
+        pass
 
   def restore(self, directory: epath.Path, item=None, args=None):
     batches = (args or item).item
