@@ -49,7 +49,7 @@ def measure(size: str) -> dict:
   from codeclm import config_base  # pylint: disable=g-import-not-at-top
   from codeclm.train import loop  # pylint: disable=g-import-not-at-top
   config = config_base.lm_config(size)
-  config.mesh.shape = (1, 1, 1)
+  config.mesh.shape = (1, 1, 1, 1)
   config.train.async_checkpoints = False
   vocab = 322
   setup = loop.build(config, vocab, np.ones(vocab, np.float32),

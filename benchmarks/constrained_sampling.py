@@ -189,7 +189,7 @@ def mask():
 
 
 def clean():
-  loaded = workdir_lib.load(_WORKDIR.value, mesh_shape=(1, 1, 1))
+  loaded = workdir_lib.load(_WORKDIR.value, mesh_shape=(1, 1, 1, 1))
   cfg = loaded.config.sample
   sampler = workdir_lib.sampler_of(cfg, loaded.model, loaded.tokenizer,
                                    loaded.mesh, loaded.rules)

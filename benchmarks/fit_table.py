@@ -61,7 +61,7 @@ _RECOUNT = flags.DEFINE_bool(
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
 
-# (name, config, seq_len, global batch, topology). Targets of issue 12 first.
+# (name, config, seq_len, global batch, topology). The target slices first.
 ROWS = [
     ("jpeg-1b-v5e-16", "configs/jpeg_lm.py:1b", 12_288, 128, "v5e-16"),
     ("jpeg-7b-v5p-64", "configs/jpeg_lm.py:7b", 12_288, 256, "v5p-64"),
@@ -81,7 +81,7 @@ MODELS = {
 }
 SEARCH_GENERATIONS = ("v5e", "v5p", "v6e")
 STATE_BYTES_PER_PARAM = 12  # fp32 parameter + AdamW's two fp32 moments.
-# The order rows run in: the issue's targets with splash and XLA first.
+# The order rows run in: the target slices with splash and XLA first.
 PLAN = [
     ("jpeg-1b-v5e-16", "splash"), ("jpeg-1b-v5e-16", "xla"),
     ("jpeg-7b-v5p-64", "splash"), ("jpeg-7b-v5e-256", "splash"),
@@ -129,7 +129,7 @@ def compile_row(name, config, seq_len, batch, topology, impl) -> dict:
           f"--workdir={workdir}", "--mode=compile",
           f"--config.compile.topology={topology}",
           f"--config.compile.steps={tuple(_STEPS.value)}",
-          "--config.mesh.shape=(1,-1,1)", f"--config.seq_len={seq_len}",
+          "--config.mesh.shape=(1,-1,1,1)", f"--config.seq_len={seq_len}",
           f"--config.batch_size={batch}", f"--config.train.grad_accum={accum}",
           "--config.model.remat_policy=full",
           f"--config.model.attention_impl={impl}"]
@@ -264,7 +264,8 @@ def smallest_markdown(rows) -> str:
         under = f"{topology}: not compiled"
     rep = fit["report"]
     prog = rep["programs"][0]
-    mesh = "x".join(str(rep["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+    mesh = "x".join(str(rep["mesh"][a]) for a in (
+        "data", "fsdp", "context", "tensor") if a in rep["mesh"])
     moved = sum(c["bytes"] for c in prog["collectives"].values())
     out.append(
         f"| {config.split('/')[-1]} | {seq_len:,} | {fit['batch']} "
@@ -295,7 +296,8 @@ def markdown(rows) -> str:
                  f"{r['topology']} | | full | {r['attention']} | | failed: "
                  f"see log | | | | {r['wall_s']} |")
       continue
-    mesh = "x".join(str(rep["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+    mesh = "x".join(str(rep["mesh"][a]) for a in (
+        "data", "fsdp", "context", "tensor") if a in rep["mesh"])
     hbm = rep["hbm_bytes_per_chip"]
     for prog in rep["programs"]:
       m = prog["memory"]

@@ -103,7 +103,7 @@ def main(argv):
   rss_in, t_in = child_peak_rss([
       sys.executable, "-m", "codeclm.hf.import_hf", f"--src={src}",
       f"--workdir={workdir}", "--config=configs/jpeg_lm.py:demo",
-      "--mesh_shape=(1,1,1)"])
+      "--mesh_shape=(1,1,1,1)"])
   n = ckpt_bytes // 2
   print(f"size={_SIZE.value}: {n / 1e9:.2f}B params; bf16 safetensors "
         f"{ckpt_bytes / 2**30:.2f} GiB, float32 params {4 * n / 2**30:.2f} GiB")

@@ -1,6 +1,6 @@
 r"""Decode step time on a simulated 8-device fsdp mesh: params as trained
 (fsdp-sharded, `Sampler(reshard_params=False)`: every step all-gathers the
-weights) against laid out once for decoding (the default), issue 17 item 8.
+weights) against laid out once for decoding (the default).
 
 Both samplers run in the same process, interleaved, --repeats times; step =
 (time(new_tokens) - time(1 token)) / (new_tokens - 1), so the prefill and
@@ -43,7 +43,7 @@ def main(argv):
       _SIZE.value, vocab_size=322, max_len=_PROMPT.value + _NEW.value,
       dtype=_DTYPE.value, remat_policy="none")
   model = llama.Llama(config)
-  mesh = sharding.make_mesh((1, 8, 1))
+  mesh = sharding.make_mesh((1, 8, 1, 1))
   rng = np.random.default_rng(0)
   params = random_init.params(model, rng, mesh=mesh)  # Laid out as trained.
   prompts = rng.integers(0, 322, (_BATCH.value, _PROMPT.value)).tolist()

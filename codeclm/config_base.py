@@ -13,18 +13,20 @@ from codeclm.model import sharding
 # Per size: model dims come from llama_config.SIZES; these are the training
 # shapes.
 # Batch is global (all hosts); tokens per step = batch_size * seq_len.
-# Mesh (data, fsdp, tensor): data parallelism while a replicated fp32 state
-# (params + two Adam moments, 12 bytes a parameter) fits a device (100M:
+# Mesh (data, fsdp, context, tensor): data parallelism while a replicated fp32
+# state (params + two Adam moments, 12 bytes a parameter) fits a device (100M:
 # 1.0 GiB); fsdp over every device from 1B (12 GiB replicated, 7B 72 GiB).
+# context splits each window's length (for windows whose activations do not
+# fit one device); set it explicitly, e.g. (1, -1, 8, 1).
 TRAIN_SHAPES = {
     "demo": dict(batch_size=8, steps=100, warmup_steps=10, lr=3e-3,
-                 mesh=(-1, 1, 1)),
+                 mesh=(-1, 1, 1, 1)),
     "100m": dict(batch_size=64, steps=20_000, warmup_steps=500, lr=6e-4,
-                 mesh=(-1, 1, 1)),
+                 mesh=(-1, 1, 1, 1)),
     "1b": dict(batch_size=128, steps=50_000, warmup_steps=1_000, lr=3e-4,
-               mesh=(1, -1, 1)),
+               mesh=(1, -1, 1, 1)),
     "7b": dict(batch_size=256, steps=100_000, warmup_steps=2_000, lr=3e-4,
-               mesh=(1, -1, 1)),
+               mesh=(1, -1, 1, 1)),
 }
 
 
@@ -111,11 +113,18 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
-      shape=shapes["mesh"],       # (data, fsdp, tensor); -1 = the rest
+      shape=shapes["mesh"],       # (data, fsdp, context, tensor); -1 = the
+                                  # rest
       max_state_fraction=0.5,     # params+optimizer per device / its memory
       # Logical axis -> mesh axes (the table in codeclm/model/sharding.py):
-      # parameters over fsdp (ZeRO-3) and tensor, the batch over data+fsdp.
+      # parameters over fsdp and context (ZeRO-3) and tensor, the batch over
+      # data+fsdp, the length of activations over context.
       rules=sharding.DEFAULT_RULES,
+      # context > 1: shard i of C holds window chunks i and 2C-1-i of 2C, so
+      # every shard has the same causal attention work (the natural split
+      # leaves the last shard most of it). The model reorders its inputs and
+      # restores its logits' order (codeclm/model/context_attention.py).
+      context_load_balance=True,
   ))
 
   c.distributed = ml_collections.ConfigDict(dict(
@@ -204,5 +213,8 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
 def model_config(config, vocab_size: int) -> llama_config.LlamaConfig:
   """The model a config describes; the vocabulary comes from the tokenizer."""
   fields = {k: v for k, v in config.model.items() if k != "vocab_size"}
+  # Absent in a bare {model, seq_len} (params_io) and older config.json files.
+  fields["context_load_balance"] = config.get("mesh", {}).get(
+      "context_load_balance", True)
   return llama_config.LlamaConfig(vocab_size=vocab_size,
                                   max_len=config.seq_len, **fields)

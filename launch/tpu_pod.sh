@@ -8,7 +8,7 @@
 #
 # Each --config.x=y reaches codeclm.main on every worker exactly as this
 # script received it (quote it for your own shell as usual, e.g.
-# --config.mesh.shape='(1,-1,1)'): every word of the workers' command line is
+# --config.mesh.shape='(1,-1,1,1)'): every word of the workers' command line is
 # quoted with printf %q for the worker's login shell (bash on TPU VMs).
 #
 # The workdir (checkpoints, events, samples, eval) may be gs://. The data dir

@@ -46,7 +46,7 @@ def packed_ids(batch: int, t: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def mesh():
   # data=2, fsdp=2, tensor=2: batch rows over 4 ways, heads over 2.
-  return sharding.make_mesh((2, 2, 2), jax.devices()[:8])
+  return sharding.make_mesh((2, 2, 1, 2), jax.devices()[:8])
 
 
 def _run(mesh, impl, q, k, v, ids, cotangent):
@@ -89,7 +89,7 @@ def test_tiled_odd_lengths_and_head_splits(t, kv, tensor):
   head), one KV head for all; packed rows, against XLA."""
   rng = np.random.default_rng(t)
   b = 4
-  mesh = sharding.make_mesh((1, 2, tensor), jax.devices()[:2 * tensor])
+  mesh = sharding.make_mesh((1, 2, 1, tensor), jax.devices()[:2 * tensor])
   q, cotangent = (jnp.asarray(rng.normal(size=(b, t, H, F)), jnp.float32)
                   for _ in range(2))
   k, v = (jnp.asarray(rng.normal(size=(b, t, kv, F)), jnp.float32)

@@ -68,7 +68,7 @@ def test_sample_command_writes_videos_and_reports(workdir, tmp_path):
   out = tmp_path / "out"
   cfg = config_base.lm_config("demo").sample
   cfg.update(num_samples=1, images=clip + ".mp4", ratios=(RATIO,),
-             completions=1, max_new_tokens=64, mesh_shape=(1, 1, 1),
+             completions=1, max_new_tokens=64, mesh_shape=(1, 1, 1, 1),
              min_bucket=512, out_dir=str(out))
   summary = files.run(cfg, workdir)
   assert sorted(summary["samples"]) == ["clip_r20_0", "sample_0000"]

@@ -41,7 +41,7 @@ def tiny(data_dir, **train_overrides):
   c = tiny_config.get_config()
   c.data.dir = data_dir
   c.model.dtype = "float32"
-  c.mesh.shape = (1, 1, 1)
+  c.mesh.shape = (1, 1, 1, 1)
   c.train.update(steps=STEPS, ckpt_every=1, keep_last=10, restore_retry_s=0.1)
   c.train.update(train_overrides)
   return c
@@ -460,13 +460,13 @@ def test_restart_from_scratch_still_resumes_a_step_that_restores(
 def test_sampling_skips_a_damaged_newest_step(workdir, damage, caplog):
   damage(step_dir(workdir, 5))
   with caplog.at_level(logging.WARNING):
-    loaded = workdir_lib.load(str(workdir), mesh_shape=(1, 1, 1))
+    loaded = workdir_lib.load(str(workdir), mesh_shape=(1, 1, 1, 1))
   assert loaded.step == 4
   assert step_dir(workdir, 5) in warnings_of(caplog)
   assert os.path.isdir(step_dir(workdir, 5))  # A reader never moves files.
   with pytest.raises((FileNotFoundError, checkpoint_steps.RestoreError),
                      match="step 5"):
-    workdir_lib.load(str(workdir), step=5, mesh_shape=(1, 1, 1))
+    workdir_lib.load(str(workdir), step=5, mesh_shape=(1, 1, 1, 1))
 
 
 def test_sample_load_warns_when_codec_versions_differ(workdir, caplog):
@@ -476,7 +476,21 @@ def test_sample_load_warns_when_codec_versions_differ(workdir, caplog):
   manifest["codec"]["libjpeg"] = "6b"
   path.write_text(json.dumps(manifest))
   with caplog.at_level(logging.WARNING):
-    workdir_lib.load(str(workdir), mesh_shape=(1, 1, 1))
+    workdir_lib.load(str(workdir), mesh_shape=(1, 1, 1, 1))
   warned = warnings_of(caplog)
   assert f"libjpeg '6b' -> '{jpeg.JpegCodec().settings()['libjpeg']}'" in warned
   assert str(path) in warned
+
+
+def test_sampling_reads_a_workdir_from_before_the_context_axis(workdir):
+  """A config.json with a (data, fsdp, tensor) mesh.shape is read with a
+  context axis of 1; a shape typed now must have four entries."""
+  path = workdir / "config.json"
+  config = json.loads(path.read_text())
+  data, fsdp, context, tensor = config["mesh"]["shape"]
+  assert context == 1
+  config["mesh"]["shape"] = [data, fsdp, tensor]
+  path.write_text(json.dumps(config))
+  loaded = workdir_lib.load(str(workdir))
+  assert dict(loaded.mesh.shape)["context"] == 1
+  assert tuple(loaded.config.mesh.shape) == (data, fsdp, 1, tensor)

@@ -38,7 +38,7 @@ def small_config(topology, attention, seq_len=512, batch_size=8,
   c.model.attention_impl = attention
   c.seq_len = seq_len
   c.batch_size = batch_size
-  c.mesh.shape = (1, -1, 1)
+  c.mesh.shape = (1, -1, 1, 1)
   c.compile.topology = topology
   c.compile.steps = steps
   return c
@@ -80,10 +80,10 @@ def test_unknown_topology_lists_the_known_ones():
 def test_mesh_that_does_not_divide_names_the_axis():
   v5e16 = tpu_topology.parse_topology("v5e-16")
   with pytest.raises(ValueError, match="the fsdp axis \\(3\\) does not divide"):
-    tpu_topology.check_mesh((1, 3, -1), v5e16)
+    tpu_topology.check_mesh((1, 3, 1, -1), v5e16)
   with pytest.raises(ValueError, match="covers 8 devices.*put -1"):
-    tpu_topology.check_mesh((2, 4, 1), v5e16)
-  tpu_topology.check_mesh((2, -1, 2), v5e16)  # Fine.
+    tpu_topology.check_mesh((2, 4, 1, 1), v5e16)
+  tpu_topology.check_mesh((2, -1, 1, 2), v5e16)  # Fine.
 
 
 def test_without_libtpu_says_which_extra(monkeypatch):
@@ -207,7 +207,7 @@ def test_a_config_that_cannot_fit_gets_the_verdict(tmp_path):
   # XLA attention at 16K tokens, 4 rows per v5e chip (data-only mesh): the
   # logits alone are 4 x 4 heads x 16K^2 x 4 bytes = 17 GiB per chip.
   config = small_config("v5e-4", "xla", seq_len=16384, batch_size=16)
-  config.mesh.shape = (-1, 1, 1)
+  config.mesh.shape = (-1, 1, 1, 1)
   report = aot.run(config, str(tmp_path))
   verdict = report["verdict"]
   assert not verdict["fits"]

@@ -23,7 +23,7 @@ SETTINGS = sampler_lib.Settings(temperature=1.0, top_k=40, top_p=0.9,
 
 @functools.lru_cache(maxsize=None)
 def loaded_and_sampler():
-  loaded = workdir_lib.load(test_sample.tiny_workdir(), mesh_shape=(1, 1, 1))
+  loaded = workdir_lib.load(test_sample.tiny_workdir(), mesh_shape=(1, 1, 1, 1))
   model = llama.Llama(dataclasses.replace(loaded.model.config,
                                           max_len=MAX_LEN))
   cfg = test_sample.sample_config(cache_dtype="float32", min_bucket=MAX_LEN)

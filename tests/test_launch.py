@@ -40,7 +40,7 @@ TIMEOUT = 300  # s, per launcher run; each takes 1-2 minutes on 2 cores.
 # metacharacters that must arrive unexpanded.
 IMAGES = "a b.jpg,c;$(false) `true` *.png & x|y"
 OVERRIDES = (
-    "--config.mesh.shape='(1,-1,1)' --config.train.steps=2 "
+    "--config.mesh.shape='(1,-1,1,1)' --config.train.steps=2 "
     "--config.compile.steps=\"('train',)\" "
     '--config.eval.inception_weights="$TMP_DIR/my weights.npz" '
     "--config.eval.num_examples=4 --config.eval.seeds='(0,)' "
@@ -248,7 +248,7 @@ def direct_run(data_dir, weights, tmp_path_factory):
 
 def test_overrides_split_as_typed(weights):
   argv = overrides_as_argv(str(weights))
-  assert "--config.mesh.shape=(1,-1,1)" in argv
+  assert "--config.mesh.shape=(1,-1,1,1)" in argv
   assert "--config.compile.steps=('train',)" in argv
   assert f"--config.eval.inception_weights={weights}/my weights.npz" in argv
   assert f"--config.sample.images={IMAGES}" in argv
@@ -285,7 +285,7 @@ def test_tpu_pod_runs_every_stage_with_overrides_as_typed(
   # Every override reached the workers as typed: the config they recorded
   # is the direct run's (less what the launcher sets itself).
   config = read_json(f"{workdir}/config.json")
-  assert config["mesh"]["shape"] == [1, -1, 1]
+  assert config["mesh"]["shape"] == [1, -1, 1, 1]
   assert config["compile"]["steps"] == ["train"]
   assert config["eval"]["inception_weights"] == os.path.join(
       env["TMP_DIR"], "my weights.npz")

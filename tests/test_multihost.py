@@ -7,7 +7,7 @@ of runs serves every test, each run a change of topology (1 -> 2 -> 4 -> 2
 -> 1 processes):
 
   this process, 8 devices, data parallel: steps 1-3
-  -> 2 processes x 1 device, mesh (1, 1, 2): the tensor axis spans the
+  -> 2 processes x 1 device, mesh (1, 1, 1, 2): the tensor axis spans the
      processes, so both feed all 8 rows; resume step 2, run 3-N until
      SIGTERM to one stops both
   -> 4 processes x 2 devices, data parallel: resume step 3, run 4-5
@@ -95,7 +95,7 @@ def started_here(data_dir, tmp_path_factory):
 def preempted(data_dir, started_here, tmp_path_factory):
   """Step 2 of `started_here` resumed on 2 processes until SIGTERM.
 
-  One device per process and mesh (1, 1, 2): the tensor axis spans both
+  One device per process and mesh (1, 1, 1, 2): the tensor axis spans both
   processes. Only process 1 gets the signal, once step 4 is logged. Returns
   (workdir, exit codes, logs).
   """
@@ -103,7 +103,7 @@ def preempted(data_dir, started_here, tmp_path_factory):
                        tmp_path_factory.mktemp("preempted") / "work")
   procs = multihost.start(2, workdir, [
       f"--config.data.dir={data_dir}", "--config.train.steps=100000",
-      "--config.mesh.shape=(1,1,2)", *_EVERY_STEP], devices_per_process=1)
+      "--config.mesh.shape=(1,1,1,2)", *_EVERY_STEP], devices_per_process=1)
   logs = multihost.Logs(procs)
   try:
     logs.wait_for(0, r"\] \[([4-9]|\d\d+)\] .*loss=", timeout=400)

@@ -20,16 +20,17 @@ CONFIG = llama_config.LlamaConfig.from_size(
 TOKENS = np.random.default_rng(0).integers(0, 256, (8, 8)).astype(np.int32)
 
 # Logical names -> the specs DEFAULT_RULES must give (before size-1 axes).
+FC = ("fsdp", "context")  # ZeRO-3 over both.
 EXPECTED = {
-    "embedding": P("tensor", "fsdp"),
-    "head": P("fsdp", "tensor"),
-    "final_norm/scale": P("fsdp"),
-    "layers/attn_norm/scale": P(None, "fsdp"),
-    "layers/attn/q_proj": P(None, "fsdp", "tensor", None),
-    "layers/attn/k_proj": P(None, "fsdp", "tensor", None),
-    "layers/attn/o_proj": P(None, "tensor", None, "fsdp"),
-    "layers/mlp/gate_proj": P(None, "fsdp", "tensor"),
-    "layers/mlp/down_proj": P(None, "tensor", "fsdp"),
+    "embedding": P("tensor", FC),
+    "head": P(FC, "tensor"),
+    "final_norm/scale": P(FC),
+    "layers/attn_norm/scale": P(None, FC),
+    "layers/attn/q_proj": P(None, FC, "tensor", None),
+    "layers/attn/k_proj": P(None, FC, "tensor", None),
+    "layers/attn/o_proj": P(None, "tensor", None, FC),
+    "layers/mlp/gate_proj": P(None, FC, "tensor"),
+    "layers/mlp/down_proj": P(None, "tensor", FC),
 }
 
 
@@ -52,8 +53,8 @@ def reference():
   return params, np.asarray(logits)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2),
-                                   (1, -1, 1)])
+@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 1, 2), (1, 4, 1, 2),
+                                   (1, -1, 1, 1), (1, 2, 2, 2)])
 def test_sharded_init_and_forward(shape):
   mesh = sharding.make_mesh(shape)
   assert mesh.axis_names == sharding.MESH_AXES
@@ -76,7 +77,8 @@ def test_sharded_init_and_forward(shape):
         {"params": jax.device_put(ref_params, shardings)},
         jax.device_put(TOKENS, data))
   q = params["layers"]["attn"]["q_proj"]
-  fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+  fsdp = mesh.shape["fsdp"] * mesh.shape["context"]
+  tensor = mesh.shape["tensor"]
   assert q.sharding.spec == EXPECTED["layers/attn/q_proj"]
   assert q.addressable_shards[0].data.shape == (2, 32 // fsdp, 4 // tensor, 8)
   assert 0.5 < np.std(np.asarray(params["embedding"])) < 1.5  # Initialised.
@@ -89,7 +91,7 @@ def test_sharded_init_and_forward(shape):
 
 
 def test_check_raises_when_rules_map_nothing():
-  mesh = sharding.make_mesh((1, 4, 2))
+  mesh = sharding.make_mesh((1, 4, 1, 2))
   boxed = abstract_params()
   replicated = sharding.logical_shardings(boxed, mesh, rules=())
   with pytest.raises(ValueError, match=r"replicated.*q_proj"):
@@ -100,7 +102,7 @@ def test_check_raises_when_rules_map_nothing():
   # Small params are exempt; pure data parallelism replicates by design.
   sharding.check_large_params_sharded(replicated, mesh, min_size=10**6,
                                       shapes=boxed)
-  data_only = sharding.make_mesh((8, 1, 1))
+  data_only = sharding.make_mesh((8, 1, 1, 1))
   sharding.check_large_params_sharded(
       sharding.logical_shardings(boxed, data_only, rules=()), data_only,
       shapes=boxed)
@@ -108,19 +110,19 @@ def test_check_raises_when_rules_map_nothing():
 
 def test_indivisible_dims_stay_whole():
   """A 300-entry vocabulary cannot split 8 ways: that axis is dropped."""
-  mesh = sharding.make_mesh((1, 1, 8))
+  mesh = sharding.make_mesh((1, 1, 1, 8))
   config = llama_config.LlamaConfig.from_size("tiny", vocab_size=300,
                                               num_heads=8, num_kv_heads=8)
   boxed = jax.eval_shape(llama.Llama(config).init, jax.random.key(0),
                          jnp.zeros((1, 8), jnp.int32))["params"]
   shardings = sharding.logical_shardings(boxed, mesh, sharding.DEFAULT_RULES)
-  assert shardings["embedding"].spec == P(None, "fsdp")
+  assert shardings["embedding"].spec == P(None, FC)
   assert shardings["layers"]["attn"]["q_proj"].spec == P(
-      None, "fsdp", "tensor", None)
+      None, FC, "tensor", None)
 
 
 def test_cache_is_sharded_by_logical_names():
-  mesh = sharding.make_mesh((4, 1, 2))
+  mesh = sharding.make_mesh((4, 1, 1, 2))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     cache = jax.jit(lambda: kv_cache.init_cache(CONFIG, 4, 16))()
   want = jax.sharding.NamedSharding(mesh, P(None, ("data", "fsdp"),
@@ -131,15 +133,19 @@ def test_cache_is_sharded_by_logical_names():
 
 def test_make_mesh_errors_name_the_fix():
   with pytest.raises(ValueError, match="needs 6 devices but there are 8"):
-    sharding.make_mesh((2, 3, 1))
+    sharding.make_mesh((2, 3, 1, 1))
   with pytest.raises(ValueError, match="not divisible"):
-    sharding.make_mesh((3, -1, 1))
-  with pytest.raises(ValueError, match="3 entries"):
+    sharding.make_mesh((3, -1, 1, 1))
+  with pytest.raises(ValueError, match="4 entries"):
     sharding.make_mesh((8, 1))
+  # The (data, fsdp, tensor) form of before the context axis: what to insert.
+  with pytest.raises(ValueError, match=r"\(1,-1,1\) becomes \(1,-1,1,1\).*"
+                     r"\(2, -1, 2\) -> \(2, -1, 1, 2\)"):
+    sharding.make_mesh((2, -1, 2))
   with pytest.raises(ValueError, match="at most one -1"):
-    sharding.make_mesh((-1, -1, 1))
-  assert dict(sharding.make_mesh((-1, 2, 2)).shape) == dict(
-      data=2, fsdp=2, tensor=2)
+    sharding.make_mesh((-1, -1, 1, 1))
+  assert dict(sharding.make_mesh((-1, 2, 1, 2)).shape) == dict(
+      data=2, fsdp=2, context=1, tensor=2)
 
 
 # -- Bytes per device and the default meshes (loop.build: shapes only). ------
@@ -158,7 +164,7 @@ def _config(size):
   return config_base.lm_config(size)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 4, 2)])
+@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (1, 4, 1, 2)])
 def test_bytes_per_device_is_one_devices_shards(shape, caplog):
   import logging  # pylint: disable=g-import-not-at-top
   from codeclm.train import loop  # pylint: disable=g-import-not-at-top
@@ -172,7 +178,7 @@ def test_bytes_per_device_is_one_devices_shards(shape, caplog):
              for s in x.addressable_shards if s.device == device)
   assert got == held
   total = sum(x.nbytes for x in jax.tree.leaves(state))
-  assert (got == total) == (shape == (8, 1, 1))  # Replicated, or split.
+  assert (got == total) == (shape == (8, 1, 1, 1))  # Replicated, or split.
   with caplog.at_level(logging.INFO):
     loop.report(setup, config.batch_size, batch_size=config.batch_size,
                 seq_len=config.seq_len)
@@ -181,10 +187,10 @@ def test_bytes_per_device_is_one_devices_shards(shape, caplog):
 
 def test_default_meshes_shard_1b_and_7b():
   for size in ("demo", "100m"):
-    assert tuple(_config(size).mesh.shape) == (-1, 1, 1)
+    assert tuple(_config(size).mesh.shape) == (-1, 1, 1, 1)
   for size in ("1b", "7b"):
     config = _config(size)
-    assert tuple(config.mesh.shape) == (1, -1, 1)
+    assert tuple(config.mesh.shape) == (1, -1, 1, 1)
     setup = _setup(config)  # eval_shape only: nothing is allocated.
     per_device = sharding.bytes_per_device(setup.abstract_state,
                                            setup.state_shardings)
@@ -196,13 +202,13 @@ def test_default_meshes_shard_1b_and_7b():
 
 def test_a_state_that_does_not_fit_names_the_mesh():
   config = _config("7b")
-  config.mesh.shape = (-1, 1, 1)  # Replicated: 81 GB on every device.
+  config.mesh.shape = (-1, 1, 1, 1)  # Replicated: 81 GB on every device.
   setup = _setup(config)
   state = sharding.bytes_per_device(setup.abstract_state, setup.state_shardings)
-  with pytest.raises(ValueError, match=r"mesh\.shape=\(8, 1, 1\).*fsdp"):
+  with pytest.raises(ValueError, match=r"mesh\.shape=\(8, 1, 1, 1\).*fsdp"):
     sharding.check_state_fits(state, setup.mesh, 0.5, 80 * 2**30)
   sharding.check_state_fits(state, setup.mesh, 0.5, None)  # CPU: unknown.
-  config.mesh.shape = (1, -1, 1)
+  config.mesh.shape = (1, -1, 1, 1)
   setup = _setup(config)
   sharding.check_state_fits(
       sharding.bytes_per_device(setup.abstract_state, setup.state_shardings),

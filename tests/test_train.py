@@ -51,7 +51,8 @@ def test_two_steps_end_to_end(data_dir, tmp_path, caplog):
   last = loop.train(c, str(tmp_path))
   # The start-up report comes before the first compile.
   log = caplog.text
-  for fact in ("Mesh {'data': 8, 'fsdp': 1, 'tensor': 1} over 8 devices",
+  for fact in ("Mesh {'data': 8, 'fsdp': 1, 'context': 1, 'tensor': 1} over 8 "
+               "devices",
                "M params", "FLOPs/token", "Batch 8 x 128 = 1024 tokens/step",
                "GiB per device"):
     assert fact in log, fact
@@ -84,13 +85,13 @@ def fp32_run(data_dir, workdir, shape, devices=None, **train_overrides):
 
 @pytest.fixture(scope="module")
 def one_device_losses(data_dir, tmp_path_factory):
-  losses = fp32_run(data_dir, tmp_path_factory.mktemp("one"), (1, 1, 1),
+  losses = fp32_run(data_dir, tmp_path_factory.mktemp("one"), (1, 1, 1, 1),
                     jax.devices()[:1])
   assert sorted(losses) == [1, 2, 3]
   return losses
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 1, 2), (1, 4, 1, 2)])
 def test_meshes_match_one_device(data_dir, tmp_path, one_device_losses,
                                  shape):
   got = fp32_run(data_dir, tmp_path, shape)
@@ -102,7 +103,7 @@ def test_meshes_match_one_device(data_dir, tmp_path, one_device_losses,
 
 def test_grad_accum_matches(data_dir, tmp_path, one_device_losses):
   # 4 micro-batches of 2 rows, each split over 2 devices.
-  got = fp32_run(data_dir, tmp_path, (2, 1, 1), jax.devices()[:2],
+  got = fp32_run(data_dir, tmp_path, (2, 1, 1, 1), jax.devices()[:2],
                  grad_accum=4)
   np.testing.assert_allclose([got[s] for s in (1, 2, 3)],
                              [one_device_losses[s] for s in (1, 2, 3)],
@@ -116,7 +117,7 @@ def test_grad_accum_micro_batches_stay_sharded(data_dir):
   but no collective carries token-batch data ([., seq_len] shapes).
   """
   c = tiny(data_dir, grad_accum=2)
-  c.batch_size, c.mesh.shape = 16, (2, 4, 1)
+  c.batch_size, c.mesh.shape = 16, (2, 4, 1, 1)
   setup = loop.build(c, 300, np.ones(300, np.float32))
   batch = {k: jax.ShapeDtypeStruct((16, c.seq_len), np.float32 if k ==
                                    "loss_mask" else np.int32,
@@ -143,7 +144,7 @@ def _devices(shape):
 # Sharded to resharded, one device to sharded. Sharded to one device is what
 # every sampling test does (their workdir trains on 8 devices).
 @pytest.mark.parametrize("saved, restored", [
-    ((2, 2, 2), (1, 4, 2)), ((1, 1, 1), (2, 2, 2))])
+    ((2, 2, 1, 2), (1, 4, 1, 2)), ((1, 1, 1, 1), (2, 2, 1, 2))])
 def test_checkpoint_restores_on_another_topology(data_dir, tmp_path,
                                                  one_device_losses, saved,
                                                  restored):
@@ -165,17 +166,17 @@ def test_shapes_the_mesh_cannot_hold_are_rejected(data_dir):
   c = tiny(data_dir)  # batch 8; tiny heads: 4 query, 2 kv.
   check = lambda shape: loop.check_config(
       c.model, c.train, sharding.make_mesh(shape), batch_size=c.batch_size)
-  check((2, 2, 2))
+  check((2, 2, 1, 2))
   c.batch_size = 4  # 4 rows cannot split over 8 data ways.
   with pytest.raises(ValueError, match="batch_size=4 must divide.*--config"):
-    check((8, 1, 1))
+    check((8, 1, 1, 1))
   c.batch_size = 8
   c.train.grad_accum = 2  # 8 rows in 2 micro-batches over 8 data ways.
   with pytest.raises(ValueError, match="grad_accum"):
-    check((8, 1, 1))
+    check((8, 1, 1, 1))
   c.train.grad_accum = 1
   with pytest.raises(ValueError, match="tensor mesh axis"):
-    check((2, 1, 4))
+    check((2, 1, 1, 4))
 
 
 def run_main(workdir, data_dir, *flags, env=None):
@@ -290,7 +291,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     (dict(batch_size=6), "batch_size"),
-    (dict(mesh_shape=(3, 1, 1)), "mesh"),
+    (dict(mesh_shape=(3, 1, 1, 1)), "mesh"),
 ])
 def test_bad_configs_fail_with_the_fix(data_dir, tmp_path, override, message):
   c = tiny(data_dir)

@@ -32,6 +32,8 @@ over its own batch rows and heads, split as the logical rules place
 "batch" and "heads" / "kv_heads" (data+fsdp and tensor by default), so no
 collective is needed. Grouped KV heads go to the kernel as they are (it maps
 each query head to its KV head); packed rows pass their segment ids.
+Over a context mesh axis (the length split) the model attends through
+context_attention.py instead, which gathers K/V over that axis.
 """
 
 from __future__ import annotations
@@ -108,14 +110,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str | None,
                                       implementation=impl)
 
 
-def _block(t: int) -> int:
+def splash_block(t: int) -> int:
+  """The largest of SPLASH_BLOCKS dividing t."""
   return next(b for b in SPLASH_BLOCKS if t % b == 0)
 
 
 def _splash_rows(q, k, v, segment_ids, *, interpret: bool):
   """One device's rows: q [b, H, T, F] (pre-scaled), k, v [b, K, T, F]."""
   _, h, t, _ = q.shape
-  block = _block(t)
+  block = splash_block(t)
   sizes = splash_lib.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block,
       block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -190,27 +193,38 @@ def per_device(rows, q: jax.Array, k: jax.Array, v: jax.Array,
   if jax.sharding.get_abstract_mesh().empty:
     out = rows(q, k, v, segment_ids)
   else:
-    batch, _, heads, _ = nn.logical_to_mesh_axes(
-        ("batch", "length", "heads", "head_dim"))
-    kv_heads = nn.logical_to_mesh_axes(
-        ("batch", "length", "kv_heads", "head_dim"))[2]
-    # Mesh axes that do not divide a dim (one row at init) are dropped.
-    mesh = jax.sharding.get_abstract_mesh()
-    spec = lambda x, *axes: sharding._fit(  # pylint: disable=protected-access
-        jax.sharding.PartitionSpec(*axes), x.shape, mesh)
-    if (k.shape[1] > 1 and spec(q, batch, heads)[1] is not None
-        and spec(k, batch, kv_heads)[1] is None):
-      # Query heads split over devices but KV heads not (K does not divide):
-      # one KV head per query head keeps each device's grouping right.
-      k, v = (jnp.repeat(x, q.shape[1] // k.shape[1], axis=1) for x in (k, v))
-    in_specs = (spec(q, batch, heads), spec(k, batch, kv_heads),
-                spec(v, batch, kv_heads))
+    k, v, q_spec, kv_spec, batch = device_specs(q, k, v)
+    in_specs = (q_spec, kv_spec, kv_spec)
     args = (q, k, v)
     if segment_ids is not None:
-      in_specs += (spec(segment_ids, batch),)
+      in_specs += (sharding._fit(  # pylint: disable=protected-access
+          jax.sharding.PartitionSpec(batch), segment_ids.shape,
+          jax.sharding.get_abstract_mesh()),)
       args += (segment_ids,)
     else:
       rows = functools.partial(rows, segment_ids=None)
     out = jax.shard_map(rows, in_specs=in_specs, out_specs=in_specs[0],
                         check_vma=False)(*args)
   return heads_first(out)
+
+
+def device_specs(q: jax.Array, k: jax.Array, v: jax.Array):
+  """(k, v, q spec, k/v spec, batch axes) for a shard_map over the mesh in
+  context: q [B, H, T, F], k, v [B, K, T, F] split by the logical rules'
+  "batch" and "heads" / "kv_heads" (mesh axes that do not divide a dim, as
+  one row at init, are dropped). Where the query heads split but the KV heads
+  cannot, K and V come back with one KV head per query head, which keeps each
+  device's grouping right.
+  """
+  batch, _, heads, _ = nn.logical_to_mesh_axes(
+      ("batch", "length", "heads", "head_dim"))
+  kv_heads = nn.logical_to_mesh_axes(
+      ("batch", "length", "kv_heads", "head_dim"))[2]
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = lambda x, *axes: sharding._fit(  # pylint: disable=protected-access
+      jax.sharding.PartitionSpec(*axes), x.shape, mesh)
+  if (k.shape[1] > 1 and spec(q, batch, heads)[1] is not None
+      and spec(k, batch, kv_heads)[1] is None):
+    k, v = (jnp.repeat(x, q.shape[1] // k.shape[1], axis=1) for x in (k, v))
+  q_spec = spec(q, batch, heads)
+  return k, v, q_spec, spec(k, batch, kv_heads), q_spec[0]

@@ -14,7 +14,7 @@ Einsum axis letters (every einsum below uses these and only these):
   M MLP hidden     V vocabulary       L layers
 
 Logical axis names, on parameters and main activations alike; `sharding.py`
-maps them onto the (data, fsdp, tensor) mesh:
+maps them onto the (data, fsdp, context, tensor) mesh:
 
   "batch", "length", "embed" (D), "heads" (H), "kv_heads" (K),
   "head_dim" (F), "mlp" (M), "vocab" (V), "layers" (L, the scan axis).
@@ -34,6 +34,11 @@ run in fp32 and the logits come out in fp32, so the loss is taken in fp32.
 
 Rematerialisation (`remat_policy`, see llama_config.py) is per decoder
 layer; the policies save the activations named by checkpoint_name.
+
+Context parallelism: where the mesh splits "length" (a context axis > 1) and
+no cache is used, the model puts its inputs into the context layout on entry
+and its logits back into window order on exit (context_attention.py);
+attention then runs over the sequence shards.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from codeclm.model import attention
+from codeclm.model import context_attention
 from codeclm.model import kv_cache
 from codeclm.model import llama_config
 
@@ -100,10 +106,12 @@ class Attention(nn.Module):
   With a cache, `cache_kv` holds every layer's k, v and `layer` says which
   is this one's; the updated cache is returned. `prefill` (static) promises
   positions == arange(T) in every row (Llama sets it only when it made those
-  positions itself).
+  positions itself). `context_parallel` (static): inputs are in the context
+  layout, split over the context axis (Llama sets it).
   """
   config: llama_config.LlamaConfig
   prefill: bool = False
+  context_parallel: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array,
@@ -153,10 +161,15 @@ class Attention(nn.Module):
     # Packed rows (segment_ids) attend within the same segment, causally.
     # Padding (id 0) attends to padding, so no row is fully masked; the loss
     # mask drops it.
-    out = attention.attend(q, keys, values, impl=c.attention_impl,
-                           segment_ids=segment_ids, mask=mask,
-                           is_causal=is_causal,
-                           prefill=self.prefill)          # [B, T, H, F]
+    if self.context_parallel:
+      out = context_attention.attend(q, keys, values, segment_ids,
+                                     impl=c.attention_impl,
+                                     balance=c.context_load_balance)
+    else:
+      out = attention.attend(q, keys, values, impl=c.attention_impl,
+                             segment_ids=segment_ids, mask=mask,
+                             is_causal=is_causal,
+                             prefill=self.prefill)        # [B, T, H, F]
     out = checkpoint_name(out, "attention_out")
     out = jnp.einsum("BTHF,HFD->BTD", out, wo.astype(dt))
     return nn.with_logical_constraint(out, ("batch", "length", "embed")), new_kv
@@ -193,6 +206,7 @@ class DecoderLayer(nn.Module):
   """
   config: llama_config.LlamaConfig
   prefill: bool = False
+  context_parallel: bool = False
 
   @nn.compact
   def __call__(self, carry: tuple[jax.Array, kv_cache.Stacked | None],
@@ -201,7 +215,9 @@ class DecoderLayer(nn.Module):
                layer: jax.Array | int | None) -> tuple[tuple, None]:
     c = self.config
     x, cache_kv = carry
-    attn, cache_kv = Attention(c, prefill=self.prefill, name="attn")(
+    attn, cache_kv = Attention(c, prefill=self.prefill,
+                               context_parallel=self.context_parallel,
+                               name="attn")(
         RMSNorm(c, name="attn_norm")(x), positions, segment_ids, cache_kv,
         layer)
     x = x + attn
@@ -291,6 +307,19 @@ class Llama(nn.Module):
                          "(scan_layers=False).")
       _check_positions(positions, cache.length, "the cache length")
       cache_kv = kv_cache.Stacked.of(cache)
+    # Over a context axis (training, eval): inputs into the context layout.
+    # Other calls (a cache, or T not in 2C chunks: init's one token) attend
+    # over gathered, unsplit inputs (attention.py), correct but not split.
+    shards = context_attention.num_shards()
+    balance = c.context_load_balance
+    split = (shards > 1 and cache is None and logits_at is None
+             and t % (2 * shards if balance else shards) == 0)
+    if split:
+      tokens, positions = (context_attention.to_layout(x, shards, balance)
+                           for x in (tokens, positions))
+      if segment_ids is not None:
+        segment_ids = context_attention.to_layout(segment_ids, shards,
+                                                  balance)
 
     embedding = _param(self, "embedding", nn.initializers.normal(1.0),
                        (c.vocab_size, c.emb_dim), ("vocab", "embed"))
@@ -317,11 +346,13 @@ class Llama(nn.Module):
           in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
       layer_ids = None if cache is None else jnp.arange(c.num_layers)
-      carry, _ = stack(c, prefill=prefill, name="layers")(
-          carry, positions, segment_ids, layer_ids)
+      carry, _ = stack(c, prefill=prefill, context_parallel=split,
+                       name="layers")(carry, positions, segment_ids,
+                                      layer_ids)
     else:
       for i in range(c.num_layers):
-        carry, _ = layer(c, prefill=prefill, name=f"layers_{i}")(
+        carry, _ = layer(c, prefill=prefill, context_parallel=split,
+                         name=f"layers_{i}")(
             carry, positions, segment_ids, None if cache is None else i)
     x, new_kv = carry
     if logits_at is not None:
@@ -333,6 +364,10 @@ class Llama(nn.Module):
     logits = jnp.einsum("BTD,DV->BTV", x, head.astype(c.dtype),
                         preferred_element_type=jnp.float32)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    if split:  # Back into window order: V wide, cheaper than the D-wide x.
+      logits = nn.with_logical_constraint(
+          context_attention.from_layout(logits, shards, balance),
+          ("batch", "length", "vocab"))
     if cache is None:
       return logits
     return logits, new_kv.cache()

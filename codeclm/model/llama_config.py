@@ -71,6 +71,9 @@ class LlamaConfig:
   remat_policy: str = "full"
   attention_impl: str | None = "auto"  # see attention.py
   qk_norm: bool = False
+  # Over a context mesh axis: chunks i and 2C-1-i per shard (see
+  # context_attention.py); the config's mesh.context_load_balance.
+  context_load_balance: bool = True
 
   def __post_init__(self):
     if self.head_dim is None:

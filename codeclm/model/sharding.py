@@ -1,12 +1,16 @@
 """The device mesh, the logical-axis rules and the shardings they give.
 
 The model names its axes logically (see llama.py's docstring); this module
-maps those names onto a mesh with axes (data, fsdp, tensor):
+maps those names onto a mesh with axes (data, fsdp, context, tensor):
 
-  data    pure data parallelism: params replicated, batch split.
-  fsdp    data parallelism with params, grads and optimizer state split
-          (ZeRO-3); XLA all-gathers each layer's weights before use.
-  tensor  Megatron-style tensor parallelism over heads, MLP and vocabulary.
+  data     pure data parallelism: params replicated, batch split.
+  fsdp     data parallelism with params, grads and optimizer state split
+           (ZeRO-3); XLA all-gathers each layer's weights before use.
+  context  sequence (context) parallelism: the length of every activation
+           split, so a long window need not fit one device; attention
+           all-gathers K/V over it (context_attention.py). Params, grads and
+           optimizer state split over it as over fsdp; the batch does not.
+  tensor   Megatron-style tensor parallelism over heads, MLP and vocabulary.
 
 The mesh uses Auto axis types (GSPMD propagation from the constraints the
 model places), not JAX's Explicit default: Flax linen's logical constraints are
@@ -23,25 +27,29 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 # Logical axis -> mesh axes (first matching, still unused mesh axis wins).
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
+    # ZeRO-3 over fsdp and context; over fsdp alone each context shard
+    # would hold its fsdp group's whole state (7B over fsdp 2: 36 GiB).
+    ("embed", ("fsdp", "context")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
-    ("length", None),
+    ("length", "context"),
     ("head_dim", None),
     ("layers", None),
 )
 
 
 def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices."""
+  """A (data, fsdp, context, tensor) mesh; one -1 entry takes the remaining
+  devices."""
   devices = list(jax.devices() if devices is None else devices)
   shape = [int(s) for s in shape]
+  check_shape(shape)
   if len(shape) != len(MESH_AXES):
     raise ValueError(f"Mesh shape {tuple(shape)} must have {len(MESH_AXES)} "
                      f"entries, one per axis {MESH_AXES}.")
@@ -59,10 +67,20 @@ def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
     raise ValueError(
         f"Mesh shape {tuple(shape)} over {MESH_AXES} needs {math.prod(shape)} "
         f"devices but there are {n}; make the product equal the device count "
-        "or put -1 in one entry (e.g. mesh.shape=(-1, 1, 1)).")
+        "or put -1 in one entry (e.g. mesh.shape=(-1, 1, 1, 1)).")
   return jax.make_mesh(tuple(shape), MESH_AXES,
                        axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
+
+
+def check_shape(shape: Sequence[int]) -> None:
+  """A mesh shape of the old (data, fsdp, tensor) form fails with the fix."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) == 3:
+    new = (*shape[:2], 1, shape[2])
+    raise ValueError(
+        f"mesh.shape is now {MESH_AXES}: (1,-1,1) becomes (1,-1,1,1); insert "
+        f"the context entry, e.g. {shape} -> {new}.".replace("'", ""))
 
 
 def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh
@@ -118,7 +136,7 @@ def check_large_params_sharded(shardings_or_params: Any, mesh: Mesh,
   as large (fine for the default rules, where every weight has an "embed"
   axis on fsdp; pass `shapes` to exempt small ones such as norm scales).
   """
-  if mesh.shape["fsdp"] == 1 and mesh.shape["tensor"] == 1:
+  if all(mesh.shape[a] == 1 for a in ("fsdp", "context", "tensor")):
     return  # Pure data parallelism replicates parameters by design.
   is_leaf = lambda x: isinstance(x, NamedSharding)
   flat, _ = jax.tree_util.tree_flatten_with_path(shardings_or_params,
@@ -195,5 +213,5 @@ def check_state_fits(state_bytes: int, mesh: Mesh, max_fraction: float,
       f"on mesh.shape={tuple(mesh.shape.values())} {dict(mesh.shape)}, over "
       f"mesh.max_state_fraction={max_fraction} of the device's "
       f"{memory / 2**30:.1f} GiB. Shard the state over more devices with "
-      "fsdp, e.g. --config.mesh.shape='(1,-1,1)', or raise "
+      "fsdp, e.g. --config.mesh.shape='(1,-1,1,1)', or raise "
       "mesh.max_state_fraction if activations need less.")

@@ -143,7 +143,7 @@ class Sampler:
     self.model = model
     self.eos_id, self.pad_id = int(eos_id), int(pad_id)
     self.mesh = mesh if mesh is not None else sharding.make_mesh(
-        (-1, 1, 1), jax.devices()[:1])
+        (-1,) + (1,) * (len(sharding.MESH_AXES) - 1), jax.devices()[:1])
     self.rules = tuple(rules)
     self.cache_dtype = jnp.dtype(cache_dtype)
     self.min_bucket = int(min_bucket)

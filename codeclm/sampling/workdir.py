@@ -43,7 +43,7 @@ def load(workdir: str, step: int | None = None,
 
   Params are restored with the training rules onto `mesh_shape` (default: the
   training config's mesh.shape over this machine's devices; a shape without
-  -1 takes the first devices it needs, so (1, 1, 1) samples on one device).
+  -1 takes the first devices it needs, so (1, 1, 1, 1) samples on one device).
   """
   from codeclm.train import checkpoint  # pylint: disable=g-import-not-at-top
   from codeclm.train import params_io  # pylint: disable=g-import-not-at-top
@@ -70,8 +70,15 @@ def load(workdir: str, step: int | None = None,
         "wrong colours or blocks. Install the versions named there.",
         manifest["codec"])
   rules = _tuples(config.mesh.rules)
-  shape = _tuples(mesh_shape or config.mesh.shape)
-  # A shape without -1 may use fewer devices than there are (e.g. (1, 1, 1)),
+  trained_shape = _tuples(config.mesh.shape)
+  if len(trained_shape) == 3:  # Written before the context axis: its size 1.
+    trained_shape = trained_shape[:2] + (1,) + trained_shape[2:]
+    config.mesh.shape = trained_shape
+    logging.info("%s/config.json has a (data, fsdp, tensor) mesh.shape; "
+                 "reading it as %s over %s.", workdir, trained_shape,
+                 sharding.MESH_AXES)
+  shape = _tuples(mesh_shape or trained_shape)
+  # A shape without -1 may use fewer devices than there are (e.g. (1, 1, 1, 1)),
   # but not under jax.distributed: every process samples its own rows.
   if (-1 not in shape and jax.process_count() > 1
       and math.prod(shape) != jax.device_count()):
@@ -79,7 +86,7 @@ def load(workdir: str, step: int | None = None,
         f"mesh_shape={shape} uses {math.prod(shape)} of the "
         f"{jax.device_count()} devices of this {jax.process_count()}-process "
         "jax.distributed run, which samples on every process: use a shape "
-        "with -1, e.g. (-1, 1, 1).")
+        "with -1, e.g. (-1, 1, 1, 1).")
   devices = None if -1 in shape else jax.devices()[:math.prod(shape)]
   mesh = sharding.make_mesh(shape, devices)
   model = llama.Llama(config_base.model_config(config, tokenizer.vocab_size))

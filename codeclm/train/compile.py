@@ -16,7 +16,7 @@ prepare step and taken by prefill and decode, so their arguments hold it.
 
   python -m codeclm.main --config=configs/jpeg_lm.py:7b --workdir=/tmp/aot \
       --mode=compile --config.compile.topology=v5p-128 \
-      --config.mesh.shape='(1,-1,1)'
+      --config.mesh.shape='(1,-1,1,1)'
 
 Needs libtpu (`pip install -e '.[tpu]'`). GPU targets are out of scope (XLA
 needs CUDA to compile for them). The slice names and devices are in
@@ -146,7 +146,8 @@ def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int,
             x.shape, mesh))), cache_shape)
   ints = lambda *shape: jax.ShapeDtypeStruct(
       (rows, *shape), jnp.int32,
-      sharding=named(jax.sharding.PartitionSpec(*data.spec[:len(shape) + 1])))
+      sharding=named(fit(jax.sharding.PartitionSpec(  # 1 token: not split.
+          *data.spec[:len(shape) + 1]), (rows, *shape), mesh)))
   programs += [
       (f"sample prefill ({rows}x{prompt_len}, {layout})", jax.jit(prefill),
        (params, ints(prompt_len), ints())),

@@ -142,7 +142,7 @@ def batch_rows(data_sharding, batch_size: int) -> dict[int, list[int]]:
   and must feed the same data.
   """
   rows = {}
-  shape = (batch_size, 1)
+  shape = (batch_size, data_sharding.mesh.size)  # A length any axis splits.
   for device, index in data_sharding.devices_indices_map(shape).items():
     rows.setdefault(device.process_index, set()).update(
         range(*index[0].indices(batch_size)))

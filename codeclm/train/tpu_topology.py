@@ -108,6 +108,7 @@ def topology_devices(topology: Topology) -> list:
 
 def check_mesh(shape, topology: Topology) -> None:
   """A mesh the slice cannot hold fails here, naming the axis to change."""
+  sharding.check_shape(shape)
   shape = [int(s) for s in shape]
   fixed = {a: s for a, s in zip(sharding.MESH_AXES, shape) if s != -1}
   for axis, size in fixed.items():
@@ -120,7 +121,7 @@ def check_mesh(shape, topology: Topology) -> None:
     raise ValueError(
         f"mesh.shape {tuple(shape)} covers {math.prod(shape)} devices but "
         f"{topology.name} has {topology.chips} chips; put -1 in one axis "
-        "(e.g. fsdp: mesh.shape=(1,-1,1)).")
+        "(e.g. fsdp: mesh.shape=(1,-1,1,1)).")
   if -1 in shape and topology.chips % math.prod(fixed.values()):
     raise ValueError(
         f"mesh.shape {tuple(shape)}: the fixed axes {fixed} do not divide "
