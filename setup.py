@@ -6,26 +6,42 @@ import setuptools
 # unpinned torch pulls a multi-GB CUDA build. It is only a test reference.
 TORCH = "torch==2.13.0"
 # The jax release the project is tested with; libtpu must match it exactly.
+# The base install allows its patch releases only (codeclm uses jax._src).
 JAX = "0.10.2"
+JAX_RANGE = f">={JAX},<0.11"
 
 setuptools.setup(
     name="codeclm",
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["codeclm", "codeclm.*"]),
+    # configs/ ships inside the package as codeclm/configs/, so an installed
+    # codeclm has its config files at
+    #   python -c "import codeclm, os; print(os.path.dirname(codeclm.__file__))"
+    # + /configs (e.g. --config=<that>/configs/jpeg_lm.py:demo). A checkout
+    # keeps them at the top level: --config=configs/jpeg_lm.py.
+    packages=setuptools.find_packages(include=["codeclm", "codeclm.*"])
+    + ["codeclm.configs"],
+    package_dir={"codeclm.configs": "configs"},
+    # Lower bounds are the tested releases; upper bounds where codeclm uses a
+    # library's internals (a new minor release may move them).
     install_requires=[
         "absl-py",
         "array-record",
         "clu",
-        "flax",
+        # epath.backend and gpath (codeclm/runtime/storage.py).
+        "etils[epath]>=1.15,<2",
+        "flax>=0.12.8",  # the tested release; older ones predate jax 0.10
         "gcsfs",  # The one gs:// client (codeclm/runtime/storage.py).
-        "grain",
-        "jax",
+        # grain.experimental: concat-and-split, packing (data/loader.py).
+        "grain>=0.2.18,<0.3",
+        f"jax{JAX_RANGE}",  # jax._src.hardware_utils (runtime/distributed.py)
+        f"jaxlib{JAX_RANGE}",
         "ml-collections",
         "numpy",
         "optax",
-        "orbax-checkpoint",
+        # ocp.step (train/checkpoint_steps.py), orbax.checkpoint.multihost.
+        "orbax-checkpoint>=0.12.8,<0.13",
         "pillow>=11.0",  # restart_marker_blocks, streamtype
         "tensorboard",
         "tensorflow-cpu",  # clu.metric_writers and TFDS need TensorFlow

@@ -3,6 +3,8 @@
 import base64
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -73,3 +75,17 @@ def test_sample_notebook_runs_on_an_imported_model(tmp_path, monkeypatch):
   assert "MCUs expected 4" in text  # 32x32 images: the tiny config's codec.
   assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 2
   assert (tmp_path / "imported" / "checkpoints" / "0").is_dir()
+
+
+def test_install_cell_asks_for_the_users_codeclm(tmp_path):
+  """Where codeclm is not importable (no site-packages: python -S, outside
+  the checkout) the install cell names what to set; it fetches nothing."""
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  cell = next(c.source for c in nb.cells if c.cell_type == "code")
+  assert "CODECLM = " in cell and "pip" in cell
+  result = subprocess.run([sys.executable, "-S", "-c", cell], cwd=tmp_path,
+                          env={"PATH": os.environ.get("PATH", "")},
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1
+  assert "set CODECLM to a codeclm checkout folder or wheel file" in (
+      result.stderr), result.stderr

@@ -1,7 +1,7 @@
 r"""Imports a Hugging Face Llama (e.g. the released Jpeg-LM) into a workdir.
 
   python -m codeclm.hf.import_hf --src=DIR_OR_HUB_ID --workdir=W \
-      [--config=configs/jpeg_lm.py:7b] [--mesh_shape='(1,-1,1)']
+      [--config=configs/jpeg_lm.py:7b] [--mesh_shape='(1,-1,1,1)']
 
 DIR holds `config.json` (a LlamaForCausalLM), one or many `*.safetensors`
 (with `model.safetensors.index.json` when sharded) and the tokenizer
@@ -47,9 +47,23 @@ from codeclm.model import sharding
 from codeclm.runtime import storage
 from codeclm import tokenizer as tokenizer_lib
 
-_DEFAULT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-    "jpeg_lm.py") + ":7b"
+
+def default_config() -> str:
+  """jpeg_lm.py:7b of the configs that came with this codeclm.
+
+  A wheel installs them inside the package (codeclm/configs/, see setup.py);
+  a checkout has them beside it (configs/), whatever the working directory.
+  """
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  folders = (os.path.join(package, "configs"),
+             os.path.join(os.path.dirname(package), "configs"))
+  for folder in folders:
+    if os.path.isfile(os.path.join(folder, "jpeg_lm.py")):
+      return os.path.join(folder, "jpeg_lm.py") + ":7b"
+  return os.path.join(folders[0], "jpeg_lm.py") + ":7b"  # Named in the error.
+
+
+_DEFAULT_CONFIG = default_config()
 _ARCHITECTURES = ("LlamaForCausalLM",)
 # Model fields of the codeclm config that the HF config sets.
 _MODEL_FIELDS = ("num_layers", "emb_dim", "num_heads", "num_kv_heads",
@@ -60,13 +74,17 @@ class ImportHFError(ValueError):
   """The source folder is not an importable HF Llama; names the file."""
 
 
-def load_config(spec: str = _DEFAULT_CONFIG):
-  """The ConfigDict of a config file spec "path.py[:arg]", as --config reads."""
-  path, _, arg = spec.partition(":")
+def load_config(spec: str = ""):
+  """The ConfigDict of a config file spec "path.py[:arg]", as --config reads;
+  "" is the default, jpeg_lm.py:7b of codeclm's own configs."""
+  path, _, arg = (spec or _DEFAULT_CONFIG).partition(":")
   module_spec = importlib.util.spec_from_file_location("codeclm_config", path)
   if module_spec is None or not os.path.isfile(path):
-    raise FileNotFoundError(f"Config file {path} does not exist; pass e.g. "
-                            "configs/jpeg_lm.py:7b from a codeclm checkout.")
+    raise FileNotFoundError(
+        f"Config file {path} does not exist; pass a config file spec such as "
+        f"{_DEFAULT_CONFIG} (codeclm's own configs)." if spec else
+        f"codeclm's own configs are not at {path}: reinstall codeclm (its "
+        "wheel ships configs/ as codeclm/configs/) or pass --config.")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
@@ -384,7 +402,7 @@ def run(src: str, workdir: str, base_config=None, mesh_shape=None) -> str:
 
 
 def parse_shape(text: str) -> tuple[int, ...] | None:
-  """'(1,-1,1)' -> (1, -1, 1); '' -> None."""
+  """'(1,-1,1,1)' -> (1, -1, 1, 1); '' -> None."""
   text = text.strip().strip("()[]")
   return tuple(int(v) for v in text.split(",") if v.strip()) if text else None
 
@@ -397,7 +415,7 @@ def main():
       "config", _DEFAULT_CONFIG, "codeclm config whose codec, data, sample "
       "and eval fields the workdir gets (model fields come from the HF "
       "config).")
-  flags.DEFINE_string("mesh_shape", "", "e.g. '(1,-1,1)'; '' = the config's "
+  flags.DEFINE_string("mesh_shape", "", "e.g. '(1,-1,1,1)'; '' = the config's "
                       "mesh.shape.")
   flags.mark_flags_as_required(["src", "workdir"])
   f = flags.FLAGS

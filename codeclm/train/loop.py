@@ -39,6 +39,7 @@ from codeclm.data import prepare
 from codeclm.model import llama
 from codeclm.model import llama_config
 from codeclm.model import sharding
+from codeclm.runtime import console
 from codeclm.runtime import storage
 from codeclm.sampling import tensorboard
 from codeclm.tokenizer import ByteBPE
@@ -416,6 +417,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if util is not None:
           last["mfu"] = util
         writer.write_scalars(step, {k: float(v) for k, v in last.items()})
+        logging.info("%s", console.step_line(step, tc.steps, last))
         t0, t_step, paused = time.perf_counter(), step, 0.0
 
       t_aside = time.perf_counter()
@@ -426,6 +428,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                             seq_len=config.seq_len,
                             batch_size=config.batch_size)
         writer.write_scalars(step, {f"eval_{k}": v for k, v in scores.items()})
+        logging.info("[%d] eval: %s", step, ", ".join(
+            f"{k}={v:.6g}" for k, v in sorted(scores.items())))
       if tb_samples is not None and tb_samples.due(step):
         writer.write_images(step, tb_samples(state.params))
       paused += time.perf_counter() - t_aside
@@ -434,6 +438,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if step % tc.ckpt_every == 0 or step == tc.steps or stop:
         check_finite(step, jax.device_get(metrics))
         ckpt.save(step, state, train_iter, force=True)
+        logging.info("[%d] checkpoint -> %s", step, ckpt.directory / str(step))
       if stop:
         logging.warning("Preempted at step %d: saved, exiting.", step)
         break
