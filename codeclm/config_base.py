@@ -44,13 +44,18 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
   # Set by the modality config.
   c.codec = ml_collections.ConfigDict()
   c.data = ml_collections.ConfigDict(dict(
-      source="synthetic",         # synthetic | folder:PATH | tfds:NAME[:SPLIT]
+      source="synthetic",         # synthetic | synthetic_classes |
+                                  # folder:PATH | tfds:NAME[:SPLIT]
+      num_classes=4,              # synthetic_classes: how many (hues)
       dir="",                     # prepared shards; "" = <workdir>/data
       tfds_data_dir=None,
       tfds_fps=None,              # video frame rate; None = sources' table
       num_examples=None,          # cap on source examples (synthetic: how many)
       eval_examples=1_000,        # held out, deterministic
       labels_from_folders=False,
+      # "class": one class token after BOS (ids after EOS, one per label name
+      # and one "no class"; needs labelled data); "none": unconditional.
+      conditioning="none",
       examples_per_shard=1_024,
       prepare_workers=0,          # 0 = all local cores
       tokenizer="",               # existing tokenizer.json; "" = train one
@@ -90,6 +95,9 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       grad_clip=1.0,
       grad_accum=1,               # micro-batches per step
       z_loss=0.0,                 # PaLM z-loss weight; 0 = off (Llama-2)
+      label_dropout=0.1,          # data.conditioning="class": this share of
+                                  # examples get "no class" (for guidance),
+                                  # chosen by (seed, example position)
       log_every=50,
       eval_every=1_000,
       eval_batches=16,            # 0 = the whole eval split
@@ -153,6 +161,14 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       # token_grammar.py); False = the paper's unconstrained sampling.
       # Ignored for AVC (no grammar for H.264 slices).
       constrained=True,
+      # Class-conditional samples (a model trained with data.conditioning=
+      # "class"): comma-separated class names or ids, or "all"; per_class
+      # samples each, one grid per class. guidance: the classifier-free
+      # guidance scale s, logits = uncond + s * (cond - uncond) (0 = the
+      # "no class" model, 1 = plain conditional).
+      classes="",
+      per_class=4,
+      guidance=3.0,
       seed=0,
       batch_size=8,               # rows per sampler call
       cache_dtype="bfloat16",
@@ -203,6 +219,13 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       feature_batch=50,           # Inception batch (CPU: 4-8 is faster)
       fid_method="sqrtm",         # pytorch-fid's; "low_rank": fast below 2048
       downscale=False,            # half-size images in a black canvas
+      # Labelled references (codeclm/eval/per_class.py): FID per class of
+      # the completions; a class with fewer references is listed, not scored.
+      min_per_class=5,
+      # Guidance scales of class-conditional samples (one per reference, of
+      # its class) scored by FID and class agreement; None = (0.0, 3.0) for
+      # a class-conditional workdir, () otherwise.
+      guidance=ml_collections.FieldReference(None, field_type=tuple),
       process_index=-1,           # -1 = jax.process_index()
       process_count=0,            # 0 = jax.process_count()
       merge=True,                 # merge when every slice is present

@@ -26,7 +26,13 @@ that holds the literal bytes "<|bos|>" or the UTF-8 of "⟨bos⟩".
 
 The ids <-> bytes map is exact for every byte string: decode(encode(x)) == x.
 Training is deterministic (same examples in the same order -> identical
-tokenizer.json). Should the data hold fewer distinct pairs than merges asked
+tokenizer.json).
+
+Class tokens (data.conditioning="class", `with_classes`): after EOS, one id
+per class in label order, then one "no class" id (label dropout, unguided
+sampling). Their names ("⟨class 3: cat⟩", "⟨no class⟩") are outside latin-1
+too, so no data can make them; decode() drops them like BOS/EOS. The names in
+tokenizer.json are what tells a workdir which id is which class. Should the data hold fewer distinct pairs than merges asked
 for, the trainer stops early and `train` warns with the size it reached.
 """
 
@@ -50,6 +56,20 @@ NUM_BYTES = 256
 BOS = "\u27e8bos\u27e9"  # ⟨bos⟩: outside latin-1, so never made from bytes.
 EOS = "\u27e8eos\u27e9"  # ⟨eos⟩
 SPECIALS = (BOS, EOS)
+NO_CLASS = "\u27e8no class\u27e9"  # ⟨no class⟩
+
+
+def class_token(index: int, name: str) -> str:
+  """The token of class `index` ("⟨class 3: cat⟩"); unique by index."""
+  return f"\u27e8class {index}: {name}\u27e9"
+
+
+def _class_name(index: int, token: str) -> str | None:
+  """The class name in `token` if it is class_token(index, name), else None."""
+  head, tail = f"\u27e8class {index}: ", "\u27e9"
+  if token.startswith(head) and token.endswith(tail):
+    return token[len(head):-len(tail)]
+  return None
 _TRAIN_BATCH = 64  # Examples handed to the Rust trainer per batch.
 
 
@@ -92,20 +112,25 @@ class ByteBPE:
     num_entries: BPE entries (256 bytes + merges), i.e. ids below bos_id.
     bos_id, eos_id: the two specials, right after the BPE entries.
     pad_id: equals eos_id (padding is masked, so needs no id of its own).
+    class_names: the classes whose tokens follow EOS ([] = unconditional).
+    no_class_id: the "no class" token after them (None without classes).
   """
 
   def __init__(self, tokenizer: Tokenizer, source: str = "tokenizer"):
     """Wraps a `tokenizers.Tokenizer` built by `train`; checks it (see load)."""
-    self._check(tokenizer, source)
+    self.class_names = tuple(self._check(tokenizer, source))
     self._tokenizer = tokenizer
     self.num_entries = tokenizer.get_vocab_size(with_added_tokens=False)
     self.bos_id = self.num_entries
     self.eos_id = self.num_entries + 1
     self.pad_id = self.eos_id
-    self.vocab_size = self.num_entries + len(SPECIALS)
+    extra = len(self.class_names) + 1 if self.class_names else 0
+    self.no_class_id = self.eos_id + extra if extra else None
+    self.vocab_size = self.num_entries + len(SPECIALS) + extra
     # bytes of each id, specials empty: decode is a lookup and a join.
     self._pieces = [tokenizer.id_to_token(i).encode("latin-1")
-                    for i in range(self.num_entries)] + [b""] * len(SPECIALS)
+                    for i in range(self.num_entries)] + [b""] * (
+                        len(SPECIALS) + extra)
 
   # -- building ----------------------------------------------------------------
 
@@ -156,6 +181,36 @@ class ByteBPE:
     of an imported model (the same interface); see `load` below."""
     return load(path)
 
+  def with_classes(self, names: Sequence[str]) -> ByteBPE:
+    """This tokenizer with a token per class and "no class" after EOS.
+
+    Its BPE ids, BOS and EOS stay the same; an existing class list is
+    replaced (the names must be those of the data's labels, in order).
+    """
+    names = [str(n) for n in names]
+    if not names:
+      raise ValueError("with_classes needs at least one class name (the "
+                       "data's label names).")
+    config = json.loads(self.to_json())
+    config["added_tokens"] = config["added_tokens"][:len(SPECIALS)]
+    tokenizer = Tokenizer.from_str(json.dumps(config))
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in
+         [class_token(i, n) for i, n in enumerate(names)] + [NO_CLASS]])
+    return type(self)(tokenizer)
+
+  def class_id(self, label: int | None) -> int:
+    """The token of class index `label`; None (or -1) = "no class"."""
+    if not self.class_names:
+      raise ValueError("This tokenizer has no class tokens: prepare the data "
+                       "with --config.data.conditioning=class.")
+    if label is None or label == -1:
+      return self.no_class_id
+    if not 0 <= label < len(self.class_names):
+      raise ValueError(f"Class {label} is not one of the tokenizer's "
+                       f"{len(self.class_names)} classes.")
+    return self.eos_id + 1 + int(label)
+
   def to_json(self) -> str:
     """The whole tokenizer as tokenizer.json text (deterministic)."""
     return self._tokenizer.to_str(pretty=True)
@@ -164,8 +219,9 @@ class ByteBPE:
     epath.Path(path).write_text(self.to_json(), encoding="utf-8")
 
   @staticmethod
-  def _check(tokenizer: Tokenizer, source: str) -> None:
-    """Raises unless `tokenizer` is laid out as `train` makes it."""
+  def _check(tokenizer: Tokenizer, source: str) -> list[str]:
+    """Raises unless `tokenizer` is laid out as `train` (and `with_classes`)
+    makes it; returns its class names ([] without class tokens)."""
     config = json.loads(tokenizer.to_str())
     vocab = tokenizer.get_vocab(with_added_tokens=False)
     problems = []
@@ -181,12 +237,19 @@ class ByteBPE:
       problems.append("entries are empty or hold characters outside latin-1")
     n = len(vocab)
     specials = [tokenizer.token_to_id(s) for s in SPECIALS]
-    if specials != [n, n + 1] or tokenizer.get_vocab_size() != n + 2:
-      problems.append(f"specials {SPECIALS} are not exactly ids {n}, {n + 1}")
+    extra = tokenizer.get_vocab_size() - n - 2
+    names = [_class_name(i, tokenizer.id_to_token(n + 2 + i) or "")
+             for i in range(max(0, extra - 1))]
+    if specials != [n, n + 1] or not (
+        extra == 0 or extra >= 2 and None not in names and
+        tokenizer.id_to_token(n + 1 + extra) == NO_CLASS):
+      problems.append(f"specials {SPECIALS} are not exactly ids {n}, {n + 1}"
+                      " (followed by class tokens and the no-class token)")
     if problems:
       raise ValueError(
           f"{source} is not a ByteBPE tokenizer: {'; '.join(problems)}. Train "
           "one with ByteBPE.train (or codeclm's prepare mode).")
+    return names
 
   # -- using -------------------------------------------------------------------
 
@@ -210,8 +273,10 @@ class ByteBPE:
     return b"".join([pieces[i] for i in ids.tolist()])
 
   def __repr__(self) -> str:
+    classes = (f", classes={len(self.class_names)}, no_class_id="
+               f"{self.no_class_id}" if self.class_names else "")
     return (f"ByteBPE(entries={self.num_entries}, bos_id={self.bos_id}, "
-            f"eos_id={self.eos_id}, vocab_size={self.vocab_size})")
+            f"eos_id={self.eos_id}{classes}, vocab_size={self.vocab_size})")
 
 
 def _batches(examples: Iterable[bytes]) -> Iterator[list[str]]:
@@ -263,7 +328,10 @@ class ByteCharTokenizer:
   Attributes:
     vocab_size: the model's embedding rows (may exceed the tokenizer's ids).
     bos_id, eos_id, pad_id: pad is EOS, as in ByteBPE.
+    class_names, no_class_id: none (imported models are unconditional).
   """
+  class_names = ()
+  no_class_id = None
 
   def __init__(self, tokenizer: Tokenizer, *, bos_id: int, eos_id: int,
                vocab_size: int, source: str = "tokenizer"):

@@ -48,7 +48,7 @@ def eval_config(weights, out_dir, **overrides):
   c.eval.update({**dict(
       source="synthetic", num_examples=N, ratios=RATIOS, unconditional=True,
       seeds=SEEDS, inception_weights=weights, batch_size=8, feature_batch=8,
-      mesh_shape=(1, 1, 1), out_dir=str(out_dir), process_index=0,
+      mesh_shape=(1, 1, 1, 1), out_dir=str(out_dir), process_index=0,
       process_count=1, fid_method="low_rank"), **overrides})
   return c
 
@@ -110,6 +110,10 @@ def test_two_shards_merge_into_complete_results(two_shards, workdir):
     assert sorted(info["slots"]) == ["r25", "r50", "uncond"]
   events = os.listdir(os.path.join(workdir, "eval"))
   assert any(e.startswith("events.out.tfevents") for e in events)
+  # Unlabelled references and an unconditional workdir: no class numbers.
+  assert not {"fid_per_class", "fid_guided", "class_agreement",
+              "classifier_accuracy"} & set(results)
+  assert info["settings"]["guidance"] == []
 
 
 def slice_arrays(out_dir):
@@ -210,8 +214,11 @@ def test_downscale_canvas_and_the_area_fid_sees():
 def test_sample_ids_are_global_and_distinct():
   slots = work.slots_of((0.375, 0.4375, 0.5), True)
   assert [s.name for s in slots] == ["r37.5", "r43.75", "r50", "uncond"]
-  ids = np.concatenate([work.sample_ids(s, range(5000)) for s in slots])
+  ids = np.concatenate([work.sample_ids(s, range(5000)) for s in slots]
+                       + [work.guided_ids(range(5000))])
   assert len(set(ids.tolist())) == len(ids)
+  # The largest guided id still fits the sampler's uint32 ids.
+  assert int(work.guided_ids([work.ID_STRIDE - 1])[0]) == 2**32 - 1
   np.testing.assert_array_equal(work.sample_ids(slots[2], [7]),
                                 [5000 * work.ID_STRIDE + 7])
   assert [work.slice_bounds(10, p, 3) for p in range(3)] == [
@@ -222,7 +229,7 @@ def test_sample_ids_are_global_and_distinct():
 
 def test_a_prompt_that_fills_max_len_is_scored_as_the_prompt(workdir):
   from codeclm.sampling import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  loaded = workdir_lib.load(workdir, mesh_shape=(1, 1, 1))
+  loaded = workdir_lib.load(workdir, mesh_shape=(1, 1, 1, 1))
   c = tiny_config.get_config()
   c.sample.update(max_new_tokens=8, cache_dtype="float32", min_bucket=256)
   sampler = workdir_lib.sampler_of(c.sample, loaded.model, loaded.tokenizer,
@@ -275,11 +282,11 @@ def test_two_processes_sample_and_evaluate_as_one_process(
   from tests import multihost  # pylint: disable=g-import-not-at-top
   image = test_sample.photo_files(tmp_path)[0]
   sample = dict(num_samples=5, images=image, ratios=(0.5,), completions=2,
-                max_new_tokens=24, mesh_shape=(-1, 1, 1), min_bucket=256,
+                max_new_tokens=24, mesh_shape=(-1, 1, 1, 1), min_bucket=256,
                 batch_size=8)
   evals = dict(source="synthetic", num_examples=4, ratios=(0.5,),
                unconditional=False, seeds=(0,), inception_weights=weights,
-               batch_size=2, feature_batch=4, mesh_shape=(-1, 1, 1),
+               batch_size=2, feature_batch=4, mesh_shape=(-1, 1, 1, 1),
                fid_method="low_rank")
   flag = lambda section, key, value: f"--config.{section}.{key}={value}"
   flags = ([flag("sample", k, v) for k, v in sample.items()]
@@ -317,3 +324,4 @@ def test_two_processes_sample_and_evaluate_as_one_process(
   assert two_eval["record"]["processes"] == [2]
   assert two_eval["metrics"] == one_eval["metrics"]
   assert np.isfinite(one_eval["metrics"]["r50"]["fid"]["0"])
+

@@ -102,7 +102,7 @@ def save_foreign(directory, tok, *, layers=2, shard="60KB", max_len=512):
 def base_config(**model):
   c = tiny_config.get_config()
   c.model.update(dtype="float32", remat_policy="none", **model)
-  c.mesh.shape = (1, 1, 1)
+  c.mesh.shape = (1, 1, 1, 1)
   return c
 
 
@@ -130,7 +130,7 @@ def _hf_logits(directory, tokens):
 
 
 def _codeclm_logits(workdir, tokens):
-  loaded = sampling_workdir.load(workdir, mesh_shape=(1, 1, 1))
+  loaded = sampling_workdir.load(workdir, mesh_shape=(1, 1, 1, 1))
   return np.asarray(jax.jit(loaded.model.apply)(
       {"params": loaded.params}, np.asarray(tokens, np.int32)))
 
@@ -143,7 +143,7 @@ def test_foreign_checkpoint_is_sharded_bf16(foreign):
 
 
 def test_import_logits_equal_transformers(foreign, imported):
-  loaded = sampling_workdir.load(imported, mesh_shape=(1, 1, 1))
+  loaded = sampling_workdir.load(imported, mesh_shape=(1, 1, 1, 1))
   assert isinstance(loaded.tokenizer, tokenizer_lib.ByteCharTokenizer)
   assert (loaded.tokenizer.bos_id, loaded.tokenizer.eos_id) == (1, 2)
   cfg = loaded.model.config
@@ -175,7 +175,7 @@ def test_tokenizer_matches_the_hf_tokenizer_on_jpeg_bytes(foreign, imported):
 
 
 def test_greedy_continuation_equals_transformers_generate(foreign, imported):
-  loaded = sampling_workdir.load(imported, mesh_shape=(1, 1, 1))
+  loaded = sampling_workdir.load(imported, mesh_shape=(1, 1, 1, 1))
   tok, codec = loaded.tokenizer, loaded.codec
   full = _jpegs(1, seed=11)[0]
   prompt = codec.prompt(full, 0.5)  # Cut after whole MCUs, as released.
@@ -297,7 +297,7 @@ def test_export_loads_in_transformers_with_equal_logits(trained, exported):
 
 
 def _codeclm_logits_f32(workdir, tokens):
-  loaded = sampling_workdir.load(workdir, mesh_shape=(1, 1, 1))
+  loaded = sampling_workdir.load(workdir, mesh_shape=(1, 1, 1, 1))
   model = llama.Llama(dataclasses.replace(loaded.model.config,
                                           dtype="float32"))
   return np.asarray(jax.jit(model.apply)({"params": loaded.params},
@@ -306,8 +306,8 @@ def _codeclm_logits_f32(workdir, tokens):
 
 def test_import_of_the_export_is_bit_identical(trained, exported, tmp_path):
   workdir = import_hf.run(exported, str(tmp_path / "w"), base_config())
-  before = sampling_workdir.load(trained, mesh_shape=(1, 1, 1))
-  after = sampling_workdir.load(workdir, mesh_shape=(1, 1, 1))
+  before = sampling_workdir.load(trained, mesh_shape=(1, 1, 1, 1))
+  after = sampling_workdir.load(workdir, mesh_shape=(1, 1, 1, 1))
   assert after.model.config == dataclasses.replace(
       before.model.config, dtype=after.model.config.dtype,
       remat_policy=after.model.config.remat_policy)

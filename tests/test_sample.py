@@ -155,6 +155,11 @@ def test_settings_and_prompts_are_checked():
 # -- decoding ------------------------------------------------------------------
 
 
+def test_guidance_needs_one_unconditional_prompt_per_prompt():
+  with pytest.raises(ValueError, match="one each"):
+    run(PROMPTS, unconditional=PROMPTS[:2], guidance=2.0)
+
+
 def test_greedy_with_cache_equals_full_recomputation():
   got = run()
   want = recompute_greedy(PROMPTS, GREEDY.max_new_tokens)
@@ -301,7 +306,7 @@ def fsdp_params(mesh):
 
 
 def test_sharded_over_a_mesh_matches_one_device():
-  mesh = sharding.make_mesh((1, 4, 2))  # fsdp 4 (batch, weights), tensor 2
+  mesh = sharding.make_mesh((1, 4, 1, 2))  # fsdp 4 (batch, weights), tensor 2
   s = sampler_lib.Sampler(model_and_params()[0], eos_id=EOS, pad_id=PAD,
                           mesh=mesh, cache_dtype="float32")
   assert s.batch_multiple == 4
@@ -341,13 +346,13 @@ def loop_all_gathers(hlo: str) -> list[tuple[int, ...]]:
 
 
 def test_decode_loop_gathers_no_weights_on_an_fsdp_mesh():
-  """Weights are laid out for decoding once, before the loop (issue 17.8).
+  """Weights are laid out for decoding once, before the loop.
 
-  With reshard_params=False (the layout as trained, main's behaviour) every
-  step all-gathers each layer's weights; the check must see those.
+  With reshard_params=False (the layout as trained) every step all-gathers
+  each layer's weights; the check must see those.
   """
   model, params = model_and_params()
-  mesh = sharding.make_mesh((1, 8, 1))  # Whole weights are gathered here.
+  mesh = sharding.make_mesh((1, 8, 1, 1))  # Whole weights are gathered here.
   sharded = fsdp_params(mesh)
   weights = set()  # Whole leaves, and one layer of the scanned ones.
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -378,10 +383,10 @@ def test_auto_reshard_replicates_only_what_fits():
                            jax.tree_util.keystr(path) else 2)
                  for path, x in jax.tree_util.tree_leaves_with_path(params))
       for dtype in ("float32", "bfloat16")}
-  fsdp = sharding.make_mesh((1, 8, 1))  # Replicated over all 8 devices.
+  fsdp = sharding.make_mesh((1, 8, 1, 1))  # Replicated over all 8 devices.
   assert decode_loop.copy_bytes(model, fsdp, rules) == whole["float32"]
   assert decode_loop.copy_bytes(bf16, fsdp, rules) == whole["bfloat16"]
-  mesh = sharding.make_mesh((1, 4, 2))  # Split over tensor only.
+  mesh = sharding.make_mesh((1, 4, 1, 2))  # Split over tensor only.
   copy = decode_loop.copy_bytes(model, mesh, rules)
   assert whole["float32"] / 2 <= copy < whole["float32"]
 
@@ -405,7 +410,7 @@ def test_sampler_auto_keeps_the_weights_sharded_where_a_copy_would_not_fit(
     monkeypatch, caplog):
   """The Sampler applies the rule with its devices' memory and says why."""
   model, _ = model_and_params()
-  mesh = sharding.make_mesh((1, 8, 1))
+  mesh = sharding.make_mesh((1, 8, 1, 1))
   params = fsdp_params(mesh)
   make = lambda **kw: sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD,
                                           mesh=mesh, **kw)
@@ -433,7 +438,7 @@ def test_prepared_shardings_are_the_layout_prepare_makes():
   layout Sampler.prepare really gives (replicated over fsdp, split over
   tensor), per layer when unrolled."""
   model, _ = model_and_params()
-  mesh = sharding.make_mesh((1, 4, 2))
+  mesh = sharding.make_mesh((1, 4, 1, 2))
   params = fsdp_params(mesh)
   for unroll in (True, False):
     s = sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD, mesh=mesh,
@@ -496,7 +501,7 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
   # One device; min_bucket = seq_len: every call below is one bucket (one
   # compilation, shared by the Samplers of the tests that follow).
   c.update({**dict(num_samples=4, images="", ratios=(0.5,), completions=2,
-                   seed=0, max_new_tokens=48, mesh_shape=(1, 1, 1),
+                   seed=0, max_new_tokens=48, mesh_shape=(1, 1, 1, 1),
                    min_bucket=256), **overrides})
   return c
 
@@ -509,7 +514,7 @@ def workdir():
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")
 def test_restore_params_matches_the_saved_state(workdir):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  loaded = workdir_lib.load(workdir, step=1, mesh_shape=(2, 2, 2))
+  loaded = workdir_lib.load(workdir, step=1, mesh_shape=(2, 2, 1, 2))
   assert loaded.step == 1
   saved = ocp.PyTreeCheckpointer().restore(
       os.path.join(workdir, "checkpoints", "1", "state"))
@@ -525,7 +530,8 @@ def test_restore_params_matches_the_saved_state(workdir):
   latest = params_io.restore_params(workdir, abstract)
   jax.tree.map(np.testing.assert_array_equal, latest, loaded.params)
   head = loaded.params["head"]  # Laid out by the training rules.
-  assert head.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert head.sharding.spec == jax.sharding.PartitionSpec(
+      ("fsdp", "context"), "tensor")
   with pytest.raises(FileNotFoundError, match=r"committed steps \[1\]"):
     workdir_lib.load(workdir, step=99)
 
@@ -566,7 +572,7 @@ def test_sample_command_writes_images_and_reports(workdir, tmp_path):
 
 
 def test_tensorboard_sampler(workdir):
-  loaded = workdir_lib.load(workdir, mesh_shape=(1, 1, 1))
+  loaded = workdir_lib.load(workdir, mesh_shape=(1, 1, 1, 1))
   sample_cfg = sample_config(tb_every=5, tb_samples=3, tb_images=2,
                              max_new_tokens=40)
   tb = tensorboard.TensorBoardSampler(
@@ -590,13 +596,13 @@ def test_command_lines(workdir, tmp_path):
   cmds = {
       "cli": [sys.executable, "-m", "codeclm.sampling", f"--workdir={workdir}",
               "--sample.num_samples=1", "--sample.max_new_tokens=16",
-              "--sample.mesh_shape=(1,1,1)",
+              "--sample.mesh_shape=(1,1,1,1)",
               f"--sample.out_dir={tmp_path / 'cli'}"],
       "main": [sys.executable, "-m", "codeclm.main",
                f"--config={ROOT}/tests/tiny_config.py", f"--workdir={workdir}",
                "--mode=sample", "--config.sample.num_samples=1",
                "--config.sample.max_new_tokens=16",
-               "--config.sample.mesh_shape=(1,1,1)",
+               "--config.sample.mesh_shape=(1,1,1,1)",
                f"--config.sample.out_dir={tmp_path / 'main'}"],
   }
   procs = {k: subprocess.Popen(v, env=env, cwd=ROOT, stdout=subprocess.PIPE,

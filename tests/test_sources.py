@@ -137,6 +137,26 @@ def test_open_source_synthetic_needs_a_count():
     s[5]  # pylint: disable=pointless-statement
 
 
+def test_open_source_synthetic_classes_labels_each_picture():
+  s = source_of(make_config(source="synthetic_classes", num_examples=9,
+                            num_classes=3))
+  assert s.label_names == ["hue000", "hue120", "hue240"] and len(s) == 9
+  assert [s[i].label for i in range(9)] == [0, 1, 2] * 3
+  again = pickle.loads(pickle.dumps(s))  # Prepare's workers get a copy.
+  np.testing.assert_array_equal(np.asarray(again[4].data),
+                                np.asarray(s[4].data))
+  assert not np.array_equal(np.asarray(s[4].data),
+                            synthetic_images.synthetic_image(4, 32, 32))
+  with pytest.raises(DataError, match="num_classes >= 2"):
+    source_of(make_config(source="synthetic_classes", num_examples=9,
+                          num_classes=1))
+  video = make_config(source="synthetic_classes", num_examples=9,
+                      num_classes=3)
+  video.codec = ml_collections.ConfigDict(dict(name="avc"))
+  with pytest.raises(DataError, match="makes images"):
+    source_of(video)
+
+
 def test_unknown_source_string():
   for spec in ("imagenet", "folder:", "tfds:", "s3:bucket"):
     with pytest.raises(DataError, match="config.data.source"):

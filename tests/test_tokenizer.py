@@ -187,6 +187,9 @@ def test_pickles_for_loader_workers():
   assert clone.decode(clone.encode(data)) == data
   assert (clone.bos_id, clone.eos_id, clone.vocab_size) == (
       TOK.bos_id, TOK.eos_id, TOK.vocab_size)
+  classes = pickle.loads(pickle.dumps(TOK.with_classes(["a", "b"])))
+  assert (classes.class_names, classes.class_id(1), classes.no_class_id,
+          classes.vocab_size) == (("a", "b"), 323, 324, 325)
 
 
 def test_deterministic_across_processes():

@@ -28,6 +28,15 @@ so the trainer is uniform: inputs, targets, segment_ids, positions (int32,
 segment_ids are 1, positions 0..seq_len-1 and loss_mask 1 everywhere (the
 paper's setting); where a window is padding, segment_ids and loss_mask are 0.
 
+Class conditioning (data.conditioning="class", conditioning.py): examples
+are [BOS, class, ids..., EOS], each token tagged with its example's class
+token; label dropout is drawn per record-order position. A window must not
+lose the class of an image it starts inside: "concat" cuts windows of
+seq_len tokens (not seq_len + 1) and puts the class token of the window's
+first token in front (input only: its own target is masked, as the first
+token of a window has no target without conditioning); "pack" starts every
+piece of a long example after the first with the example's class token.
+
 A restored TrainBatches (get_state / set_state) yields exactly the batches
 the original would have. Shards hold bytes rather than token ids, so the
 vocabulary can change without re-encoding, and tokenizing on the fly costs
@@ -35,28 +44,33 @@ little.
 
 Signatures take the config's data section and its top-level scalars as
 keywords, never the whole config: `TrainBatches(data, data_dir, tokenizer, *,
-seq_len, batch_size, seed, rows=None, writes=None)`, `eval_batches(data,
-data_dir, tokenizer, *, seq_len, batch_size, rows=None)`, `num_streams(data,
-*, batch_size)`, `stream_writers(data, rows_by_process, *, batch_size)` and
-`record_order(data_dir, *, seed)`.
+seq_len, batch_size, seed, rows=None, writes=None, label_dropout=0.0)`
+(config.train.label_dropout), `eval_batches(data, data_dir, tokenizer, *,
+seq_len, batch_size, rows=None)`, `num_streams(data, *, batch_size)`,
+`stream_writers(data, rows_by_process, *, batch_size)` and
+`record_order(data_dir, *, seed, labelled=False)`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
+from absl import logging
 import grain
 import numpy as np
 
 from codeclm import codecs
+from codeclm.data import conditioning
 from codeclm.data import prepare
 from codeclm.data.sources.base import DataError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 # "pack" fills this many windows per stream at once (more if a stream has
 # more rows): with one bin per stream (one stream per row) 83% of tokens are
-# real, with 8 bins 92% (benchmarks/RESULTS.md, issue 17).
+# real, with 8 bins 92% (benchmarks/RESULTS.md, "Data").
 MIN_PACKING_BINS = 8
+# More loader worker processes than this on one process draws a warning.
+MAX_WORKER_PROCESSES = 64
 # Threads read and tokenize ahead. Grain's default buffer of 500 elements
 # costs more CPU than it saves (each element scans the whole buffer: half the
 # loader's CPU time in a profile); 64 examples (~25 windows of 12,288) suffice.
@@ -81,7 +95,8 @@ class SplitLong(grain.experimental.FlatMapTransform):
 
   Pieces overlap by one token, so every next-token target of the example is
   predicted in some piece. Examples that fit pass whole: packing never splits
-  an example it can hold.
+  an example it can hold. With class conditioning (a "classes" feature)
+  every piece after the first starts with the example's class token.
   """
 
   def __init__(self, window: int, drop: bool, max_fan_out: int = 1 << 16):
@@ -92,12 +107,18 @@ class SplitLong(grain.experimental.FlatMapTransform):
   def flat_map(self, element: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     tokens = element["tokens"]
     if len(tokens) <= self.window:
-      return [element]
+      return [{"tokens": tokens}]
     if self.drop:
       return []
-    step = self.window - 1
-    return [{"tokens": tokens[i:i + self.window]}
-            for i in range(0, len(tokens) - 1, step)]
+    if "classes" not in element:
+      step = self.window - 1
+      return [{"tokens": tokens[i:i + self.window]}
+              for i in range(0, len(tokens) - 1, step)]
+    cls, body = element["classes"][:1], self.window - 1
+    pieces = [{"tokens": tokens[:self.window]}]
+    for i in range(self.window - 1, len(tokens) - 1, body - 1):
+      pieces.append({"tokens": np.concatenate([cls, tokens[i:i + body]])})
+    return pieces
 
 
 class ToExample(grain.transforms.Map):
@@ -107,22 +128,33 @@ class ToExample(grain.transforms.Map):
   for padding) and `tokens_positions`. Targets are the next token; the loss
   mask is 0 where the target is padding or, when `packed`, where it belongs
   to another segment (there the target is set to pad too).
+
+  With `class_prefix` (concat windows of seq_len tokens under class
+  conditioning) the class token of the first token goes in front; its own
+  target is masked.
   """
 
-  def __init__(self, seq_len: int, pad_id: int, packed: bool):
+  def __init__(self, seq_len: int, pad_id: int, packed: bool,
+               class_prefix: bool = False):
     self.seq_len = seq_len
     self.pad_id = pad_id
     self.packed = packed
+    self.class_prefix = class_prefix
 
   def map(self, window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     tokens = window["tokens"]
     segments = window["tokens_segment_ids"]
+    if self.class_prefix:
+      tokens = np.concatenate([window["classes"][:1], tokens])
+      segments = np.concatenate([segments[:1], segments])
     if not self.packed:  # One stream: every real token is segment 1.
       segments = (segments != 0).astype(np.int32)
       positions = np.arange(self.seq_len, dtype=np.int32)
     else:
       positions = window["tokens_positions"][:-1].astype(np.int32)
     mask = (segments[1:] == segments[:-1]) & (segments[:-1] != 0)
+    if self.class_prefix:
+      mask[0] = False
     real = segments[:-1] != 0
     return dict(
         inputs=np.where(real, tokens[:-1], self.pad_id).astype(np.int32),
@@ -133,13 +165,19 @@ class ToExample(grain.transforms.Map):
     )
 
 
-def _records(data_dir: str, split: str) -> grain.MapDataset:
+def _records(data_dir: str, split: str,
+             labelled: bool = False) -> grain.MapDataset:
+  """A split's records (bytes), or (bytes, label) pairs when `labelled`."""
   manifest = prepare.load_manifest(data_dir)
   paths = prepare.shard_paths(data_dir, manifest, split)
   if not paths:
     raise DataError(f"The {split} split in {data_dir} is empty; prepare more "
                     "examples (config.data.num_examples / eval_examples).")
-  return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+  records = grain.sources.ArrayRecordDataSource(paths)
+  if labelled:
+    return conditioning.labelled_dataset(
+        records, conditioning.split_labels(data_dir, manifest, split))
+  return grain.MapDataset.source(records)
 
 
 def _windows(data, ds: grain.IterDataset, tokenizer, *, seq_len: int,
@@ -147,9 +185,13 @@ def _windows(data, ds: grain.IterDataset, tokenizer, *, seq_len: int,
   """Token streams -> one dict of the five model inputs per window."""
   window = seq_len + 1
   packing = data.packing
+  classes = conditioning.enabled(data)
   if packing == "concat":
+    # Conditioned: one token shorter, for the class token put in front.
+    lengths = ({"tokens": seq_len, "classes": seq_len} if classes else
+               {"tokens": window})
     ds = grain.experimental.ConcatThenSplitIterDataset(
-        ds, length_struct={"tokens": window}, split_full_length_features=True)
+        ds, length_struct=lengths, split_full_length_features=True)
   elif packing == "pack":
     ds = grain.experimental.FlatMapIterDataset(
         ds, SplitLong(window, data.drop_long))
@@ -160,7 +202,8 @@ def _windows(data, ds: grain.IterDataset, tokenizer, *, seq_len: int,
     raise DataError(f"Unknown config.data.packing {packing!r}; use 'concat' "
                     "(the paper) or 'pack'.")
   return ds.map(ToExample(seq_len, tokenizer.pad_id,
-                          packed=packing == "pack"))
+                          packed=packing == "pack",
+                          class_prefix=classes and packing == "concat"))
 
 
 def num_streams(data, *, batch_size: int) -> int:
@@ -173,11 +216,25 @@ def num_streams(data, *, batch_size: int) -> int:
   return streams
 
 
-def record_order(data_dir: str, *, seed: int) -> grain.MapDataset:
+def record_order(data_dir: str, *, seed: int,
+                 labelled: bool = False) -> grain.MapDataset:
   """The global record order: all training records shuffled with `seed`,
   reshuffled every epoch, repeating forever. Position i is epoch
-  i // len(records); stream j of K reads positions j, j + K, ..."""
-  return _records(data_dir, "train").shuffle(seed=seed).repeat(None)
+  i // len(records); stream j of K reads positions j, j + K, ...
+  `labelled`: (bytes, label) pairs instead of bytes, in the same order."""
+  return _records(data_dir, "train", labelled).shuffle(seed=seed).repeat(
+      None)
+
+
+def _tokenized_order(data, data_dir: str, tokenizer, *, seed: int,
+                     label_dropout: float) -> grain.MapDataset:
+  """The record order tokenized: Tokenize, or ClassTokenize with label
+  dropout drawn by position in the order."""
+  if not conditioning.enabled(data):
+    return record_order(data_dir, seed=seed).map(Tokenize(tokenizer))
+  conditioning.check(data_dir, prepare.load_manifest(data_dir), tokenizer)
+  return record_order(data_dir, seed=seed, labelled=True).map_with_index(
+      conditioning.ClassTokenize(tokenizer, seed=seed, dropout=label_dropout))
 
 
 def _checked_rows(rows: Sequence[int] | None, batch_size: int) -> list[int]:
@@ -200,13 +257,15 @@ class TrainBatches:
   whichever processes wrote it. `writes` are the streams whose position this
   process saves in checkpoints (default: those it reads; the trainer gives
   each stream to one process). `data` is the config's data section;
-  `seq_len`, `batch_size` and `seed` are the config's values.
+  `seq_len`, `batch_size` and `seed` are the config's values;
+  `label_dropout` is config.train.label_dropout (class conditioning only).
   """
 
   def __init__(self, data, data_dir: str, tokenizer, *, seq_len: int,
                batch_size: int, seed: int,
                rows: Sequence[int] | None = None,
-               writes: Sequence[int] | None = None):
+               writes: Sequence[int] | None = None,
+               label_dropout: float = 0.0):
     self.batch_size = batch_size
     self.num_streams = num_streams(data, batch_size=batch_size)
     per_stream = batch_size // self.num_streams
@@ -216,6 +275,13 @@ class TrainBatches:
     if not set(self.writes) <= set(self.streams):
       raise DataError(f"Streams to save {self.writes} must be among those "
                       f"this process reads, {self.streams}.")
+    if data.loader_workers * len(self.streams) > MAX_WORKER_PROCESSES:
+      logging.warning(  # 512 processes took ~48 GiB (benchmarks/RESULTS.md).
+          "config.data.loader_workers=%d per stream x %d streams on this "
+          "process = %d worker processes (~94 MiB and ~70 threads each); set "
+          "loader_workers=0, or config.data.streams to a few (e.g. 8) with "
+          "workers.", data.loader_workers, len(self.streams),
+          data.loader_workers * len(self.streams))
     # Row r is row r % per_stream of its stream's part of the concatenation.
     where = {j: i for i, j in enumerate(self.streams)}
     self._take = np.array([where[r // per_stream] * per_stream + r % per_stream
@@ -229,9 +295,11 @@ class TrainBatches:
     options = grain.ReadOptions(
         num_threads=threads, prefetch_buffer_size=max(
             threads, READ_OPTIONS.prefetch_buffer_size // len(self.streams)))
-    order, self._iters = record_order(data_dir, seed=seed), {}
+    order = _tokenized_order(data, data_dir, tokenizer, seed=seed,
+                             label_dropout=label_dropout)
+    self._iters = {}
     for j in self.streams:
-      ds = order[j::self.num_streams].map(Tokenize(tokenizer))
+      ds = order[j::self.num_streams]
       ds = _windows(data, ds.to_iter_dataset(options), tokenizer,
                     seq_len=seq_len,
                     num_bins=max(per_stream, MIN_PACKING_BINS))
@@ -296,8 +364,13 @@ def eval_batches(data, data_dir: str, tokenizer, *, seq_len: int,
   with windows whose loss_mask is 0.
   """
   rows = _checked_rows(rows, batch_size)
-  ds = _records(data_dir, "eval").map(Tokenize(tokenizer)).to_iter_dataset(
-      READ_OPTIONS)
+  if conditioning.enabled(data):  # Every example keeps its class.
+    conditioning.check(data_dir, prepare.load_manifest(data_dir), tokenizer)
+    ds = _records(data_dir, "eval", labelled=True).map_with_index(
+        conditioning.ClassTokenize(tokenizer))
+  else:
+    ds = _records(data_dir, "eval").map(Tokenize(tokenizer))
+  ds = ds.to_iter_dataset(READ_OPTIONS)
   windows = iter(_windows(data, ds, tokenizer, seq_len=seq_len,
                           num_bins=batch_size))
   padding = _padding_window(seq_len, tokenizer.pad_id)

@@ -12,7 +12,9 @@ What `run` leaves in `out_dir`, a local folder or any epath store (gs://):
                              last: its presence is what marks a shard finished
   tokenizer.json             the byte-level BPE, trained on a seeded sample of
                              the training shards (or copied from
-                             data.tokenizer)
+                             data.tokenizer); with data.conditioning="class"
+                             also a token per label name and "no class"
+                             after EOS (manifest "vocabulary" lists the ids)
   manifest.json              the merged summary; written last of all, so its
                              presence means the data is ready
 
@@ -76,6 +78,7 @@ import numpy as np
 
 from codeclm import codecs
 from codeclm.data import bpe
+from codeclm.data import conditioning
 from codeclm.data import encode_workers
 from codeclm.data import shard_writer
 from codeclm.data import sources
@@ -131,6 +134,8 @@ def run(data, codec, out_dir: storage.PathLike, *, seed: int,
     raise DataError(f"config.data.examples_per_shard="
                     f"{data.examples_per_shard} must be positive.")
   source = sources.open_source(data, codec)
+  if conditioning.enabled(data) and not source.label_names:
+    raise conditioning.unlabelled_error(f"data.source={data.source!r}")
   codec_impl = codecs.from_config(codec)
   n = len(source)
   if not 0 <= data.eval_examples < n:
@@ -159,8 +164,8 @@ def run(data, codec, out_dir: storage.PathLike, *, seed: int,
     manifest_path = out / MANIFEST
     if not todo and manifest_path.exists():  # A rerun of finished work.
       manifest = storage.read_json(manifest_path)
-      if manifest["tokenizer_settings"] == bpe.tokenizer_settings(
-          data, seed=seed):
+      if manifest["tokenizer_settings"] == _tokenizer_settings(data,
+                                                               seed=seed):
         return manifest
     return merge(data, out, seed=seed)
   if not wait:
@@ -194,6 +199,7 @@ def merge(data, out_dir: storage.PathLike, *, seed: int) -> dict:
   metas = [storage.read_json(out / s.meta) for s in shards]
   lengths = np.array([x for m in metas for x in m["lengths"]], np.int64)
   bpe.write_tokenizer(data, out, out / TOKENIZER, shards, metas, seed=seed)
+  vocabulary = _vocabulary(data, out / TOKENIZER, plan["label_names"])
   manifest = dict(
       format=1,
       source=plan["source"],
@@ -211,10 +217,46 @@ def merge(data, out_dir: storage.PathLike, *, seed: int) -> dict:
       label_names=plan["label_names"],
       skipped=[x for m in metas for x in m["skipped"]],
       tokenizer=TOKENIZER,
-      tokenizer_settings=bpe.tokenizer_settings(data, seed=seed),
+      tokenizer_settings=_tokenizer_settings(data, seed=seed),
+      vocabulary=vocabulary,
   )
   storage.write_json(out / MANIFEST, manifest)
   return manifest
+
+
+def _tokenizer_settings(data, *, seed: int) -> dict:
+  """bpe's settings, and the conditioning when it adds class tokens."""
+  settings = bpe.tokenizer_settings(data, seed=seed)
+  if conditioning.enabled(data):
+    settings["conditioning"] = "class"
+  return settings
+
+
+def _vocabulary(data, path: epath.Path, label_names) -> dict:
+  """Adds the class tokens to the tokenizer at `path` when data.conditioning
+  asks for them; returns the id layout for the manifest."""
+  from codeclm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizer_lib.from_json(path.read_text(encoding="utf-8"),
+                                      os.fspath(path))
+  if conditioning.enabled(data):
+    if not label_names:
+      raise conditioning.unlabelled_error(f"the data in {path.parent}")
+    if not isinstance(tokenizer, tokenizer_lib.ByteBPE):
+      raise DataError(
+          f"data.conditioning='class' adds class tokens to a codeclm BPE, "
+          f"but data.tokenizer={data.tokenizer!r} is an imported model's "
+          "tokenizer, whose ids are fixed; set data.conditioning='none'.")
+    tokenizer = tokenizer.with_classes(label_names)
+    storage.write_text(path, tokenizer.to_json())
+  vocabulary = dict(size=tokenizer.vocab_size,
+                    bpe_entries=tokenizer.num_entries,
+                    bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+  if tokenizer.class_names:
+    vocabulary.update(
+        classes={n: tokenizer.class_id(i)
+                 for i, n in enumerate(tokenizer.class_names)},
+        no_class_id=tokenizer.no_class_id)
+  return vocabulary
 
 
 def load_manifest(data_dir: str) -> dict:

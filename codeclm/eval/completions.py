@@ -11,8 +11,17 @@ max_len) (uncond: max_len - 1); rows sharing a budget are batched together,
 so the budget of a row never depends on its batch. A prompt that fills the
 model's max_len is scored as the prompt alone.
 
+Guided samples (class-conditional workdirs, per guidance scale in
+eval.guidance): reference i gets one sample from [BOS, its class token],
+drawn with guidance (a call holds 2 * eval.batch_size rows: each request
+with its class and with "no class"); sample ids (work.guided_ids) are shared
+by every scale, so two scales differ by the guidance alone. Completions and
+unconditional samples of such a model start [BOS, "no class"].
+per_class.py scores them.
+
 Signature: `evaluate_slice(ec, sample_cfg, loaded, extractor, source,
-indices)`, with the config's eval and sample sections, never the whole config.
+indices, scales)`, with the config's eval and sample sections, never the
+whole config.
 """
 
 from __future__ import annotations
@@ -26,10 +35,12 @@ from absl import logging
 import numpy as np
 import tqdm
 
+from codeclm.data.sources.base import DataError
 from codeclm.eval import inception
 from codeclm.eval import references
 from codeclm.eval import work
 from codeclm.runtime import distributed
+from codeclm.sampling import files
 from codeclm.sampling import sampler as sampler_lib
 from codeclm.sampling import workdir as workdir_lib
 
@@ -48,17 +59,23 @@ def complete(sampler: sampler_lib.Sampler, params, tokenizer, codec,
              prompts: Sequence[bytes], ids: Sequence[int],
              settings: sampler_lib.Settings, *, seed: int, batch_size: int,
              progress: Callable[[int], Any] = lambda n: None,
-             grammar=None) -> list[Completion]:
+             grammar=None, classes: Sequence[int] | None = None,
+             guidance: float | None = None) -> list[Completion]:
   """Samples and decodes each prompt (b"" = from [BOS] alone).
 
   Row r draws min(settings.max_new_tokens, max_len - its prompt) tokens at
   most; rows are batched with others of the same budget, so what a row draws
   depends only on its prompt, its id and the seed. grammar: a
   token_grammar.TokenGrammar constraining every row (None: unconstrained).
+  A class-conditional model's prompts start [BOS, class token]: `classes`
+  gives each row's class (the tokenizer's class index; None: "no class"),
+  and `guidance` their classifier-free guidance scale (the unconditional
+  rows: "no class"; None: no guidance).
   """
   max_len = sampler.model.config.max_len
-  tokens = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(p)])
-            .astype(np.int32) for p in prompts]
+  classes = [None] * len(prompts) if classes is None else list(classes)
+  tokens = [files.prompt_ids(tokenizer, p, c)
+            for p, c in zip(prompts, classes)]
   budgets = [min(settings.max_new_tokens, max_len - len(t)) for t in tokens]
   out: list[Completion | None] = [None] * len(prompts)
   groups: dict[int, list[int]] = {}
@@ -87,6 +104,9 @@ def complete(sampler: sampler_lib.Sampler, params, tokenizer, codec,
       chunk = rows[part]
       extra = grammar.sampler_args([prompts[r] for r in chunk]) if (
           grammar) else {}
+      if guidance is not None:
+        extra.update(guidance=float(guidance), unconditional=[
+            files.prompt_ids(tokenizer, prompts[r], None) for r in chunk])
       drawn = sampler(params, [tokens[r] for r in chunk],
                       dataclasses.replace(settings, max_new_tokens=budget),
                       seed=seed, sample_ids=[ids[r] for r in chunk], **extra)
@@ -97,6 +117,28 @@ def complete(sampler: sampler_lib.Sampler, params, tokenizer, codec,
                             len(s.tokens))
       progress(len(chunk))
   return out
+
+
+def model_classes(tokenizer, names: Sequence[str] | None,
+                  labels: np.ndarray) -> list[int]:
+  """The model's class index of each reference's label, matched by name (the
+  references may number their classes unlike the training data)."""
+  known = {n: i for i, n in enumerate(getattr(tokenizer, "class_names", ()))}
+  if not known:
+    raise DataError("eval.guidance needs a class-conditional workdir (data."
+                    "conditioning='class'); set --config.eval.guidance='()'.")
+  if names is None or (labels < 0).any():
+    raise DataError(
+        "eval.guidance samples one image per reference, of its class, but the "
+        "references have no labels: use a labelled eval.source (folder:PATH "
+        "with data.labels_from_folders=True, a TFDS dataset with labels, "
+        "synthetic_classes) or set --config.eval.guidance='()'.")
+  missing = sorted({names[c] for c in labels.tolist()} - set(known))
+  if missing:
+    raise DataError(f"Reference classes {missing[:10]} are not among the "
+                    f"workdir's {len(known)} classes; use references of the "
+                    "classes the model was trained on.")
+  return [known[names[c]] for c in labels.tolist()]
 
 
 def max_new_tokens(sample_cfg, slot: work.Slot, max_len: int) -> int:
@@ -116,9 +158,11 @@ def _digest(data: bytes) -> np.ndarray:
 
 
 def evaluate_slice(ec, sample_cfg, loaded: workdir_lib.Loaded, extractor,
-                   source, indices: range) -> tuple[dict, dict]:
+                   source, indices: range, scales: Sequence[float] = ()
+                   ) -> tuple[dict, dict]:
   """Samples, decodes and featurises one slice; returns (arrays, summary).
-  `ec` and `sample_cfg`: the config's eval and sample sections."""
+  `ec` and `sample_cfg`: the config's eval and sample sections; scales: the
+  guidance scales of the guided samples (() = none)."""
   codec, tokenizer = loaded.codec, loaded.tokenizer
   slots = work.slots_of(ec.ratios, ec.unconditional)
   sampler = workdir_lib.sampler_of(sample_cfg, loaded.model, tokenizer,
@@ -127,16 +171,21 @@ def evaluate_slice(ec, sample_cfg, loaded: workdir_lib.Loaded, extractor,
   grammar = workdir_lib.grammar_of(sample_cfg.constrained, codec,
                                    tokenizer)
   max_len = loaded.model.config.max_len
-  model_inputs = []
+  model_inputs, labels = [], []
   for i in indices:
-    pixels = references.reference_image(source, codec, i)
+    pixels, label = references.load_reference(source, codec, i)
     model_inputs.append(references.to_canvas(pixels) if ec.downscale
                         else pixels)
+    labels.append(label)
+  labels = np.asarray(labels, np.int64)
+  asked = model_classes(tokenizer, source.label_names, labels) if scales else (
+      None)
   views = [references.fid_view(x, ec.downscale) for x in model_inputs]
   encoded = [codec.encode(x) for x in model_inputs]
-  n, s, k = len(indices), len(ec.seeds), len(slots)
+  n, s, k, g = len(indices), len(ec.seeds), len(slots), len(scales)
   arrays = dict(
       indices=np.asarray(indices, np.int64),
+      labels=labels,                # -1: unlabelled
       reference=extractor(np.stack(views)),
       reference_sha256=np.stack([image_digest(v) for v in views]),
       generated=np.zeros((s, k, n, inception.FEATURE_DIM), np.float32),
@@ -144,8 +193,13 @@ def evaluate_slice(ec, sample_cfg, loaded: workdir_lib.Loaded, extractor,
       clean_fraction=np.zeros((s, k, n), np.float32),
       ended=np.zeros((s, k, n), bool),
       new_tokens=np.zeros((s, k, n), np.int32),
+      # Guided samples: [seed, scale, reference], the reference's class.
+      guided=np.zeros((s, g, n, inception.FEATURE_DIM), np.float32),
+      guided_sha256=np.zeros((s, g, n, 32), np.uint8),
+      guided_clean_fraction=np.zeros((s, g, n), np.float32),
+      guided_ended=np.zeros((s, g, n), bool),
   )
-  with tqdm.tqdm(total=s * k * n, unit="img", smoothing=0.1,
+  with tqdm.tqdm(total=s * (k + g) * n, unit="img", smoothing=0.1,
                  desc=f"eval {indices.start}:{indices.stop}") as bar:
     for a, seed in enumerate(ec.seeds):
       for b, slot in enumerate(slots):
@@ -164,9 +218,27 @@ def evaluate_slice(ec, sample_cfg, loaded: workdir_lib.Loaded, extractor,
         arrays["clean_fraction"][a, b] = [c.clean_fraction for c in done]
         arrays["ended"][a, b] = [c.ended for c in done]
         arrays["new_tokens"][a, b] = [c.new_tokens for c in done]
+      for b, scale in enumerate(scales):
+        settings = workdir_lib.settings_of(
+            sample_cfg, max_new_tokens(sample_cfg, work.Slot(0.0), max_len))
+        done = complete(sampler, loaded.params, tokenizer, codec, [b""] * n,
+                        work.guided_ids(indices), settings, seed=seed,
+                        batch_size=ec.batch_size, progress=bar.update,
+                        grammar=grammar, classes=asked, guidance=scale)
+        shown = [references.fid_view(c.pixels, ec.downscale) for c in done]
+        arrays["guided"][a, b] = extractor(np.stack(shown))
+        arrays["guided_sha256"][a, b] = [_digest(c.data) for c in done]
+        arrays["guided_clean_fraction"][a, b] = [c.clean_fraction
+                                                 for c in done]
+        arrays["guided_ended"][a, b] = [c.ended for c in done]
   summary = {slot.name: {str(seed): dict(
       clean_fraction=float(arrays["clean_fraction"][a, b].mean()),
       eos_fraction=float(arrays["ended"][a, b].mean()))
                          for a, seed in enumerate(ec.seeds)}
              for b, slot in enumerate(slots)}
+  for b, scale in enumerate(scales):
+    summary[work.guided_name(scale)] = {str(seed): dict(
+        clean_fraction=float(arrays["guided_clean_fraction"][a, b].mean()),
+        eos_fraction=float(arrays["guided_ended"][a, b].mean()))
+                                        for a, seed in enumerate(ec.seeds)}
   return arrays, summary

@@ -11,6 +11,9 @@ and its mean and (population, ddof=0) std over seeds, with the decode report:
 the mean share of clean MCUs and the fraction of samples that ended with EOS.
 A prompt that fills the model's max_len is scored as the prompt alone
 (no_room_fraction counts these) rather than dropped or failing the job.
+Labelled references add FID per class of the completions; a class-
+conditional workdir adds guided samples per scale of eval.guidance, scored
+by class-conditional FID and class agreement (per_class.py).
 
 The parts: the references and the downscaled variant (references.py); the
 work, its sample ids and each process's slice (work.py); one slice's
@@ -49,6 +52,12 @@ Two ways to run the slices, with the same numbers:
   # FFHQ (1,000 images) from a folder.
   ... --config.eval.source=folder:/data/ffhq --config.eval.num_examples=1000 \
       --config.eval.ratios='(0.375,0.4375,0.5)'
+  # The class demo: FID per class, guided samples at s = 0 and 3 (the
+  # default for a class-conditional workdir) and their class agreement.
+  python -m codeclm.main --config=configs/jpeg_lm.py:demo_classes \
+      --workdir=/tmp/jpeg_classes --mode=eval \
+      --config.eval.inception_weights=fid_inception.npz \
+      --config.eval.guidance='(0.0,1.0,3.0)'
 
 Video (AVC) checkpoints are not supported yet: `run` raises
 NotImplementedError for a codec other than JPEG.
@@ -64,6 +73,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from codeclm.data import conditioning
 from codeclm.data import prepare
 from codeclm.eval import completions
 from codeclm.eval import inception
@@ -74,14 +84,31 @@ from codeclm.runtime import distributed as distributed_lib
 from codeclm.runtime import storage
 from codeclm.sampling import workdir as workdir_lib
 
-_FORMAT = 1
+_FORMAT = 2  # 2: reference labels and guided samples in the slices.
 
 
 # -- the job -------------------------------------------------------------------
 
 
+def guidance_scales(ec, workdir_data) -> tuple[float, ...]:
+  """eval.guidance, or its default: (0.0, 3.0) for a class-conditional
+  workdir (`workdir_data`: its config.json's data section), else ()."""
+  class_conditional = conditioning.enabled(workdir_data)
+  if ec.guidance is None:
+    return (0.0, 3.0) if class_conditional else ()
+  scales = tuple(float(s) for s in ec.guidance)
+  if scales and not class_conditional:
+    raise ValueError(f"eval.guidance={scales} needs a class-conditional "
+                     "workdir (data.conditioning='class'); this one is "
+                     "unconditional: leave eval.guidance unset or '()'.")
+  if len(set(scales)) != len(scales):
+    raise ValueError(f"eval.guidance={scales} repeats a scale.")
+  return scales
+
+
 def _settings(ec, sc, *, step: int, spec: str, codec, max_len: int,
-              weights_hash: str, constrained: bool) -> dict:
+              weights_hash: str, constrained: bool,
+              scales: tuple[float, ...]) -> dict:
   """What a slice's numbers depend on: equal settings, mergeable slices.
   `ec` and `sc`: the config's eval and sample sections."""
   return json.loads(json.dumps(dict(
@@ -91,13 +118,14 @@ def _settings(ec, sc, *, step: int, spec: str, codec, max_len: int,
                      split=references.split_of(spec, ec.num_examples),
                      num_examples=ec.num_examples),
       ratios=list(ec.ratios), unconditional=ec.unconditional,
-      seeds=list(ec.seeds),
+      seeds=list(ec.seeds), guidance=list(scales),
       sampler=dict(temperature=sc.temperature, top_k=sc.top_k,
                    top_p=sc.top_p, max_new_tokens=sc.max_new_tokens,
                    max_len=max_len, cache_dtype=sc.cache_dtype,
                    constrained=constrained,
                    sample_ids=f"round(ratio*{work.RATIO_SCALE})*"
-                              f"{work.ID_STRIDE}+index"),
+                              f"{work.ID_STRIDE}+index; guided: "
+                              f"{work.GUIDED_CODE}*{work.ID_STRIDE}+index"),
       codec=codec.settings(),
       images=dict(
           reference="codec.load: centre crop, LANCZOS resize to the codec "
@@ -124,13 +152,20 @@ def _extractor(ec) -> inception.FeatureExtractor:
 def _step_and_out_dir(ec, workdir: str) -> tuple[int, str]:
   from codeclm.train import checkpoint_steps  # pylint: disable=g-import-not-at-top
   _, step = checkpoint_steps.committed_step_dir(workdir, ec.step or None)
-  return step, os.fspath(storage.path(ec.out_dir or storage.path(workdir) /
-                                      "eval" / f"step_{step}"))
+  return step, out_dir_of(ec, workdir, step)
 
 
-def finish(out_dir: str, workdir: str, fid_method: str = "sqrtm") -> dict:
+def out_dir_of(ec, workdir: str, step: int) -> str:
+  """Where step's slices and results.json go: eval.out_dir, else
+  <workdir>/eval/step_<step>."""
+  return os.fspath(storage.path(ec.out_dir or storage.path(workdir) /
+                                "eval" / f"step_{step}"))
+
+
+def finish(out_dir: str, workdir: str, fid_method: str = "sqrtm",
+           min_per_class: int = 5) -> dict:
   """Merges, writes TensorBoard scalars in <workdir>/eval, logs a table."""
-  results = results_lib.merge(out_dir, fid_method)
+  results = results_lib.merge(out_dir, fid_method, min_per_class)
   results_lib.write_tensorboard(results, storage.path(workdir) / "eval")
   logging.info("FID at step %d (%s):\n%s", results["step"],
                storage.path(out_dir) / results_lib.RESULTS,
@@ -143,7 +178,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
 
   Reads config.eval (the job), config.sample (temperature, top_k, top_p,
   max_new_tokens, cache_dtype, min_bucket) and config.data (the default
-  reference source); the model, tokenizer and codec come from `workdir`.
+  reference source, and how it is labelled: labels_from_folders,
+  num_classes); the model, tokenizer, codec and whether the model is
+  class-conditional come from `workdir`.
   """
   from codeclm import codecs  # pylint: disable=g-import-not-at-top
   ec = config.eval
@@ -176,12 +213,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     raise NotImplementedError(
         f"FID evaluation supports JPEG checkpoints only; {workdir} uses the "
         f"{codec.name!r} codec.")
-  max_len = storage.read_json(storage.path(workdir) / "config.json")["seq_len"]
+  trained = storage.read_json(storage.path(workdir) / "config.json")
+  scales = guidance_scales(ec, trained.get("data", {}))
   extractor = _extractor(ec)
   spec = references.reference_spec(ec, config.data)
   settings = _settings(ec, config.sample, step=step, spec=spec, codec=codec,
-                       max_len=max_len, weights_hash=extractor.weights_hash,
-                       constrained=bool(config.sample.constrained))
+                       max_len=trained["seq_len"],
+                       weights_hash=extractor.weights_hash,
+                       constrained=bool(config.sample.constrained),
+                       scales=scales)
   name = work.slice_name(p, count)
   lo, hi = work.slice_bounds(ec.num_examples, p, count)
   done = results_lib.finished_slice(out_dir, name, settings)
@@ -195,10 +235,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     source = references.open_reference(ec, config.data, spec, codec)
     loaded = workdir_lib.load(workdir, step, ec.mesh_shape or None)
     arrays, summary = completions.evaluate_slice(
-        ec, config.sample, loaded, extractor, source, range(lo, hi))
+        ec, config.sample, loaded, extractor, source, range(lo, hi), scales)
     results_lib.write_slice(out_dir, name, arrays, dict(
         settings=settings, process_index=p, process_count=count,
         indices=list(range(lo, hi)), slots=summary,
+        label_names=source.label_names,
         seconds=round(time.time() - start, 1)))
     logging.info("Wrote %s (indices %d:%d).",
                  storage.path(out_dir) / results_lib.SLICES / name, lo, hi)
@@ -214,7 +255,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
                  "--merge_only`.", "Not merging (eval.merge=False)" if present
                  else "Slices of other processes are missing")
     return None
-  return finish(out_dir, workdir, ec.fid_method)
+  return finish(out_dir, workdir, ec.fid_method, ec.min_per_class)
 
 
 # -- command line --------------------------------------------------------------
@@ -227,7 +268,7 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   if _MERGE_ONLY.value:
     results = finish(_step_and_out_dir(config.eval, workdir)[1], workdir,
-                     config.eval.fid_method)
+                     config.eval.fid_method, config.eval.min_per_class)
   else:
     results = run(config, workdir)
   if results is not None:

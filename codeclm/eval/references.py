@@ -56,11 +56,14 @@ def split_of(spec: str, num_examples: int) -> str:
 
 
 def open_reference(ec, data, spec: str, codec) -> Any:
-  """The reference source: `spec` at the codec's size, N items or an error."""
+  """The reference source: `spec` at the codec's size, N items or an error.
+
+  Labelled as the training data is (data.labels_from_folders for folders):
+  labels give FID per class and the guided samples' classes (per_class.py).
+  """
   n = ec.num_examples
   view = ml_collections.ConfigDict(dict(
-      data=dict(data.to_dict(), source=spec, num_examples=n,
-                labels_from_folders=False),
+      data=dict(data.to_dict(), source=spec, num_examples=n),
       codec=codec.settings()))
   source = sources.open_source(view.data, view.codec)
   if len(source) < n:
@@ -69,11 +72,13 @@ def open_reference(ec, data, spec: str, codec) -> Any:
   return source
 
 
-def reference_image(source, codec, index: int) -> np.ndarray:
-  """Reference `index` as the codec loads it (uint8 HxWx3)."""
+def load_reference(source, codec, index: int) -> tuple[np.ndarray, int]:
+  """Reference `index` as the codec loads it (uint8 HxWx3), and its label
+  (-1: unlabelled)."""
   item = source[index]
+  label = -1 if item.label is None else int(item.label)
   try:
-    return np.asarray(codec.load(item.data))
+    return np.asarray(codec.load(item.data)), label
   except ValueError as e:
     raise DataError(f"Reference image {index} ({item.key}) cannot be read: "
                     f"{e}") from e

@@ -6,13 +6,15 @@ reports and image digests) and then its `.json` (indices, settings,
 summary); the .json's presence marks a slice done, and a rerun skips slices
 whose settings match. `merge` checks that the slices cover each index
 exactly once, computes FID per seed and slot and writes `results.json` with
-the reproducibility record.
+the reproducibility record; with labelled references also FID per class,
+and with guided samples their FID and class agreement (per_class.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from codeclm.data.sources.base import DataError
 from codeclm.eval import fid
+from codeclm.eval import per_class
 from codeclm.eval import work
 from codeclm.runtime import storage
 
@@ -104,11 +107,13 @@ def _check_coverage(infos: list[dict], paths: list[str], n: int) -> None:
       "count.")
 
 
-def merge(out_dir: str, fid_method: str = "sqrtm") -> dict:
+def merge(out_dir: str, fid_method: str = "sqrtm",
+          min_per_class: int = 5) -> dict:
   """Checks the slices, computes FID per seed and slot, writes results.json.
 
   fid_method: "sqrtm" (pytorch-fid's, the standard) or "low_rank" (exact and
-  much faster below 2048 images; see fid.low_rank_frechet).
+  much faster below 2048 images; see fid.low_rank_frechet). min_per_class:
+  fewer references of a class are listed in fid_per_class, not scored.
   """
   infos, paths = _load_slices(out_dir)
   settings = infos[0]["settings"]
@@ -119,11 +124,17 @@ def merge(out_dir: str, fid_method: str = "sqrtm") -> dict:
   n = settings["reference"]["num_examples"]
   _check_coverage(infos, paths, n)
   keys = ("indices", "reference", "reference_sha256", "generated",
-          "clean_fraction", "ended", "new_tokens")
+          "clean_fraction", "ended", "new_tokens", "labels", "guided",
+          "guided_clean_fraction", "guided_ended")
   parts = []
   for path in paths:
     with np.load(io.BytesIO(epath.Path(f"{path}.npz").read_bytes())) as npz:
-      parts.append({key: npz[key] for key in keys})
+      parts.append({key: npz[key] for key in keys if key in npz})
+  names = {json.dumps(info.get("label_names")) for info in infos}
+  if len(names) > 1:
+    raise DataError(f"The slices in {epath.Path(paths[0]).parent} name "
+                    f"different reference classes ({sorted(names)}); delete "
+                    "the stale slices and rerun.")
   order = np.argsort(np.concatenate([p["indices"] for p in parts]))
   cat = lambda key, axis: np.concatenate([p[key] for p in parts], axis)
   reference = cat("reference", 0)[order]
@@ -154,6 +165,7 @@ def merge(out_dir: str, fid_method: str = "sqrtm") -> dict:
         num_images=int(generated.shape[2]))
   reference_sha = hashlib.sha256(
       cat("reference_sha256", 0)[order].tobytes()).hexdigest()
+  label_names = infos[0].get("label_names")
   record = dict(
       checkpoint_step=settings["checkpoint_step"],
       inception_sha256=settings["inception_sha256"],
@@ -164,23 +176,42 @@ def merge(out_dir: str, fid_method: str = "sqrtm") -> dict:
       images=settings["images"], sampler=settings["sampler"],
       codec=settings["codec"], ratios=settings["ratios"],
       unconditional=settings["unconditional"], seeds=settings["seeds"],
+      guidance=settings.get("guidance", []),
+      classes=label_names,
       processes=sorted({info["process_count"] for info in infos}),
       fid_method=fid_method,
       std="population (ddof=0) over seeds")
   results = dict(step=settings["checkpoint_step"], metrics=metrics,
                  record=record)
+  if label_names and "labels" in parts[0]:
+    labels = cat("labels", 0)[order]
+    conditional = [b for b, slot in enumerate(slots) if slot.ratio]
+    if conditional:
+      results["fid_per_class"] = per_class.fid_per_class(
+          reference, generated[:, conditional], labels, label_names,
+          [slots[b].name for b in conditional], settings["seeds"],
+          min_per_class=min_per_class, method=fid_method)
+    scales = settings.get("guidance") or []
+    if scales:
+      results.update(per_class.guided_metrics(
+          reference, cat("guided", 2)[:, :, order], labels,
+          np.arange(n), scales, settings["seeds"],
+          clean=cat("guided_clean_fraction", 2),
+          ended=cat("guided_ended", 2), method=fid_method))
   storage.write_json(storage.path(out_dir) / RESULTS, results)
   return results
 
 
 def write_tensorboard(results: dict, logdir: str) -> None:
-  """fid/<slot> (mean over seeds), clean/<slot> and eos/<slot> scalars."""
+  """fid/<slot> (mean over seeds), clean/<slot> and eos/<slot> scalars, and
+  the class numbers (per_class.tensorboard_scalars)."""
   scalars = {}
   for name, m in results["metrics"].items():
     scalars.update({f"fid/{name}": m["fid_mean"],
                     f"fid_std/{name}": m["fid_std"],
                     f"clean/{name}": m["clean_fraction"],
                     f"eos/{name}": m["eos_fraction"]})
+  scalars.update(per_class.tensorboard_scalars(results))
   writer = storage.MirroredWriter(logdir, asynchronous=False)
   writer.write_scalars(results["step"], scalars)
   writer.close()
@@ -194,4 +225,17 @@ def summary_table(results: dict) -> str:
     rows.append(f"{name:>8} {m['fid_mean']:>10.3f} {m['fid_std']:>8.3f} "
                 f"{m['clean_fraction']:>6.3f} {m['eos_fraction']:>6.3f} "
                 f"{m['num_images']:>6}  {seeds}")
+  for key, m in results.get("fid_guided", {}).items():
+    rows.append(f"{'s=' + key:>8} {m['fid_mean']:>10.3f} {m['fid_std']:>8.3f} "
+                f"{m['clean_fraction']:>6.3f} {m['eos_fraction']:>6.3f} "
+                f"{m['num_images']:>6}  class agreement "
+                f"{results['class_agreement'][key]:.3f}")
+  if "classifier_accuracy" in results:
+    rows.append(f"guided rows: class-conditional FID; the classifier's held-"
+                f"out accuracy is {results['classifier_accuracy']:.3f}")
+  if "fid_per_class" in results:
+    per = results["fid_per_class"]
+    rows.append(f"FID per class of {len(per['num_references'])} classes in "
+                f"results.json (fid_per_class); {len(per['too_few'])} with "
+                f"fewer than {per['min_per_class']} references not scored")
   return "\n".join(rows)

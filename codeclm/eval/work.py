@@ -6,6 +6,10 @@ sample depends only on the seed, the ratio and the index: not on the number
 of processes, the batch size, or which other ratios or seeds are evaluated.
 Process p of n takes the contiguous indices [p*N//n, (p+1)*N//n) for every
 seed and slot: its slice.
+
+Guided samples (one per reference, of its class) use slot code GUIDED_CODE
+at every guidance scale: the scales share their random streams, so they
+differ by the guidance alone.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from codeclm.sampling import hosts
 UNCOND = "uncond"
 ID_STRIDE = 1 << 18       # Reference indices per slot in the sampler's ids.
 RATIO_SCALE = 10_000      # A ratio's slot code: round(ratio * 1e4).
+GUIDED_CODE = (1 << 14) - 1  # Above every ratio's; the largest a uint32 id
+                             # with ID_STRIDE leaves.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +64,17 @@ def sample_ids(slot: Slot, indices: Sequence[int]) -> np.ndarray:
   """Global sampler ids: a sample depends on (seed, ratio, index) only."""
   indices = np.asarray(indices, np.int64)
   return (slot.code * ID_STRIDE + indices).astype(np.uint32)
+
+
+def guided_ids(indices: Sequence[int]) -> np.ndarray:
+  """Sampler ids of the guided samples: (seed, index) only, any scale."""
+  indices = np.asarray(indices, np.int64)
+  return (GUIDED_CODE * ID_STRIDE + indices).astype(np.uint32)
+
+
+def guided_name(scale: float) -> str:
+  """The slice summary's name of a guidance scale: 3.0 -> "guided_s3"."""
+  return f"guided_s{float(scale):g}"
 
 
 def slice_bounds(num_examples: int, index: int, count: int) -> tuple[int, int]:

@@ -68,7 +68,7 @@ data = bytes(ord(c) - 0x2800 for c in text if 0x2800 <= ord(c) < 0x2900)
 ```
 `data` is the whole {codec} stream (prompt included); generation stops at EOS
 (id {eos_id}). {decode_note}
-"""
+{classes_note}"""
 
 _JPEG_NOTE = (
     "The JPEG bytes are headerless (quantization and Huffman tables stripped, "
@@ -107,6 +107,10 @@ def hf_tokenizer_files(tokenizer, max_len: int) -> dict[str, str]:
   bos = hf_tok.id_to_token(tokenizer.bos_id)
   eos = hf_tok.id_to_token(tokenizer.eos_id)
   specials = dict(bos_token=bos, eos_token=eos, pad_token=eos)
+  if getattr(tokenizer, "class_names", ()):  # Class tokens, then no class.
+    specials["additional_special_tokens"] = [
+        hf_tok.id_to_token(i) for i in range(tokenizer.eos_id + 1,
+                                             tokenizer.no_class_id + 1)]
   config = dict(tokenizer_class="PreTrainedTokenizerFast",
                 model_max_length=max_len, clean_up_tokenization_spaces=False,
                 **specials)
@@ -229,7 +233,23 @@ def readme(name: str, c: llama_config.LlamaConfig, tokenizer,
       layers=c.num_layers, width=c.emb_dim, vocab_size=c.vocab_size,
       max_len=c.max_len, settings=json.dumps(settings), bos_id=tokenizer.bos_id,
       eos_id=tokenizer.eos_id, ext="jpg" if jpeg else "h264",
-      max_new=min(c.max_len, 8192), decode_note=_JPEG_NOTE if jpeg else _AVC_NOTE)
+      max_new=min(c.max_len, 8192), decode_note=_JPEG_NOTE if jpeg else _AVC_NOTE,
+      classes_note=_classes_note(tokenizer))
+
+
+def _classes_note(tokenizer) -> str:
+  """The README's paragraph on class tokens ("" for an unconditional model)."""
+  names = getattr(tokenizer, "class_names", ())
+  if not names:
+    return ""
+  table = ", ".join(f"{n!r}: {tokenizer.class_id(i)}"
+                    for i, n in enumerate(names))
+  return (
+      "\n## Classes\n\nTrained class-conditional: every sequence starts "
+      "[BOS, class token], then the bytes. Put the class id right after BOS "
+      f"({table}; 'no class': {tokenizer.no_class_id}). For classifier-free "
+      "guidance at scale s run the prompt with the class and with 'no class' "
+      "and draw from uncond + s * (cond - uncond).\n")
 
 
 def main():

@@ -31,6 +31,14 @@ body to compile instead of L, for a very deep model whose compile time
 matters more than its decode). With reshard_params=False the scan stays:
 the point there is to gather one layer's weights at a time.
 
+Classifier-free guidance (`Guidance`): the batch holds each request twice,
+with its class prompt and with its "no class" prompt, as a pair of rows that
+share one jitted step and one KV cache. Each step mixes a pair's logits into
+s * cond + (1 - s) * uncond (= uncond + s * (cond - uncond); this form gives
+exactly uncond at s = 0 and cond at s = 1) and gives both rows the mix, before
+the constraint, temperature, top-k and top-p; both rows have the same
+sample id, hence the same key, so they draw the same token and stay in step.
+
 Reproducibility: row b draws step i with the key
 fold_in(fold_in(key(seed), sample_id[b]), i), so a sample depends on its
 seed and global sample index, not on the batch it was drawn in or on the
@@ -103,6 +111,22 @@ def choose(logits: jax.Array, keys: jax.Array, temperature, top_k,
                                                         -jnp.inf))
   drawn = jnp.take_along_axis(order, at[:, None], axis=-1)[:, 0]
   return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
+
+
+@flax.struct.dataclass
+class Guidance:
+  """Classifier-free guidance over pairs of rows (module docstring)."""
+  partner: jax.Array      # int32 [B]: the other row of the pair (self: none)
+  conditional: jax.Array  # bool [B]: this row holds the class prompt
+  scale: jax.Array        # float32 scalar: s
+
+  def mix(self, logits: jax.Array) -> jax.Array:
+    """fp32 logits [B, V] -> s * cond + (1 - s) * uncond on both rows."""
+    other = logits[self.partner]
+    own = self.conditional[:, None]
+    cond = jnp.where(own, logits, other)
+    uncond = jnp.where(own, other, logits)
+    return self.scale * cond + (1 - self.scale) * uncond
 
 
 # -- the jitted loop -----------------------------------------------------------
@@ -218,7 +242,8 @@ def decode_step(params: DecodeParams, tokens, positions, cache
 
 def _generate(params, prompts, lengths, active, sample_ids, states, counts,
               seed, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
-              constraint, *, model: llama.Llama, cache_len: int, cache_dtype,
+              constraint, guidance=None, *, model: llama.Llama,
+              cache_len: int, cache_dtype,
               param_shardings, unroll_layers: bool,
               trace_counter: list[int]):
   """Prefill + decode loop; returns tokens [B, cache_len] (see _Loop)."""
@@ -239,6 +264,8 @@ def _generate(params, prompts, lengths, active, sample_ids, states, counts,
     """Token s.step of each row (PAD once done), the constraint's state and
     counter after it, and the token buffer holding it."""
     logits, state, count = s.logits, s.state, s.count
+    if guidance is not None:  # Before the constraint and the masks.
+      logits = guidance.mix(logits)
     if constraint is not None:
       row = constraint.next_state[state]                      # [B, V]
       allowed = row >= 0

@@ -10,6 +10,14 @@ of prompt | completions | original:
   python -m codeclm.main --config=configs/jpeg_lm.py:demo \
       --workdir=/tmp/jpeg_demo --mode=sample --config.sample.num_samples=8
 
+A class-conditional model (trained with data.conditioning="class") samples
+per class with classifier-free guidance: --config.sample.classes=all (or
+names or ids, comma-separated) draws sample.per_class samples of each class at
+scale sample.guidance, written as class_<name>_<j> files with one grid per
+class (class_<name>.png) and one of all classes, a row each (classes.png).
+Every prompt of such a model starts [BOS, class token]; requests without a
+class (unconditional samples, completions) get the "no class" token.
+
 Under jax.distributed (a model sharded over hosts) process p of n draws and
 writes its contiguous share of each request list (hosts.share), with the
 global sample ids; process 0 also writes the grids of all of them.
@@ -22,6 +30,7 @@ import functools
 import json
 import math
 import os
+import re
 from typing import Any, Sequence
 
 from absl import logging
@@ -44,6 +53,8 @@ class Request:
   ratio: float = 0.0
   image: str = ""          # name of the image completed
   source: str = ""         # where that image came from
+  label: int | None = None  # class index (None: no class)
+  class_name: str = ""
 
 
 @dataclasses.dataclass
@@ -58,7 +69,7 @@ class Result:
 def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
          requests: Sequence[Request], settings: sampler_lib.Settings, *,
          seed: int, batch_size: int, first_id: int = 0,
-         grammar=None) -> list[Result]:
+         grammar=None, guidance: float | None = None) -> list[Result]:
   """Samples every request (in batches) and decodes the bytes to pixels.
 
   Request i uses sample id first_id + i, so results do not depend on
@@ -67,9 +78,12 @@ def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
   constrains every row (None: unconstrained). Under jax.distributed every
   process calls this together with its own requests (none included) and
   their first global id; batch_size counts the rows of all processes.
+  guidance: classifier-free guidance at this scale for a class-conditional
+  model (None: none); every process passes the same.
   """
-  prompts = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(r.prompt)])
-             .astype(np.int32) for r in requests]
+  prompts = [prompt_ids(tokenizer, r.prompt, r.label) for r in requests]
+  guided = guidance is not None and bool(tokenizer.class_names)
+  unconditional = [prompt_ids(tokenizer, r.prompt, None) for r in requests]
   longest = int(distributed.gather_ints(
       [max((len(x) for x in prompts), default=0)]).max())
   room = sampler.model.config.max_len - longest
@@ -85,6 +99,8 @@ def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
     extra = grammar.sampler_args(
         [r.prompt for r in requests[chunk]],
         [r.name for r in requests[chunk]]) if grammar else {}
+    if guided:
+      extra.update(unconditional=unconditional[chunk], guidance=guidance)
     samples = sampler(params, prompts[chunk], settings, seed=seed,
                       sample_ids=np.arange(len(requests))[chunk] + first_id,
                       **extra)
@@ -93,6 +109,40 @@ def draw(sampler: sampler_lib.Sampler, params, tokenizer, codec,
       pixels, report = codec.decode(data)
       results.append(Result(request, data, pixels, report, sample))
   return results
+
+
+def prompt_ids(tokenizer, prompt: bytes, label: int | None) -> np.ndarray:
+  """A request's token prompt: BOS, the class token of `label` ("no class"
+  for None) if the tokenizer has classes, then the prompt bytes' ids."""
+  head = [tokenizer.bos_id]
+  if tokenizer.class_names:
+    head.append(tokenizer.class_id(label))
+  return np.concatenate([head, tokenizer.encode(prompt)]).astype(np.int32)
+
+
+def class_labels(spec: str, class_names: Sequence[str]) -> list[int]:
+  """sample.classes ("all", or comma-separated names or ids) -> class ids."""
+  spec = str(spec or "").strip()
+  if not spec:
+    return []
+  if not class_names:
+    raise ValueError(
+        f"sample.classes={spec!r}, but this model has no class tokens (it "
+        "was trained with data.conditioning='none'); leave sample.classes "
+        "empty or train with --config.data.conditioning=class.")
+  if spec == "all":
+    return list(range(len(class_names)))
+  labels = []
+  for part in (x.strip() for x in spec.split(",") if x.strip()):
+    if part in class_names:
+      labels.append(list(class_names).index(part))
+    elif part.isdigit() and int(part) < len(class_names):
+      labels.append(int(part))
+    else:
+      raise ValueError(f"sample.classes: {part!r} is neither a class name "
+                       f"nor an id of this model's classes {list(class_names)}"
+                       f" (ids 0..{len(class_names) - 1}).")
+  return labels
 
 
 def everyone(codec, requests: Sequence[Request],
@@ -173,8 +223,13 @@ def _write(local: str, result: Result, codec, info: dict) -> None:
   """The codec's files for <name> (e.g. .jpg and .png) and <name>.json."""
   name = os.path.join(local, result.request.name)
   files = codec.save(name, result.data)
+  labelled = result.request.label is not None
   with open(name + ".json", "w") as f:
-    json.dump(dict(info, name=result.request.name, image=result.request.image,
+    json.dump(dict(info, name=result.request.name,
+                   label=result.request.label,
+                   **{"class": result.request.class_name or None},
+                   guidance=info.get("guidance") if labelled else None,
+                   image=result.request.image,
                    source=result.request.source, ratio=result.request.ratio,
                    prompt_tokens=result.sample.prompt_len,
                    new_tokens=len(result.sample.tokens),
@@ -198,15 +253,22 @@ def run(sample_cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   settings = workdir_lib.settings_of(sample_cfg, max_new)
   grammar = workdir_lib.grammar_of(sample_cfg.constrained, loaded.codec,
                                      loaded.tokenizer)
+  class_names = loaded.tokenizer.class_names
+  labels = class_labels(sample_cfg.get("classes", ""), class_names)
+  guidance = float(sample_cfg.get("guidance", 1.0))
   info = dict(step=loaded.step, seed=sample_cfg.seed,
               settings=dataclasses.asdict(settings),
-              constrained=grammar is not None)
+              constrained=grammar is not None,
+              guidance=guidance if labels else None)
   draw_ = functools.partial(draw, sampler, loaded.params, loaded.tokenizer,
                             loaded.codec, seed=sample_cfg.seed,
                             batch_size=sample_cfg.batch_size, grammar=grammar)
   codec, summary = loaded.codec, {}
   with storage.local_dir(out_dir) as local:  # Uploaded if out_dir is remote.
     _draw_and_write(sample_cfg, draw_, codec, info, local, settings, summary)
+    if labels:
+      _draw_classes(sample_cfg, draw_, codec, info, local, settings, summary,
+                    [(i, class_names[i]) for i in labels], guidance)
   logging.info("Wrote %d samples to %s.", len(summary), out_dir)
   return dict(out_dir=os.fspath(out_dir), step=loaded.step,
               constrained=grammar is not None, samples=summary)
@@ -253,3 +315,34 @@ def _draw_and_write(sample_cfg, draw_, codec, info, local: str, settings,
       Image.fromarray(completion_grid(
           codec, [r for r in every if r.request.image == name],
           original)).save(os.path.join(local, f"{name}_grid.png"))
+
+
+def _draw_classes(sample_cfg, draw_, codec, info, local: str, settings,
+                  summary: dict, classes: Sequence[tuple[int, str]],
+                  guidance: float) -> None:
+  """sample.per_class guided samples of each (label, name) in `classes`:
+  files class_<name>_<j>, a grid per class and classes.png (a row each)."""
+  per = sample_cfg.get("per_class", 4)
+  stem = {name: re.sub(r"[^A-Za-z0-9_.-]+", "_", name) for _, name in classes}
+  requests = [Request(f"class_{stem[name]}_{j:02d}", label=label,
+                      class_name=name)
+              for label, name in classes for j in range(per)]
+  mine = hosts.share(len(requests))
+  # Ids after the unconditional samples and completions' (any count).
+  first = 1 << 20
+  results = draw_(requests[mine.start:mine.stop], settings,
+                  first_id=first + mine.start, guidance=guidance)
+  for r in results:
+    _write(local, r, codec, info)
+  summary.update({r.request.name: r.report.to_dict() for r in results})
+  every = everyone(codec, requests, results)
+  if jax.process_index() != 0:
+    return
+  rows = []
+  for _, name in classes:
+    row = [codec.preview(r.pixels) for r in every
+           if r.request.class_name == name]
+    Image.fromarray(grid([row])).save(os.path.join(
+        local, f"class_{stem[name]}.png"))
+    rows.append(row)
+  Image.fromarray(grid(rows)).save(os.path.join(local, "classes.png"))

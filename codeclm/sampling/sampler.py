@@ -17,6 +17,12 @@ processes agree on the shapes (most rows, longest prompt) with one small
 all-gather; a process with fewer prompts fills its rows with inactive
 padding. `chunks` gives every process the same number of calls.
 
+Classifier-free guidance: given `unconditional` prompts (one per prompt,
+e.g. the same bytes after "no class" instead of the class token) and a
+`guidance` scale, a call doubles its batch into pairs of rows that mix their
+logits every step (decode_loop.Guidance) and returns the pairs' shared
+tokens, one Sample per prompt.
+
 A constraint's tables (the JPEG grammar's: tens of MB) go to the mesh's
 devices once per Sampler, on the first call that passes that constraint
 object (`place`); later calls reuse the device copies, so a call moves only
@@ -281,22 +287,27 @@ class Sampler:
                settings: Settings, *, seed: int = 0,
                sample_ids: Sequence[int] | None = None,
                constraint: constraint_lib.Constraint | None = None,
-               starts: Sequence[tuple[int, int]] | None = None
-               ) -> list[Sample]:
+               starts: Sequence[tuple[int, int]] | None = None,
+               unconditional: Sequence[Sequence[int]] | None = None,
+               guidance: float = 1.0) -> list[Sample]:
     """Continues each prompt (token ids, BOS included; none may be empty).
 
     Under jax.distributed every process calls this together with its own
     prompts (and their global sample_ids) and gets back those rows only.
     starts: each row's (constraint state, counter) after its prompt; default
-    (constraint.initial_state, 0).
+    (constraint.initial_state, 0). unconditional: a prompt per prompt for
+    classifier-free guidance at scale `guidance` (None: no guidance); every
+    process passes them or none does.
     """
     args, cache_len, lengths, rows = self._arguments(
-        params, prompts, settings, seed, sample_ids, constraint, starts)
+        params, prompts, settings, seed, sample_ids, constraint, starts,
+        unconditional, guidance)
     with self._context():
       out = self._jitted(*args, cache_len=cache_len)
     held = hosts.local_rows(out)  # This process's rows, each whole.
     results = []
-    for i, length in enumerate(lengths):
+    pairs = 2 if unconditional is not None else 1  # Keep the class rows.
+    for i, length in list(enumerate(lengths))[::pairs]:
       new = held[rows[i]][length:length + settings.max_new_tokens]
       stop = np.flatnonzero(new == self.eos_id)
       ended = bool(len(stop))
@@ -307,19 +318,36 @@ class Sampler:
   def lower(self, params, prompts: Sequence[Sequence[int]],
             settings: Settings, *,
             constraint: constraint_lib.Constraint | None = None,
-            starts: Sequence[tuple[int, int]] | None = None
-            ) -> jax.stages.Lowered:
+            starts: Sequence[tuple[int, int]] | None = None,
+            unconditional: Sequence[Sequence[int]] | None = None,
+            guidance: float = 1.0) -> jax.stages.Lowered:
     """The jitted loop lowered for this call's bucket (to read its HLO)."""
     args, cache_len, _, _ = self._arguments(params, prompts, settings, 0,
-                                            None, constraint, starts)
+                                            None, constraint, starts,
+                                            unconditional, guidance)
     with self._context():
       return self._jitted.lower(*args, cache_len=cache_len)
 
   def _arguments(self, params, prompts, settings, seed, sample_ids,
-                 constraint, starts) -> tuple[tuple, int, np.ndarray, list]:
+                 constraint, starts, unconditional=None, guidance=1.0
+                 ) -> tuple[tuple, int, np.ndarray, list]:
     """The jitted loop's arguments, its cache length, the prompt lengths and
-    the global rows this process's prompts fill."""
+    the global rows this process's prompts fill (with guidance: pairs of
+    rows, the class prompt first)."""
     prompts = [np.asarray(x, np.int32).reshape(-1) for x in prompts]
+    if unconditional is not None:
+      if len(unconditional) != len(prompts):
+        raise ValueError(f"Got {len(unconditional)} unconditional prompts "
+                         f"for {len(prompts)} prompts; give one each.")
+      n = len(prompts)
+      sample_ids = np.arange(n) if sample_ids is None else np.asarray(
+          sample_ids)
+      if starts is not None:
+        starts = np.repeat(np.asarray(starts, np.int32).reshape(-1, 2), 2,
+                           axis=0)
+      sample_ids = np.repeat(sample_ids, 2)  # A pair draws the same tokens.
+      prompts = [np.asarray(x, np.int32).reshape(-1) for pair in zip(
+          prompts, unconditional) for x in pair]
     if any(not len(x) for x in prompts):
       raise ValueError("Sampler got an empty prompt; an unconditional sample "
                        "starts from [BOS].")
@@ -357,6 +385,17 @@ class Sampler:
       out = np.full(b, fill, dtype)
       out[rows] = values
       return out
+    guided = None
+    if unconditional is not None:
+      mine = np.asarray(rows)
+      partner = np.arange(b, dtype=np.int32)  # Unpaired rows: themselves.
+      partner[mine[0::2]], partner[mine[1::2]] = mine[1::2], mine[0::2]
+      guided = decode_loop.Guidance(
+          partner=hosts.put(partner, self._row_sharding),
+          conditional=hosts.put(per_row(np.arange(len(rows)) % 2 == 0, True,
+                                        bool), self._row_sharding),
+          scale=hosts.put(np.asarray(guidance, np.float32),
+                          self._replicated))
     # What moves to the devices per call, all of it here (explicitly, so a
     # transfer guard sees nothing else move): each process fills only its
     # own rows; the settings are replicated. The constraint's tables were
@@ -377,6 +416,6 @@ class Sampler:
             scalar(settings.temperature, np.float32),
             scalar(settings.top_k, np.int32),
             scalar(settings.top_p, np.float32), scalar(self.eos_id, np.int32),
-            scalar(self.pad_id, np.int32), constraint)
+            scalar(self.pad_id, np.int32), constraint, guided)
     return args, cache_len, lengths, rows
 

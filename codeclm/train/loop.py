@@ -191,7 +191,7 @@ def ensure_data(data, codec, data_dir: str, *, seed: int) -> None:
   prepare.require_local(data_dir)
   if (storage.path(data_dir) / "manifest.json").exists():
     return
-  if data.source != "synthetic":
+  if data.source not in ("synthetic", "synthetic_classes"):
     raise FileNotFoundError(
         f"No prepared data in {data_dir} for source {data.source!r}. "
         "Run --mode=prepare with the same config (or set --config.data.dir).")
@@ -335,7 +335,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   train_iter = loader.TrainBatches(
       config.data, data_dir, tokenizer, seq_len=config.seq_len,
       batch_size=config.batch_size, seed=config.seed, rows=rows,
-      writes=[j for j, p in writers.items() if p == me])
+      writes=[j for j, p in writers.items() if p == me],
+      label_dropout=tc.label_dropout)
   feed = lambda local: global_batch(local, data_sharding, rows,
                                     config.batch_size)
   report(setup, len(rows), batch_size=config.batch_size,

@@ -9,6 +9,8 @@ fails inside the codec with an error that names it.
 
   synthetic          built-in pictures or clips, item i seeded by i
                      (synthetic_images.py, synthetic_videos.py)
+  synthetic_classes  built-in labelled pictures: data.num_classes classes,
+                     each in its own hue (synthetic_classes.py; images only)
   folder:PATH        every image (or video) file below PATH (label =
                      sub-folder name; folder.py)
   tfds:NAME[:SPLIT]  a TensorFlow Datasets dataset (default split "train";
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 from codeclm.data.sources import base
 from codeclm.data.sources import folder
+from codeclm.data.sources import synthetic_classes
 from codeclm.data.sources import synthetic_images
 from codeclm.data.sources import synthetic_videos
 from codeclm.data.sources import tfds_source
@@ -51,14 +54,20 @@ def open_source(data, codec) -> base.Source:
     raise base.DataError(f"config.codec.name={codec.name!r} has no source "
                          f"media; use one of {sorted(base.MEDIA)}.")
   media = base.MEDIA[codec.name]
-  if spec == "synthetic":
+  if spec in ("synthetic", "synthetic_classes"):
     if not cap:
       raise base.DataError(
           f"The synthetic source needs config.data.num_examples > 0 (how many "
           f"{media}s to make), e.g. --config.data.num_examples=1000.")
     if media == "video":
+      if spec == "synthetic_classes":
+        raise base.DataError("data.source='synthetic_classes' makes images; "
+                             "use a JPEG codec (or 'synthetic' for videos).")
       return synthetic_videos.SyntheticVideoSource(
           cap, codec.width, codec.height, codec.frames, codec.fps)
+    if spec == "synthetic_classes":
+      return synthetic_classes.SyntheticClassSource(
+          cap, data.num_classes, codec.width, codec.height)
     return synthetic_images.SyntheticSource(cap, codec.width, codec.height)
   kind, _, arg = spec.partition(":")
   if kind == "folder" and arg:
@@ -73,5 +82,5 @@ def open_source(data, codec) -> base.Source:
   else:
     raise base.DataError(
         f"Unknown config.data.source {spec!r}; use 'synthetic', "
-        "'folder:PATH' or 'tfds:NAME[:SPLIT]'.")
+        "'synthetic_classes', 'folder:PATH' or 'tfds:NAME[:SPLIT]'.")
   return base.Capped(source, cap) if cap and cap < len(source) else source

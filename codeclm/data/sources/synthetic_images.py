@@ -46,17 +46,22 @@ def synthetic_image(index: int, width: int = 256, height: int = 256
   return np.asarray(synthetic_picture(index, width, height))
 
 
-def synthetic_picture(index: int, width: int = 256, height: int = 256
-                      ) -> Image.Image:
-  """`synthetic_image` as an RGB PIL image."""
-  rng = np.random.default_rng((0x5EED, index))
-  image = _background(rng, width, height)
+def synthetic_picture(index: int, width: int = 256, height: int = 256, *,
+                      colour=None, seed: int = 0x5EED) -> Image.Image:
+  """`synthetic_image` as an RGB PIL image.
+
+  `colour(rng)` draws every colour (default `random_colour`); the labelled
+  source (synthetic_classes.py) passes a palette per class, and its own seed.
+  """
+  colour = colour or random_colour
+  rng = np.random.default_rng((seed, index))
+  image = _background(rng, width, height, colour)
   draw = ImageDraw.Draw(image)
   scale = min(width, height)
   for _ in range(rng.integers(2, 9)):
-    _shape(draw, rng, width, height, scale)
+    _shape(draw, rng, width, height, scale, colour)
   if rng.random() < 0.5:
-    _strokes(draw, rng, width, height, scale)
+    _strokes(draw, rng, width, height, scale, colour)
   return image
 
 
@@ -65,7 +70,7 @@ def random_colour(rng) -> tuple[int, int, int]:
   return tuple(int(c) for c in rng.integers(0, 256, 3))
 
 
-def _background(rng, width: int, height: int) -> Image.Image:
+def _background(rng, width: int, height: int, colour) -> Image.Image:
   """A gradient, stripes, a checkerboard or a flat colour with noise.
 
   Computed as 8-bit levels between two colours, then coloured through a
@@ -73,8 +78,8 @@ def _background(rng, width: int, height: int) -> Image.Image:
   256x256 picture takes well under a millisecond.
   """
   kind = rng.integers(4)
-  a = np.array(random_colour(rng), np.float32)
-  b = np.array(random_colour(rng), np.float32)
+  a = np.array(colour(rng), np.float32)
+  b = np.array(colour(rng), np.float32)
   x = np.arange(width, dtype=np.float32)
   y = np.arange(height, dtype=np.float32)
   if kind == 0:  # Linear gradient in a random direction.
@@ -103,29 +108,29 @@ def _background(rng, width: int, height: int) -> Image.Image:
 
 
 def _shape(draw: ImageDraw.ImageDraw, rng, width: int, height: int,
-           scale: int) -> None:
+           scale: int, colour) -> None:
   """One filled ellipse, rectangle or triangle, sometimes outlined."""
   cx, cy = rng.uniform(0, width), rng.uniform(0, height)
   rx, ry = rng.uniform(0.05, 0.35, 2) * scale
-  outline = random_colour(rng) if rng.random() < 0.3 else None
+  outline = colour(rng) if rng.random() < 0.3 else None
   line = int(max(1, scale // 64))
   kind = rng.integers(3)
   if kind == 0:
     draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry),
-                 fill=random_colour(rng), outline=outline, width=line)
+                 fill=colour(rng), outline=outline, width=line)
   elif kind == 1:
     draw.rectangle((cx - rx, cy - ry, cx + rx, cy + ry),
-                   fill=random_colour(rng), outline=outline, width=line)
+                   fill=colour(rng), outline=outline, width=line)
   else:
     angles = rng.uniform(0, 2 * np.pi, 3)
     points = [(cx + rx * np.cos(t), cy + ry * np.sin(t)) for t in angles]
-    draw.polygon(points, fill=random_colour(rng), outline=outline)
+    draw.polygon(points, fill=colour(rng), outline=outline)
 
 
 def _strokes(draw: ImageDraw.ImageDraw, rng, width: int, height: int,
-             scale: int) -> None:
+             scale: int, colour) -> None:
   """Rows of short polylines that look like handwriting or text."""
-  colour = random_colour(rng)
+  colour = colour(rng)
   size = rng.uniform(0.03, 0.08) * scale
   line = int(max(1, size // 6))
   y = rng.uniform(0, height * 0.5)
