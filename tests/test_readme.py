@@ -1,6 +1,7 @@
-"""Every command in README.md is run, or checked against what CI runs.
+"""Every command in README.md and docs/*.md is run, or checked against CI.
 
-Commands come from the README's fenced shell blocks (```bash, sh, shell,
+Commands come from the fenced shell blocks of README.md, then of the pages in
+DOCS (```bash, sh, shell,
 console, or a bare ``` whose lines all start with a known program), with
 backslash continuations joined, comments dropped and `&&` / `;` chains split.
 Each one is one of:
@@ -35,6 +36,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
+# The pages whose commands run too, in this order after the README's (a page's
+# command that repeats an earlier one is not run twice).
+DOCS = ("docs/codecs.md", "docs/data.md", "docs/training.md", "docs/pods.md",
+        "docs/sampling.md", "docs/evaluation.md", "docs/huggingface.md")
 CI = os.path.join(ROOT, ".ci", "run")
 SHELL_LANGS = ("bash", "sh", "shell", "console", "zsh")
 PROGRAMS = ("python", "python3", "python3.11", "pip", ".", "source", "bash",
@@ -59,6 +64,10 @@ TINY = {
         f"--config.sample.{o}" for o in _SAMPLE_TINY],
     ("codeclm.main", "configs/jpeg_lm.py:demo", "eval"): _EVAL_TINY,
     ("codeclm.sampling", None, None): [f"--sample.{o}" for o in _SAMPLE_TINY],
+    ("codeclm.main", "configs/jpeg_lm.py:demo_classes", "train"):
+        _JPEG_DEMO_DATA + _TRAIN_TINY,
+    ("codeclm.main", "configs/jpeg_lm.py:demo_classes", "sample"): [
+        "--config.sample.per_class=1", "--config.sample.max_new_tokens=32"],
     ("codeclm.eval.convert_inception", None, None): [],
     ("codeclm.main", "configs/avc_lm.py:demo", "prepare"): _AVC_DEMO_DATA,
     ("codeclm.main", "configs/avc_lm.py:demo", "train"):
@@ -87,6 +96,10 @@ OUTPUTS = {
     ("codeclm.main", "configs/jpeg_lm.py:demo", "eval"): [
         "eval/step_2/results.json"],
     ("codeclm.sampling", None, None): ["samples/step_*/*_grid.png"],
+    ("codeclm.main", "configs/jpeg_lm.py:demo_classes", "train"): [
+        "checkpoints/2/commit_success.txt", "config.json", "tokenizer.json"],
+    ("codeclm.main", "configs/jpeg_lm.py:demo_classes", "sample"): [
+        "samples/step_2/classes.png", "samples/step_2/class_*_00.json"],
     ("codeclm.eval.convert_inception", None, None): ["fid_inception.npz"],
     ("codeclm.main", "configs/avc_lm.py:demo", "prepare"): [
         "data/manifest.json", "data/tokenizer.json"],
@@ -136,6 +149,21 @@ def _random_inception_pth(path: str) -> None:
   torch.save(state, path)
 
 
+def _image_folder(path: str) -> None:
+  """A user's folder of pictures: crops of scikit-image's photos, in two
+  subfolders (as class folders would be), some as PNG."""
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  photos = [Image.fromarray(getattr(skimage.data, n)()).convert("RGB")
+            for n in ("astronaut", "chelsea", "coffee", "rocket")]
+  for i in range(24):
+    photo = photos[i % len(photos)]
+    x, y = (37 * i) % (photo.width - 128), (23 * i) % (photo.height - 128)
+    sub = os.path.join(path, ("day", "night")[i % 2])
+    os.makedirs(sub, exist_ok=True)
+    photo.crop((x, y, x + 128, y + 128)).save(
+        os.path.join(sub, f"{i:02d}." + ("png" if i % 3 else "jpg")))
+
+
 def _foreign_llama(path: str) -> None:
   """A tiny Jpeg-LM-style HF folder (bf16 shards, Braille tokenizer)."""
   from tests import test_hf_io  # pylint: disable=g-import-not-at-top
@@ -159,6 +187,7 @@ FILES = {
     "dog.jpg": _skimage_picture("coffee"),
     "fid_inception.npz": _random_inception,
     "jpeg_lm_hf": _foreign_llama,
+    "my_images": _image_folder,
     "pt_inception-2015-12-05-6726825d.pth": _random_inception_pth,
 }
 OUTPUT_FLAGS = ("--dst",)  # Flags that name a file the command writes.
@@ -251,10 +280,13 @@ class Command:
 
 
 def readme_commands(path: str = README) -> list[Command]:
+  """The commands of one Markdown file; Command.line is "file:line"."""
   with open(path) as f:
     text = f.read()
+  name = os.path.relpath(path, ROOT)
   out = []
   for line, block in shell_blocks(text):
+    line = f"{name}:{line}"
     for argv in commands(block):
       env = {}
       while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
@@ -324,7 +356,20 @@ def kind(command: Command) -> str:
   return "unknown"
 
 
-COMMANDS = readme_commands()
+def all_commands() -> list[Command]:
+  """The README's commands, then the DOCS pages' not already shown."""
+  out, seen = [], set()
+  for path in (README,) + tuple(os.path.join(ROOT, d) for d in DOCS):
+    for c in readme_commands(path):
+      if (c.text, tuple(sorted(c.env.items()))) not in seen:
+        seen.add((c.text, tuple(sorted(c.env.items()))))
+        out.append(c)
+  return out
+
+
+COMMANDS = all_commands()
+# The README demo: its first command that runs here (the quick start's).
+DEMO = next((c for c in COMMANDS if kind(c) == "run"), None)
 
 
 def test_parser_joins_continuations_and_splits_chains():
@@ -359,17 +404,56 @@ def test_unmapped_commands_are_unknown():
 
 def test_every_readme_command_is_known():
   assert COMMANDS, "No commands found in README.md's code blocks."
+  assert all(os.path.exists(os.path.join(ROOT, d)) for d in DOCS), DOCS
   unknown = [c for c in COMMANDS if kind(c) == "unknown"]
   assert not unknown, (
-      "README.md commands this test does not know how to check:\n"
-      + "\n".join(f"  line {c.line}: {c.text}  (key {c.key})" for c in unknown)
+      "Commands in README.md or docs/ this test does not know how to check:"
+      "\n" + "\n".join(f"  {c.line}: {c.text}  (key {c.key})" for c in unknown)
       + "\nAdd a mapping in tests/test_readme.py: TINY and OUTPUTS entries for "
       "its (program, --config, --mode) key to run it, or a DOCUMENTED_ONLY "
       "entry with the reason it cannot run offline on CPU.")
   assert set(TINY) == set(OUTPUTS), "Each TINY key needs OUTPUTS, and back."
   stale = [p for p, _ in DOCUMENTED_ONLY
            if not any(re.search(p, c.text) for c in COMMANDS)]
-  assert not stale, f"DOCUMENTED_ONLY entries match no README command: {stale}"
+  assert not stale, f"DOCUMENTED_ONLY entries match no command: {stale}"
+
+
+def test_the_demo_is_the_quick_start_training():
+  """check_demo_console reads a training run's lines and summary."""
+  assert DEMO is not None and DEMO.key == (
+      "codeclm.main", "configs/jpeg_lm.py:demo", "train"), DEMO
+
+
+def test_demo_console_projection():
+  """The full demo's extra lines, from its config's cadence."""
+  full = events(demo_config().train)
+  tc = demo_config().train
+  assert full == (tc.steps // tc.log_every + (tc.steps % tc.log_every > 0),
+                  tc.steps // tc.eval_every + (tc.steps % tc.eval_every > 0),
+                  tc.steps // tc.ckpt_every + (tc.steps % tc.ckpt_every > 0))
+
+
+def test_console_hides_only_library_info():
+  """Warnings and errors of every library pass; INFO only from codeclm (and
+  JAX's one line per cluster process); --verbose_libraries keeps all."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from codeclm.runtime import console  # pylint: disable=g-import-not-at-top
+  library = os.path.join(os.path.dirname(np.__file__), "..", "orbax", "x.py")
+  own = os.path.join(ROOT, "codeclm", "train", "loop.py")
+
+  def record(level, pathname, name="absl"):
+    return logging.LogRecord(name, level, pathname, 1, "m", (), None)
+  keep = console._LibraryInfoFilter().filter  # pylint: disable=protected-access
+  assert not keep(record(logging.INFO, library))
+  assert keep(record(logging.WARNING, library))
+  assert keep(record(logging.ERROR, library))
+  assert keep(record(logging.INFO, own))
+  assert keep(record(logging.INFO, library, "jax._src.distributed"))
+  assert not console.verbose_requested(["main", "--config=c.py"])
+  assert console.verbose_requested(["main", "--verbose_libraries"])
+  assert not console.verbose_requested(["main", "--verbose_libraries",
+                                        "--noverbose_libraries"])
+  assert console.verbose_requested(["main", "--verbose_libraries=true"])
 
 
 def test_setup_commands_match_ci():
@@ -402,7 +486,7 @@ def test_test_command_is_what_ci_runs():
   assert shown, "The README does not show how to run the tests."
   for c in shown:
     assert c.argv == ci[0], (
-        f"README line {c.line} runs `{c.text}`; .ci/run runs "
+        f"{c.line} runs `{c.text}`; .ci/run runs "
         f"`{shlex.join(ci[0])}`. Make them the same.")
 
 
@@ -423,6 +507,9 @@ def localize(arg: str, tmp: str) -> str:
       "", "", arg)
   items = []
   for item in value.split(","):
+    if item.startswith("folder:"):  # A data source naming an input folder.
+      items.append("folder:" + localize(item[len("folder:"):], tmp))
+      continue
     if item.startswith("/tmp/"):
       item = os.path.join(tmp, item[len("/tmp/"):])
     elif name in OUTPUT_FLAGS:
@@ -440,6 +527,60 @@ def localize(arg: str, tmp: str) -> str:
   return name + eq + ",".join(items)
 
 
+# The README demo (its first runnable command) prints at most this many lines
+# on a fresh clone, ending with its summary.
+DEMO_MAX_LINES = 40
+
+
+def demo_config():
+  """The ConfigDict of the README demo's --config, as absl loads it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = DEMO.flag("config").partition(":")
+  spec = importlib.util.spec_from_file_location(
+      "readme_demo_config", os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def events(tc) -> tuple[int, int, int]:
+  """(log, eval, checkpoint) steps a run of `tc` (config.train) prints: each
+  every k steps and at the last step."""
+  def count(every):
+    if not every:
+      return 0
+    return len({s for s in range(every, tc.steps + 1, every)} | {tc.steps})
+  return count(tc.log_every), count(tc.eval_every), count(tc.ckpt_every)
+
+
+def check_demo_console(output: str) -> None:
+  """The demo's console (stdout and stderr as a terminal shows them): the
+  test runs it for 2 steps, which print one step, eval and checkpoint line
+  each; the full demo prints those at its own cadence and nothing else more
+  (prepare's progress is one redrawn line whatever the count). Libraries'
+  INFO lines are off, and the summary comes last."""
+  lines = output.rstrip("\n").split("\n")
+  kinds = {"log": r"\] \[2\] bits_per_byte=.*ETA", "eval": r"\] \[2\] eval: ",
+           "checkpoint": r"\] \[2\] checkpoint -> "}
+  for name, pattern in kinds.items():
+    found = [ln for ln in lines if re.search(pattern, ln)]
+    assert len(found) == 1, (name, found, output[-4000:])
+  noise = [ln for ln in lines if re.match(
+      r"I\d{4} .* (checkpoint_manager|logging_writer)\.py:\d+\]", ln)]
+  assert not noise, f"Orbax and clu INFO lines show: {noise[:3]}"
+  full = events(demo_config().train)
+  projected = len(lines) + sum(full) - len(kinds)
+  assert projected <= DEMO_MAX_LINES, (
+      f"The README demo would print {projected} lines ({len(lines)} in this "
+      f"2-step run, plus {sum(full) - len(kinds)} more step, eval and "
+      f"checkpoint lines); keep it to {DEMO_MAX_LINES}:\n{output}")
+  summary = [i for i, ln in enumerate(lines) if ln.startswith("Trained to ")]
+  assert summary and re.match(r"  next +python -m codeclm\.main ", lines[-1]), (
+      f"The demo should end with its summary:\n{output[-3000:]}")
+  assert [ln.split()[0] for ln in lines[summary[-1] + 1:]] == [
+      "workdir", "checkpoint", "tensorboard", "next"], output[-3000:]
+
+
 def run(command: Command, tmp: str) -> subprocess.CompletedProcess:
   argv = [sys.executable] + [localize(a, tmp) for a in command.argv[1:]]
   argv += TINY[command.key]
@@ -449,8 +590,10 @@ def run(command: Command, tmp: str) -> subprocess.CompletedProcess:
                             env.get("XLA_FLAGS", "")).strip()
   env["PYTHONPATH"] = os.pathsep.join(
       p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
-  return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
+  # One stream, in the order a terminal shows it.
+  return subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, timeout=600,
+                        check=False)
 
 
 @pytest.mark.slow
@@ -459,12 +602,14 @@ def test_readme_commands_run(workdir, tmp_path):
   for command in chains()[workdir]:
     result = run(command, str(tmp_path))
     assert result.returncode == 0, (
-        f"README line {command.line}: `{command.text}` (with "
+        f"{command.line}: `{command.text}` (with "
         f"{TINY[command.key]}) exited {result.returncode}:\n"
-        f"{result.stderr[-4000:]}")
+        f"{result.stdout[-4000:]}")
+    if command is DEMO:
+      check_demo_console(result.stdout)
     shown = command.flag("workdir")
     root = localize(shown, str(tmp_path)) if shown else str(tmp_path)
     for pattern in OUTPUTS[command.key]:
       assert glob.glob(os.path.join(root, pattern)), (
-          f"README line {command.line}: `{command.text}` left no {pattern} "
+          f"{command.line}: `{command.text}` left no {pattern} "
           f"in {root}; it has {sorted(os.listdir(root))}.")
