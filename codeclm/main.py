@@ -16,7 +16,6 @@ and the next command to run. Libraries' INFO logs are off unless
 --verbose_libraries (codeclm/runtime/console.py).
 """
 
-import os
 import sys
 
 from absl import app
@@ -109,7 +108,8 @@ def _trained(tc, workdir, last: dict):
 
 def _compiled(topology: str, workdir, fits: bool):
   """Compile's summary: the report, and training on the slice if it fits."""
-  report = os.path.join(workdir, "compile_report.json")
+  from codeclm.runtime import storage  # pylint: disable=g-import-not-at-top
+  report = str(storage.path(workdir) / "compile_report.json")
   if not fits:
     return (f"Does not fit {topology}", [
         ("report", report),
@@ -130,9 +130,10 @@ def _evaluated(ec, tc, workdir, results):
                  "every slice is written")])
   from codeclm.eval import results as results_lib  # pylint: disable=g-import-not-at-top
   from codeclm.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from codeclm.runtime import storage  # pylint: disable=g-import-not-at-top
   out_dir = evaluate.out_dir_of(ec, workdir, results["step"])
   return (f"Evaluated step {results['step']}", [
-      ("results", os.path.join(out_dir, results_lib.RESULTS)),
+      ("results", str(storage.path(out_dir) / results_lib.RESULTS)),
       ("next", console.next_command(sys.argv, "train", [
           f"--config.train.steps={2 * tc.steps}"]))])
 

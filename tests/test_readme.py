@@ -64,10 +64,6 @@ TINY = {
         f"--config.sample.{o}" for o in _SAMPLE_TINY],
     ("codeclm.main", "configs/jpeg_lm.py:demo", "eval"): _EVAL_TINY,
     ("codeclm.sampling", None, None): [f"--sample.{o}" for o in _SAMPLE_TINY],
-    ("codeclm.main", "configs/jpeg_lm.py:demo_classes", "train"):
-        _JPEG_DEMO_DATA + _TRAIN_TINY,
-    ("codeclm.main", "configs/jpeg_lm.py:demo_classes", "sample"): [
-        "--config.sample.per_class=1", "--config.sample.max_new_tokens=32"],
     ("codeclm.eval.convert_inception", None, None): [],
     ("codeclm.main", "configs/avc_lm.py:demo", "prepare"): _AVC_DEMO_DATA,
     ("codeclm.main", "configs/avc_lm.py:demo", "train"):
@@ -96,10 +92,6 @@ OUTPUTS = {
     ("codeclm.main", "configs/jpeg_lm.py:demo", "eval"): [
         "eval/step_2/results.json"],
     ("codeclm.sampling", None, None): ["samples/step_*/*_grid.png"],
-    ("codeclm.main", "configs/jpeg_lm.py:demo_classes", "train"): [
-        "checkpoints/2/commit_success.txt", "config.json", "tokenizer.json"],
-    ("codeclm.main", "configs/jpeg_lm.py:demo_classes", "sample"): [
-        "samples/step_2/classes.png", "samples/step_2/class_*_00.json"],
     ("codeclm.eval.convert_inception", None, None): ["fid_inception.npz"],
     ("codeclm.main", "configs/avc_lm.py:demo", "prepare"): [
         "data/manifest.json", "data/tokenizer.json"],
@@ -200,6 +192,10 @@ DOCUMENTED_ONLY = [
     (r"^gcsfuse ", "needs a GCS bucket and FUSE"),
     (r"init_from=", "a 7B fine-tune; tests/test_hf_io.py runs train.init_from "
      "from an imported tiny model"),
+    (r"jpeg_lm\.py:demo_classes", "the class demo and its guided samples: "
+     "tests/test_class_conditioning.py trains a class-conditional workdir on "
+     "synthetic_classes and samples it through sampling/files.run, the "
+     "sample mode's code"),
 ]
 
 
