@@ -115,17 +115,22 @@ def splash_block(t: int) -> int:
   return next(b for b in SPLASH_BLOCKS if t % b == 0)
 
 
-def _splash_rows(q, k, v, segment_ids, *, interpret: bool):
-  """One device's rows: q [b, H, T, F] (pre-scaled), k, v [b, K, T, F]."""
-  _, h, t, _ = q.shape
+def splash_block_sizes(t: int) -> splash_lib.BlockSizes:
+  """Splash's block sizes for t query positions per device: one square
+  block (`splash_block`) for the forward pass and both backward passes."""
   block = splash_block(t)
-  sizes = splash_lib.BlockSizes(
+  return splash_lib.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block,
       block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
       block_q_dq=block, block_kv_dq=block)
+
+
+def _splash_rows(q, k, v, segment_ids, *, interpret: bool):
+  """One device's rows: q [b, H, T, F] (pre-scaled), k, v [b, K, T, F]."""
+  _, h, t, _ = q.shape
   mask = splash_lib.MultiHeadMask([splash_lib.CausalMask((t, t))] * h)
   kernel = splash_lib.make_splash_mha(
-      mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+      mask, block_sizes=splash_block_sizes(t), head_shards=1, q_seq_shards=1,
       interpret=interpret)
   if segment_ids is None:
     return jax.vmap(kernel)(q, k, v)
@@ -154,16 +159,10 @@ def _tiled_rows(q, k, v, segment_ids):
     blocks = []
     for start in range(0, t, TILE):
       end = min(start + TILE, t)
-      logits = jnp.einsum("qf,kf->qk", qh[start:end], kh[:end],
-                          preferred_element_type=jnp.float32)
       seen = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
       if idh is not None:  # Packed rows: within the segment too.
         seen &= idh[start:end, None] == idh[None, :end]
-      logits = jnp.where(seen, logits, -jnp.inf)  # The diagonal is seen.
-      weights = jnp.exp(logits - logits.max(-1, keepdims=True))
-      out = jnp.einsum("qk,kf->qf", weights.astype(vh.dtype), vh[:end],
-                       preferred_element_type=jnp.float32)
-      blocks.append((out / weights.sum(-1, keepdims=True)).astype(qh.dtype))
+      blocks.append(masked_block(qh[start:end], kh[:end], vh[:end], seen))
     return jnp.concatenate(blocks)
 
   group = jax.vmap(one_head, in_axes=(0, None, None, None))
@@ -175,6 +174,18 @@ def _tiled_rows(q, k, v, segment_ids):
                      (q[i], k[i], v[i], None if ids is None else ids[i]))
          for i in range(parts)]
   return jnp.stack(out).reshape(b, h, t, f)
+
+
+def masked_block(q, k, v, seen) -> jax.Array:
+  """Attention of a block of queries q [Tq, F] (pre-scaled) to k, v [Tk, F]
+  where `seen` [Tq, Tk] allows (each query sees at least itself): fp32
+  logits and softmax, the output in q's dtype."""
+  logits = jnp.einsum("qf,kf->qk", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(seen, logits, -jnp.inf)
+  weights = jnp.exp(logits - logits.max(-1, keepdims=True))
+  out = jnp.einsum("qk,kf->qf", weights.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return (out / weights.sum(-1, keepdims=True)).astype(q.dtype)
 
 
 def per_device(rows, q: jax.Array, k: jax.Array, v: jax.Array,

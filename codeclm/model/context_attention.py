@@ -178,16 +178,12 @@ def _splash_kernel(t: int, heads: int, shards: int, balance: bool, *,
   """Splash over [T, T] with the queries in the layout, the keys in window
   order: its causal mask and block sparsity read the queries' true
   positions (the mask's q_sequence), split over `shards` query shards."""
-  block = attention.splash_block(t // shards)
-  sizes = splash_lib.BlockSizes(
-      block_q=block, block_kv=block, block_kv_compute=block,
-      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-      block_q_dq=block, block_kv_dq=block)
   mask = splash_lib.CausalMask((t, t))
   mask.q_sequence = window_index(t, shards, balance)
   return splash_lib.make_splash_mha(
-      splash_lib.MultiHeadMask([mask] * heads), block_sizes=sizes,
-      head_shards=1, q_seq_shards=shards, interpret=interpret)
+      splash_lib.MultiHeadMask([mask] * heads),
+      block_sizes=attention.splash_block_sizes(t // shards), head_shards=1,
+      q_seq_shards=shards, interpret=interpret)
 
 
 def _splash_local(kernel, q, k, v, seg_q, seg_kv):
@@ -231,14 +227,8 @@ def _tiled_local(q, k, v, q_index, seg_q, seg_kv):
     blocks = []
     for start in range(0, tq, attention.TILE):
       end = min(start + attention.TILE, tq)
-      logits = jnp.einsum("qf,kf->qk", qh[start:end], kh,
-                          preferred_element_type=jnp.float32)
       seen = _mask(q_index[start:end], sq[None, start:end], skv[None], t)[0]
-      logits = jnp.where(seen, logits, -jnp.inf)  # The diagonal is seen.
-      weights = jnp.exp(logits - logits.max(-1, keepdims=True))
-      out = jnp.einsum("qk,kf->qf", weights.astype(vh.dtype), vh,
-                       preferred_element_type=jnp.float32)
-      blocks.append((out / weights.sum(-1, keepdims=True)).astype(qh.dtype))
+      blocks.append(attention.masked_block(qh[start:end], kh, vh, seen))
     return jnp.concatenate(blocks)
 
   group = jax.vmap(one_head, in_axes=(0, None, None, None, None))
