@@ -48,7 +48,8 @@ def measure(size: str) -> dict:
   from codeclm.train import checkpoint  # pylint: disable=g-import-not-at-top
   from codeclm import config_base  # pylint: disable=g-import-not-at-top
   from codeclm.train import loop  # pylint: disable=g-import-not-at-top
-  config = config_base.lm_config(size)
+  from codeclm.train import planner  # pylint: disable=g-import-not-at-top
+  config = planner.unplanned(config_base.lm_config(size))
   config.mesh.shape = (1, 1, 1, 1)
   config.train.async_checkpoints = False
   vocab = 322

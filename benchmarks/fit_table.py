@@ -28,6 +28,15 @@ and optimizer updates are sharded. A slice over on temporaries fails in
 seconds, one over on the sum compiles in full.) Rows already in --out are
 reused, not compiled again; a generation whose largest slice (up to one
 sequence per chip) is known not to fit is skipped.
+
+--layout=planned leaves the layout to the planner (codeclm/train/planner.py:
+mesh, grad_accum, remat, optimizer offload and weight gathering "auto", as
+the 1B and 7B configs ship): each row compiles the planner's choice for its
+slice, and --smallest skips, without compiling, the slices on which the
+planner finds no layout that fits (its estimate is within ~15% of XLA's).
+
+  python benchmarks/fit_table.py --out=/tmp/fit_plan.jsonl --smallest=all \
+      --layout=planned
 """
 
 import functools
@@ -54,6 +63,10 @@ _SMALLEST = flags.DEFINE_list(
     "(jpeg-7b:v5e:splash), or 'all'; with --markdown, the search table.")
 _STEPS = flags.DEFINE_list(
     "steps", ["train", "sample"], "compile.steps of each row compiled.")
+_LAYOUT = flags.DEFINE_enum(
+    "layout", "fixed", ["fixed", "planned"], "fixed: fsdp over every chip, "
+    "remat full, one sequence per chip per micro-batch; planned: the "
+    "planner's choice for the slice (see the module docstring).")
 _RECOUNT = flags.DEFINE_bool(
     "recount", False, "Recount --out's collectives from the HLO each compile "
     "kept in its workdir (after a change to hlo_stats.collectives), in place.")
@@ -124,15 +137,20 @@ def recount(row) -> dict:
 def compile_row(name, config, seq_len, batch, topology, impl) -> dict:
   chips = chips_of(topology)
   accum = max(1, batch // chips)
+  planned = _LAYOUT.value == "planned"
   workdir = tempfile.mkdtemp(prefix=f"fit_{name}_{impl}_")
   argv = [sys.executable, "-m", "codeclm.main", f"--config={config}",
           f"--workdir={workdir}", "--mode=compile",
           f"--config.compile.topology={topology}",
           f"--config.compile.steps={tuple(_STEPS.value)}",
-          "--config.mesh.shape=(1,-1,1,1)", f"--config.seq_len={seq_len}",
-          f"--config.batch_size={batch}", f"--config.train.grad_accum={accum}",
-          "--config.model.remat_policy=full",
+          f"--config.seq_len={seq_len}", f"--config.batch_size={batch}",
           f"--config.model.attention_impl={impl}"]
+  if not planned:
+    argv += ["--config.mesh.shape=(1,-1,1,1)",
+             f"--config.train.grad_accum={accum}",
+             "--config.model.remat_policy=full",
+             "--config.train.optimizer_offload=False",
+             "--config.train.weight_gather=per_micro_batch"]
   t = time.perf_counter()
   env = dict(os.environ, PYTHONPATH=ROOT)
   result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True,
@@ -142,9 +160,11 @@ def compile_row(name, config, seq_len, batch, topology, impl) -> dict:
              workdir=workdir, wall_s=round(time.perf_counter() - t),
              returncode=result.returncode)
   path = os.path.join(workdir, "compile_report.json")
+  row["layout"] = _LAYOUT.value
   if os.path.exists(path):
     with open(path) as f:
       row["report"] = json.load(f)
+    row["grad_accum"] = row["report"]["config"]["grad_accum"]
   else:
     row["error"] = result.stderr[-2000:]
     row["error_line"] = next(
@@ -164,6 +184,24 @@ def state_bytes(config: str) -> int:
       llama_config.LlamaConfig.from_size(size, vocab_size=322))
 
 
+def plan_error(config: str, seq_len: int, batch: int, topology: str,
+               impl: str) -> str:
+  """Why the planner finds no layout for the slice ("" when it does)."""
+  _topology()  # codeclm from ROOT.
+  from codeclm.train import planner  # pylint: disable=g-import-not-at-top
+  path, arg = config.split(":")
+  sys.path.insert(0, os.path.join(ROOT, os.path.dirname(path)))
+  cfg = __import__(os.path.basename(path)[:-3]).get_config(arg)
+  cfg.seq_len, cfg.batch_size = seq_len, batch
+  spec = _topology().parse_topology(topology)
+  try:
+    planner.resolve(cfg, spec.chips, spec.hbm_bytes, attention=impl,
+                    host_bytes=planner.HOST_BYTES_PER_CHIP[spec.generation])
+  except ValueError as e:
+    return str(e)
+  return ""
+
+
 def fits(row) -> bool:
   return bool(row.get("report", {}).get("verdict", {}).get("fits"))
 
@@ -181,14 +219,23 @@ def search(model: str, generation: str, impl: str, done: dict):
   state = state_bytes(config)
   sizes = [size for size in spec.sizes
            if batch % chips_of(f"{generation}-{size}") == 0]
-  largest = done.get((config, seq_len, f"{generation}-{sizes[-1]}", impl))
+  largest = done.get((config, seq_len, f"{generation}-{sizes[-1]}", impl,
+                       _LAYOUT.value))
   if largest is not None and not fits(largest):
     return  # Known already: no slice of this generation fits.
   for size in sizes:
     topology = f"{generation}-{size}"
     if state / chips_of(topology) > spec.hbm_bytes:
       continue  # The table says why the slices below the first tried fail.
-    key = (config, seq_len, topology, impl)
+    key = (config, seq_len, topology, impl, _LAYOUT.value)
+    why = key not in done and _LAYOUT.value == "planned" and plan_error(
+        config, seq_len, batch, topology, impl)
+    if why:  # No compile: a row that says why.
+      done[key] = dict(name=f"{model}-{topology}", config=config,
+                       seq_len=seq_len, batch=batch, topology=topology,
+                       attention=impl, layout="planned", wall_s=0,
+                       error_line=f"planner: {why[:300]}")
+      yield done[key]
     if key not in done:
       print(f"compiling {model} on {topology} with {impl} ...", flush=True)
       done[key] = compile_row(f"{model}-{topology}", config, seq_len, batch,
@@ -313,7 +360,8 @@ def markdown(rows) -> str:
       out.append(
           f"| {r['config'].split('/')[-1]} | {r['seq_len']:,} | "
           f"{r['batch']} ({r['grad_accum']}) | {r['topology']} | {mesh} | "
-          f"full | {rep['config']['attention_resolved']} | {prog['name']} | "
+          f"{rep['config']['remat_policy']} | "
+          f"{rep['config']['attention_resolved']} | {prog['name']} | "
           f"{need} | {hbm / GIB:.0f} | {moved} | {_program_fits(prog, hbm)}"
           f" | {prog['compile_s']:.0f} |")
   return "\n".join(out)
@@ -336,8 +384,8 @@ def main(_):
     with open(_OUT.value) as f:
       rows = [json.loads(line) for line in f if line.strip()]
   if _SMALLEST.value:
-    done = {(r["config"], r["seq_len"], r["topology"], r["attention"]): r
-            for r in rows}
+    done = {(r["config"], r["seq_len"], r["topology"], r["attention"],
+             r.get("layout", "fixed")): r for r in rows}
     wanted = ([f"{m}:{g}" for m in MODELS for g in SEARCH_GENERATIONS]
               if _SMALLEST.value == ["all"] else _SMALLEST.value)
     for item in wanted:
@@ -347,7 +395,8 @@ def main(_):
           with open(_OUT.value, "a") as f:
             f.write(json.dumps(row) + "\n")
     return
-  done = {(r["name"], r["attention"]) for r in rows}
+  done = {(r["name"], r["attention"]) for r in rows
+          if r.get("layout", "fixed") == _LAYOUT.value}
   by_name = {row[0]: row for row in ROWS}
   plan = [(by_name[name], impl) for name, impl in PLAN
           if (not _ONLY.value or name in _ONLY.value

@@ -18,6 +18,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm.model import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from codeclm.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from codeclm.train import planner  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VOCAB = 322
 
@@ -27,7 +28,9 @@ def main():
   print("|---|---|---|---|---|---|")
   for size in ("100m", "1b", "7b"):
     for n in (8, 64, 256):
-      config = config_base.lm_config(size)
+      # 1B and 7B leave the layout to the planner; this table is of the
+      # layout it replaced (fsdp over every device).
+      config = planner.unplanned(config_base.lm_config(size))
       config.batch_size = max(config.batch_size, n)  # Rows for every device.
       setup = loop.build(config, VOCAB, np.ones(VOCAB, np.float32),
                           jax.devices()[:n])

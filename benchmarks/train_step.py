@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from codeclm.train import loop
 from codeclm.train import mfu
+from codeclm.train import planner
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 322, "320 BPE entries + BOS/EOS.")
@@ -44,7 +45,7 @@ def _time(fn) -> float:
 
 
 def main(_):
-  config = _CONFIG.value
+  config = planner.resolve_for_devices(_CONFIG.value)  # 1B, 7B: "auto"
   setup = loop.build(config, _VOCAB.value, np.ones(_VOCAB.value, np.float32))
   loop.report(setup, config.batch_size, batch_size=config.batch_size,
               seq_len=config.seq_len)

@@ -15,19 +15,29 @@ from codeclm.model import sharding
 # Batch is global (all hosts); tokens per step = batch_size * seq_len.
 # Mesh (data, fsdp, context, tensor): data parallelism while a replicated fp32
 # state (params + two Adam moments, 12 bytes a parameter) fits a device (100M:
-# 1.0 GiB); fsdp over every device from 1B (12 GiB replicated, 7B 72 GiB).
-# context splits each window's length (for windows whose activations do not
-# fit one device); set it explicitly, e.g. (1, -1, 8, 1).
+# 1.0 GiB). From 1B the layout is "auto": the planner (codeclm/train/
+# planner.py) picks the mesh, micro-batches, remat and offloads for the
+# devices it runs on (or --mode=compile's slice) before anything is built;
+# any of them set explicitly is kept, e.g. --config.mesh.shape='(1,-1,8,1)'.
+_AUTO = dict(mesh="auto", grad_accum="auto", remat="auto", offload="auto",
+             gather="auto")
+_SET = dict(mesh=(-1, 1, 1, 1), grad_accum=1, remat="full", offload=False,
+            gather="per_micro_batch")
 TRAIN_SHAPES = {
-    "demo": dict(batch_size=8, steps=100, warmup_steps=10, lr=3e-3,
-                 mesh=(-1, 1, 1, 1)),
+    "demo": dict(batch_size=8, steps=100, warmup_steps=10, lr=3e-3, **_SET),
     "100m": dict(batch_size=64, steps=20_000, warmup_steps=500, lr=6e-4,
-                 mesh=(-1, 1, 1, 1)),
+                 **_SET),
     "1b": dict(batch_size=128, steps=50_000, warmup_steps=1_000, lr=3e-4,
-               mesh=(1, -1, 1, 1)),
+               **_AUTO),
     "7b": dict(batch_size=256, steps=100_000, warmup_steps=2_000, lr=3e-4,
-               mesh=(1, -1, 1, 1)),
+               **_AUTO),
 }
+
+
+def _layout(value):
+  """A field the planner may fill: "auto" or a value of the field's kind
+  (typed object, so both parse from Python and the command line)."""
+  return ml_collections.FieldReference(value, field_type=object)
 
 
 def lm_config(size: str) -> ml_collections.ConfigDict:
@@ -78,7 +88,8 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       dtype="bfloat16",
       param_dtype="float32",
       scan_layers=True,
-      remat_policy="full",
+      remat_policy=_layout(shapes["remat"]),  # llama_config's, or
+      # "offload_layer_inputs", or "auto"
       attention_impl="auto",      # splash on TPU, cuDNN on GPU, XLA on CPU
       qk_norm=False,
   ))
@@ -93,7 +104,15 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       eps=1e-8,
       weight_decay=0.1,
       grad_clip=1.0,
-      grad_accum=1,               # micro-batches per step
+      grad_accum=_layout(shapes["grad_accum"]),  # micro-batches per step
+      # "per_micro_batch": every micro-batch gathers the fsdp-sharded weights
+      # (forward and backward) and reduce-scatters its grads; "per_step":
+      # one gather per step of a compute-dtype copy, grads summed per batch
+      # shard in fp32 and reduced once (a full copy + accumulator per device)
+      weight_gather=_layout(shapes["gather"]),
+      # Optimizer state in pinned host memory between steps (brought in for
+      # the update).
+      optimizer_offload=_layout(shapes["offload"]),
       z_loss=0.0,                 # PaLM z-loss weight; 0 = off (Llama-2)
       label_dropout=0.1,          # data.conditioning="class": this share of
                                   # examples get "no class" (for guidance),
@@ -121,8 +140,8 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
-      shape=shapes["mesh"],       # (data, fsdp, context, tensor); -1 = the
-                                  # rest
+      shape=_layout(shapes["mesh"]),  # (data, fsdp, context, tensor); -1 =
+                                  # the rest; "auto" = the planner's
       max_state_fraction=0.5,     # params+optimizer per device / its memory
       # Logical axis -> mesh axes (the table in codeclm/model/sharding.py):
       # parameters over fsdp and context (ZeRO-3) and tensor, the batch over

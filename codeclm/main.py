@@ -56,9 +56,10 @@ def main(argv):
   distributed.skip_absent_tpu()
   if _MODE.value == "compile":  # One process on a host with no TPU.
     from codeclm.train import compile as aot  # pylint: disable=g-import-not-at-top
-    fits = aot.run(config, workdir)["verdict"]["fits"]
-    _summary(workdir, *_compiled(config.compile.topology, workdir, fits),
-             events=False)
+    report = aot.run(config, workdir)
+    fits = report["verdict"]["fits"]
+    _summary(workdir, *_compiled(config.compile.topology, workdir, fits,
+                                 report["planner"]), events=False)
     if not fits:
       sys.exit(2)  # Launchers stop here (launch/tpu_pod.sh).
     return
@@ -79,6 +80,8 @@ def main(argv):
              events=False)
   elif _MODE.value == "train":
     from codeclm.train import loop  # pylint: disable=g-import-not-at-top
+    from codeclm.train import planner  # pylint: disable=g-import-not-at-top
+    config = planner.resolve_for_devices(config)  # "auto" layout fields
     _summary(workdir, *_trained(config.train, workdir,
                                 loop.train(config, workdir)))
   elif _MODE.value == "sample":
@@ -106,8 +109,10 @@ def _trained(tc, workdir, last: dict):
       ("next", console.next_command(sys.argv, "sample"))])
 
 
-def _compiled(topology: str, workdir, fits: bool):
-  """Compile's summary: the report, and training on the slice if it fits."""
+def _compiled(topology: str, workdir, fits: bool, plan: dict):
+  """Compile's summary: the report, and training on the slice if it fits,
+  with the planner's choices (`plan`: the report's) as flags, so the slice
+  runs the layout compiled here."""
   from codeclm.runtime import storage  # pylint: disable=g-import-not-at-top
   report = str(storage.path(workdir) / "compile_report.json")
   if not fits:
@@ -117,8 +122,15 @@ def _compiled(topology: str, workdir, fits: bool):
                  "again")])
   return (f"Fits {topology}", [
       ("report", report),
-      ("next", console.next_command(sys.argv, "train") + "  # on the slice: "
-               "launch/tpu_pod.sh runs it on every host")])
+      ("next", console.next_command(sys.argv, "train", _layout_flags(plan))
+       + "  # on the slice: launch/tpu_pod.sh runs it on every host")])
+
+
+def _layout_flags(plan: dict) -> list[str]:
+  """--config flags for the fields the planner chose (compile's report)."""
+  chosen = dict(plan["layout"], shape=tuple(plan["layout"]["mesh"]))
+  return [f"--config.{name}={chosen[name.split('.')[1]]}".replace(" ", "")
+          for name in plan["auto"]]
 
 
 def _evaluated(ec, tc, workdir, results):

@@ -110,8 +110,8 @@ def test_report_of_every_step(tmp_path, capsys):
   assert report["sample"]["layout"] == "bfloat16 replicated over data,fsdp"
   for program in report["programs"]:
     assert program["fits"]
-    assert set(program["memory"]) == {"argument", "output", "alias",
-                                      "temporary", "code", "total"}
+    kinds = {"argument", "output", "alias", "temporary", "code", "total"}
+    assert set(program["memory"]) == kinds | {f"host_{k}" for k in kinds}
     assert program["memory"]["argument"] > 0
     assert (tmp_path / program["hlo"]).stat().st_size > 0  # Kept, gzipped.
   train = report["programs"][0]
@@ -287,3 +287,21 @@ def test_windowed_einsum_ring_counts_its_trips():
   shard = d // 16 * m * 2
   assert hlo_stats.collectives(hlo) == {
       "collective-permute": dict(count=n * 17, bytes=n * 17 * shard)}
+
+
+def test_a_host_computation_does_not_hide_the_entry():
+  """Offloading (remat or optimizer state to host) adds computations that
+  end with `}, execution_thread="host"`: the parse once took ENTRY for part
+  of such a computation and counted no collective at all."""
+  hlo = "\n".join([
+      "%host_side (p: f32[4]) -> f32[4] {",
+      "  ROOT %p = f32[4]{0} parameter(0)",
+      '}, execution_thread="host"',
+      "",
+      "ENTRY %main (a: f32[4]) -> f32[16] {",
+      "  %a = f32[4]{0} parameter(0)",
+      "  ROOT %all-gather = f32[16]{0} all-gather(%a), channel_id=1, "
+      "replica_groups={{0,1,2,3}}, dimensions={0}",
+      "}"])
+  assert hlo_stats.collectives(hlo) == {"all-gather": dict(count=1,
+                                                           bytes=64)}

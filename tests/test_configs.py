@@ -9,6 +9,7 @@ from codeclm import codecs
 from codeclm import config_base
 from codeclm.model import llama
 from codeclm.train import optimizer
+from codeclm.train import planner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 322  # 320 BPE entries + BOS + EOS.
@@ -22,9 +23,14 @@ def load_config(name: str, arg: str):
   return module.get_config(arg)
 
 
+def planned(c):
+  """The config as a v5e-256 slice would run it (1B and 7B are "auto")."""
+  return planner.resolve(c, 256, 16 * 2**30, host_bytes=48 * 2**30)[0]
+
+
 @pytest.mark.parametrize("arg", ["", "demo", "100m", "1b", "7b"])
 def test_jpeg_configs_build(arg):
-  c = load_config("jpeg_lm", arg)
+  c = planned(load_config("jpeg_lm", arg))
   m = config_base.model_config(c, VOCAB)
   assert m.max_len == c.seq_len
   assert c.codec.name == "jpeg" and c.data.vocab_size == 320
@@ -49,7 +55,7 @@ def test_default_is_the_paper_setup():
 @pytest.mark.parametrize("size, low, high", [
     ("demo", 0.5e6, 3e6), ("100m", 80e6, 130e6), ("1b", 0.9e9, 1.3e9)])
 def test_sizes_have_their_parameter_counts(size, low, high):
-  c = load_config("jpeg_lm", size)
+  c = planned(load_config("jpeg_lm", size))
   assert low < llama.param_count(config_base.model_config(c, VOCAB)) < high
 
 
@@ -60,7 +66,7 @@ def test_unknown_size_is_a_clear_error():
 
 @pytest.mark.parametrize("arg", ["", "demo", "100m", "1b", "7b"])
 def test_avc_configs_build(arg):
-  c = load_config("avc_lm", arg)
+  c = planned(load_config("avc_lm", arg))
   m = config_base.model_config(c, 1_026)  # 1024 BPE entries + BOS + EOS.
   assert m.max_len == c.seq_len
   codec = codecs.from_config(c.codec)  # The codec accepts every field.
@@ -83,3 +89,16 @@ def test_avc_default_is_the_paper_setup():
   assert c.data.tokenizer_examples == 10_000
   assert c.model.emb_dim == 4096 and dict(c.model)["num_layers"] == 32
   assert c.data.source.startswith("tfds:ucf101")
+
+
+@pytest.mark.parametrize("name", ["jpeg_lm", "avc_lm"])
+def test_layout_is_auto_from_1b_and_set_below(name):
+  for arg in ("demo", "100m"):  # CPU demos and tests keep their layout.
+    assert not planner.auto_fields(load_config(name, arg)), arg
+  for arg in ("1b", "7b"):
+    c = load_config(name, arg)
+    assert planner.auto_fields(c) == [
+        f"{sec}.{key}" for sec, key in planner.FIELDS], arg
+    with pytest.raises(ValueError, match="call planner.resolve first"):
+      planner.check_resolved(c)
+    assert not planner.auto_fields(planned(c))

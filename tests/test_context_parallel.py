@@ -20,6 +20,7 @@ from codeclm.model import llama
 from codeclm.model import random_init
 from codeclm.model import sharding
 from codeclm.train import loop
+from codeclm.train import step
 from tests import tiny_config
 
 VOCAB = 302
@@ -66,7 +67,7 @@ def loss_and_grads(shape, balance, impl="xla", t=T):
   model = model_of(balance, impl, t)
 
   def mean_loss(p, batch):
-    total, aux = loop.loss_terms(model, p, batch, True, 0.0,
+    total, aux = step.loss_terms(model, p, batch, True, 0.0,
                                  np.ones(VOCAB, np.float32))
     return total / aux["tokens"]
 

@@ -174,6 +174,11 @@ _TAKE_CONFIG = {
         "build",
     },
     "codeclm/train/compile.py": {"run"},  # The compile job's orchestrator.
+    # The planner reads and fills the layout fields of three sections (mesh,
+    # train, model) and the step's shape (seq_len, batch_size, data).
+    "codeclm/train/planner.py": {
+        "resolve", "resolve_for_devices", "auto_fields", "check_resolved",
+        "unplanned", "layout_of", "config_shape"},
     "codeclm/eval/evaluate.py": {"run"},  # The eval orchestrator.
     # Store or build from the whole config.
     "codeclm/train/checkpoint.py": {

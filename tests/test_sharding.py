@@ -161,7 +161,10 @@ def _config(size):
   if size == "tiny":
     return tiny_config.get_config()
   from codeclm import config_base  # pylint: disable=g-import-not-at-top
-  return config_base.lm_config(size)
+  from codeclm.train import planner  # pylint: disable=g-import-not-at-top
+  # 1B and 7B leave the layout "auto"; these tests set the mesh themselves
+  # (the rest as before the planner: fsdp, one micro-batch, remat full).
+  return planner.unplanned(config_base.lm_config(size))
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1, 1), (1, 4, 1, 2)])
@@ -188,7 +191,10 @@ def test_bytes_per_device_is_one_devices_shards(shape, caplog):
 def test_default_meshes_shard_1b_and_7b():
   for size in ("demo", "100m"):
     assert tuple(_config(size).mesh.shape) == (-1, 1, 1, 1)
-  for size in ("1b", "7b"):
+  from codeclm import config_base  # pylint: disable=g-import-not-at-top
+  from codeclm.train import planner  # pylint: disable=g-import-not-at-top
+  for size in ("1b", "7b"):  # "auto" (the planner's); unplanned: fsdp.
+    assert planner.is_auto(config_base.lm_config(size).mesh.shape)
     config = _config(size)
     assert tuple(config.mesh.shape) == (1, -1, 1, 1)
     setup = _setup(config)  # eval_shape only: nothing is allocated.

@@ -110,6 +110,34 @@ def test_grad_accum_matches(data_dir, tmp_path, one_device_losses):
                              rtol=2e-5)
 
 
+def test_eval_in_micro_batches_sums_what_the_whole_batch_does(data_dir):
+  """The eval step scans the train step's micro-batches (so it fits where
+  training does): its loss sums equal one pass over the whole batch."""
+  c = tiny(data_dir)
+  tokens = np.random.default_rng(0).integers(
+      0, 300, (c.batch_size, c.seq_len + 1))
+  sums = {}
+  for n in (1, 4):
+    c = tiny(data_dir, grad_accum=n)
+    c.model.dtype, c.mesh.shape = "float32", (2, 1, 1, 1)
+    setup = loop.build(c, 300, np.ones(300, np.float32), jax.devices()[:2])
+    with setup.context():
+      params = setup.init_fn(jax.random.key(0)).params
+      positions = np.broadcast_to(np.arange(c.seq_len), (c.batch_size,
+                                                         c.seq_len))
+      batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+                   segment_ids=np.ones_like(positions), positions=positions,
+                   loss_mask=(tokens[:, 1:] % 3 > 0).astype(np.float32))
+      batch = {k: jax.device_put(np.asarray(v, np.float32 if k == "loss_mask"
+                                            else np.int32),
+                                 setup.data_sharding)
+               for k, v in batch.items()}
+      sums[n] = jax.device_get(setup.eval_fn(params, batch))
+  assert sums[1]["tokens"] == sums[4]["tokens"] > 0
+  for key in ("nll", "bytes"):
+    np.testing.assert_allclose(sums[4][key], sums[1][key], rtol=1e-5)
+
+
 def test_grad_accum_micro_batches_stay_sharded(data_dir):
   """No rows move between devices: every micro-batch spans all of them.
 

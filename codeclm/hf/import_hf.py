@@ -45,6 +45,7 @@ from codeclm.model import llama
 from codeclm.model import llama_config
 from codeclm.model import sharding
 from codeclm.runtime import storage
+from codeclm.train import planner
 from codeclm import tokenizer as tokenizer_lib
 
 
@@ -370,7 +371,9 @@ def run(src: str, workdir: str, base_config=None, mesh_shape=None) -> str:
                           "import into a new folder.")
   src = resolve_source(src)
   hf_cfg = read_hf_config(src)
-  config = codeclm_config(base_config, hf_cfg, src)
+  # An "auto" layout (1B, 7B) is the planner's at train time; weights are
+  # placed, and config.json records, fsdp over this machine's devices.
+  config = planner.unplanned(codeclm_config(base_config, hf_cfg, src))
   tokenizer = read_tokenizer(src, hf_cfg)
   reader = SafetensorsReader(src)
   model = llama.Llama(config_base.model_config(config, tokenizer.vocab_size))

@@ -33,7 +33,8 @@ Precision: parameters are stored in `param_dtype` (fp32) and cast to `dtype`
 run in fp32 and the logits come out in fp32, so the loss is taken in fp32.
 
 Rematerialisation (`remat_policy`, see llama_config.py) is per decoder
-layer; the policies save the activations named by checkpoint_name.
+layer; the policies save (or offload to host memory) the activations named
+by checkpoint_name, the layer input among them.
 
 Context parallelism: where the mesh splits "length" (a context axis > 1) and
 no cache is used, the model puts its inputs into the context layout on entry
@@ -215,6 +216,9 @@ class DecoderLayer(nn.Module):
                layer: jax.Array | int | None) -> tuple[tuple, None]:
     c = self.config
     x, cache_kv = carry
+    # Named inside the remat'd layer, so the offload policies can keep it
+    # in host memory (the scan's saved carry otherwise stays in HBM).
+    x = checkpoint_name(x, llama_config.LAYER_INPUT)
     attn, cache_kv = Attention(c, prefill=self.prefill,
                                context_parallel=self.context_parallel,
                                name="attn")(

@@ -11,6 +11,14 @@ Rematerialisation (`remat_policy`), per decoder layer:
   "dots"              save matmul outputs without batch dims (JAX policy)
   "qkv_proj"          save only the named q/k/v projections
   "all_proj"          save q/k/v, the attention output and the MLP gate/up
+  "offload_layer_inputs"  as "full", but each layer's input is kept in
+                      pinned host memory, not HBM, and copied back for the
+                      backward pass (checked in TPU compiles; GPU untried;
+                      on CPU the copies are no-ops)
+
+"offload_layer_inputs" trades HBM for host memory and host transfers: with
+"full", the L saved layer inputs (rows x length x width each) are the
+largest activation left in HBM at long context.
 """
 
 from __future__ import annotations
@@ -42,6 +50,16 @@ SIZES: dict[str, dict[str, int]] = {
 # Activations a remat policy can name (llama.py's checkpoint_name calls).
 _PROJ_NAMES = ("query_proj", "key_proj", "value_proj")
 _ALL_NAMES = _PROJ_NAMES + ("attention_out", "mlp_gate", "mlp_up")
+LAYER_INPUT = "layer_input"
+
+
+def _offload(*names: str):
+  """Keep nothing in HBM; copy `names` to pinned host memory and back."""
+  return jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=(), names_which_can_be_offloaded=names,
+      offload_src="device", offload_dst="pinned_host")
+
+
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -49,6 +67,7 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "qkv_proj": jax.checkpoint_policies.save_only_these_names(*_PROJ_NAMES),
     "all_proj": jax.checkpoint_policies.save_only_these_names(*_ALL_NAMES),
+    "offload_layer_inputs": _offload(LAYER_INPUT),
 }
 
 

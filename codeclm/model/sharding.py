@@ -190,6 +190,55 @@ def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
           shardings, is_leaf=lambda x: isinstance(x, NamedSharding))))
 
 
+def bytes_by_memory_kind(abstract_tree: Any, shardings: Any
+                         ) -> dict[str, int]:
+  """Bytes one device holds of a tree, by where: {"device": HBM, "host":
+  pinned host memory} (a sharding with memory_kind "pinned_host" or
+  "unpinned_host" counts as host, any other as device)."""
+  out = {"device": 0, "host": 0}
+  for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
+      shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
+    where = "host" if (s.memory_kind or "").endswith("host") else "device"
+    out[where] += math.prod(s.shard_shape(x.shape)) * np.dtype(
+        x.dtype).itemsize
+  return out
+
+
+def batch_axes(rules) -> tuple[str, ...]:
+  """The mesh axes the logical "batch" axis is split over under `rules`."""
+  entry = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  return () if entry is None else (
+      (entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def without_axes(shardings: Any, axes: Sequence[str]) -> Any:
+  """The same NamedShardings with `axes` removed from every spec: the layout
+  of a copy gathered over those axes (split over the others still)."""
+  def one(s):
+    entries = []
+    for entry in s.spec:
+      kept = [a for a in ((entry,) if isinstance(entry, str) else entry or ())
+              if a not in axes]
+      entries.append(None if not kept else kept[0] if len(kept) == 1
+                     else tuple(kept))
+    return NamedSharding(s.mesh, PartitionSpec(*entries),
+                         memory_kind=s.memory_kind)
+  return jax.tree.map(one, shardings,
+                      is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def rules_without(rules, axes: Sequence[str]) -> tuple:
+  """Logical rules that map nothing onto `axes` (for a model traced per
+  shard of those axes, under vmap's spmd_axis_name)."""
+  out = []
+  for name, entry in rules:
+    kept = tuple(a for a in ((entry,) if isinstance(entry, str)
+                             else entry or ()) if a not in axes)
+    out.append((name, None if not kept else kept[0] if len(kept) == 1
+                else kept))
+  return tuple(out)
+
+
 def device_memory(mesh: Mesh) -> int | None:
   """Memory in bytes of this process's first mesh device; None where JAX
   does not say (CPU) or no device is local (an AOT topology)."""
@@ -200,18 +249,28 @@ def device_memory(mesh: Mesh) -> int | None:
 
 
 def check_state_fits(state_bytes: int, mesh: Mesh, max_fraction: float,
-                     memory: int | None) -> None:
+                     memory: int | None, gathered_bytes: int = 0) -> None:
   """A state (params + optimizer) over max_fraction of a device fails here.
 
-  `state_bytes` is per device (`bytes_per_device`); activations need the
+  `state_bytes` is what the device holds of it (`bytes_by_memory_kind`'s
+  "device": optimizer state offloaded to host memory does not count);
+  `gathered_bytes`, the step's gathered weights and gradient accumulator
+  (train.weight_gather="per_step"), counts with it. Activations need the
   rest of the memory. `memory` None (CPU, unknown) skips the check.
   """
-  if memory is None or state_bytes <= max_fraction * memory:
+  total = state_bytes + gathered_bytes
+  if memory is None or total <= max_fraction * memory:
     return
+  gathered = (
+      f" (of them {gathered_bytes / 2**30:.1f} GiB the gathered weights and "
+      "gradient accumulator of train.weight_gather='per_step'; "
+      "'per_micro_batch' does without)" if gathered_bytes else "")
   raise ValueError(
-      f"Params + optimizer state take {state_bytes / 2**30:.1f} GiB per device "
-      f"on mesh.shape={tuple(mesh.shape.values())} {dict(mesh.shape)}, over "
+      f"Params + optimizer state take {total / 2**30:.1f} GiB per device"
+      f"{gathered} on mesh.shape={tuple(mesh.shape.values())} "
+      f"{dict(mesh.shape)}, over "
       f"mesh.max_state_fraction={max_fraction} of the device's "
       f"{memory / 2**30:.1f} GiB. Shard the state over more devices with "
-      "fsdp, e.g. --config.mesh.shape='(1,-1,1,1)', or raise "
+      "fsdp, e.g. --config.mesh.shape='(1,-1,1,1)', keep the optimizer "
+      "state in host memory (train.optimizer_offload=True), or raise "
       "mesh.max_state_fraction if activations need less.")

@@ -27,6 +27,7 @@ programs, compiles them and writes the report.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -51,6 +52,7 @@ from codeclm.train import checkpoint
 from codeclm.train import compile_report
 from codeclm.train import hlo_stats
 from codeclm.train import loop
+from codeclm.train import planner
 from codeclm.train import tpu_topology
 
 
@@ -166,12 +168,20 @@ def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int,
 def run(config, workdir: str) -> dict:
   """Compiles every step for config.compile.topology; writes the report."""
   topology = tpu_topology.parse_topology(config.compile.topology)
+  impl = attention.resolve(config.model.attention_impl, "tpu",
+                           config.model.dtype, config.seq_len, False)
+  auto = planner.auto_fields(config)
+  config, _ = planner.resolve(
+      config, topology.chips, topology.hbm_bytes, attention=impl,
+      host_bytes=planner.HOST_BYTES_PER_CHIP[topology.generation])
   tpu_topology.check_mesh(config.mesh.shape, topology)
+  layout = planner.layout_of(config, topology.chips)
+  plan = planner.estimate(planner.config_shape(config, impl), layout)
+  logging.info("Layout%s: %s; estimate %s.", " (planned)" * bool(auto),
+               layout, plan.describe())
   devices = tpu_topology.topology_devices(topology)
   vocab = config.data.vocab_size + 2  # BPE entries + BOS/EOS.
   setup = loop.build(config, vocab, np.ones(vocab, np.float32), devices)
-  impl = attention.resolve(config.model.attention_impl, "tpu",
-                           config.model.dtype, config.seq_len, False)
   batch = {k: jax.ShapeDtypeStruct(
       (config.batch_size, config.seq_len),
       np.float32 if k == "loss_mask" else np.int32,
@@ -231,6 +241,10 @@ def run(config, workdir: str) -> dict:
                   attention_impl=config.model.attention_impl,
                   attention_resolved=impl, dtype=config.model.dtype),
       programs=results,
+      planner=dict(auto=auto, layout=dataclasses.asdict(layout),
+                   hbm_bytes=plan.hbm_bytes, host_bytes=plan.host_bytes,
+                   collective_bytes=plan.collective_bytes,
+                   parts=plan.parts),
       sample=sample,
       flops=dict(
           model_per_chip=model_flops / topology.chips,
@@ -245,4 +259,20 @@ def run(config, workdir: str) -> dict:
   out.mkdir(parents=True, exist_ok=True)
   (out / "compile_report.json").write_text(json.dumps(report, indent=1))
   print(compile_report.table(report))
+  print(_planner_line(report["planner"], train_result))
   return report
+
+
+def _planner_line(plan: dict, train: dict) -> str:
+  """The planner's layout and estimate beside XLA's train-step numbers."""
+  chosen = (f"chose {', '.join(plan['auto'])}" if plan["auto"]
+            else "nothing auto")
+  xla = train.get("memory", {}).get("total")
+  counted = train.get("collectives")
+  collectives = None if counted is None else sum(
+      op["bytes"] for op in counted.values())
+  gib = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
+  return (f"Planner ({chosen}): {plan['layout']}. Train step per chip: "
+          f"estimate {gib(plan['hbm_bytes'])} HBM (+{gib(plan['host_bytes'])}"
+          f" host), XLA {gib(xla)}; collectives per step estimate "
+          f"{gib(plan['collective_bytes'])}, XLA {gib(collectives)}.")

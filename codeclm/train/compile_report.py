@@ -1,6 +1,7 @@
 """The numbers --mode=compile reports per program, and the verdict's words.
 
-Per-chip memory and FLOPs of a compiled program (or, when it did not fit,
+Per-chip memory (HBM, and host memory beside it: offloaded activations or
+optimizer state) and FLOPs of a compiled program (or, when it did not fit,
 what XLA's RESOURCE_EXHAUSTED error says), the knobs to turn when a step does
 not fit, and the report as a text table.
 
@@ -11,18 +12,30 @@ seq_len)`, the config's model and train sections, never the whole config;
 
 import re
 
+import jax.numpy as jnp
+
 from codeclm.train import tpu_topology
 
 
+_KINDS = dict(argument="argument_size_in_bytes", output="output_size_in_bytes",
+              alias="alias_size_in_bytes", temporary="temp_size_in_bytes",
+              code="generated_code_size_in_bytes")
+
+
 def memory(compiled) -> dict:
-  """Bytes per chip by kind, and the total the chip must hold at once."""
+  """Bytes per chip by kind, and the total the chip must hold at once: in
+  HBM (`total`, what the verdict reads) and in the host's memory
+  (`host_total`: activations a remat policy offloads, host arguments)."""
   m = compiled.memory_analysis()
-  out = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
-             alias=m.alias_size_in_bytes, temporary=m.temp_size_in_bytes,
-             code=m.generated_code_size_in_bytes)
-  # Donated (aliased) outputs reuse their arguments' buffers.
-  out["total"] = (out["argument"] + out["output"] - out["alias"]
-                  + out["temporary"] + out["code"])
+  out = {}
+  for prefix in ("", "host_"):
+    for kind, field in _KINDS.items():
+      out[prefix + kind] = getattr(m, prefix + field)
+    # Donated (aliased) outputs reuse their arguments' buffers.
+    out[prefix + "total"] = (
+        out[prefix + "argument"] + out[prefix + "output"]
+        - out[prefix + "alias"] + out[prefix + "temporary"]
+        + out[prefix + "code"])
   return out
 
 
@@ -58,7 +71,15 @@ def knobs(model_cfg, tc, setup, impl: str, over_bytes: float, *,
   if impl == "xla" and seq_len >= 2048:
     out.append("model.attention_impl='splash' (XLA attention stores the "
                f"[rows, heads, {seq_len}, {seq_len}] logits)")
-  if m.remat_policy not in ("full", "nothing_saveable"):
+  if m.remat_policy in ("full", "nothing_saveable"):
+    # The saved layer inputs: L x rows x (length / context) x width.
+    saved = (m.num_layers * max(rows // tc.grad_accum, 1) * seq_len
+             // setup.mesh.shape["context"] * m.emb_dim
+             * jnp.dtype(m.dtype).itemsize)
+    out.append("model.remat_policy='offload_layer_inputs' (the saved layer "
+               f"inputs, {saved / tpu_topology.GIB:.2f} GiB per chip, move "
+               "to host memory)")
+  elif not m.remat_policy.startswith("offload_"):
     out.append(f"model.remat_policy='full' (now {m.remat_policy!r})")
   if rows // tc.grad_accum > 1:
     out.append(f"train.grad_accum={tc.grad_accum * 2} (each chip "
@@ -101,8 +122,8 @@ def table(report: dict) -> str:
       f"attention {report['config']['attention_resolved']}, remat "
       f"{report['config']['remat_policy']}",
       "| program | args GiB | temp GiB | out GiB | code GiB | total GiB | "
-      "collectives GiB/step | compile s |",
-      "|---|---|---|---|---|---|---|---|"]
+      "host GiB | collectives GiB/step | compile s |",
+      "|---|---|---|---|---|---|---|---|---|"]
   for r in report["programs"]:
     m = r["memory"]
     moved = sum(c["bytes"] for c in r.get("collectives", {}).values())
@@ -111,6 +132,7 @@ def table(report: dict) -> str:
         f"{gib(m.get('temporary'))} | {gib(m.get('output'))} | "
         f"{gib(m.get('code'))} | {gib(m.get('total'))}"
         f"{'' if r['fits'] else ' (RESOURCE_EXHAUSTED)'} | "
+        f"{gib(m.get('host_total'))} | "
         f"{gib(moved) if r['fits'] else '-'} | {r['compile_s']:.0f} |")
   if report.get("sample"):
     s = report["sample"]

@@ -37,8 +37,8 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
       name = head.group(2)
       comps[name] = []
       entry = name if head.group(1) else entry
-    elif line.rstrip() == "}":
-      name = None
+    elif line.rstrip() == "}" or line.startswith("}, execution_thread="):
+      name = None  # (A host computation's end names its thread.)
     elif name is not None:
       if line.startswith("  %") or line.startswith("  ROOT %"):
         comps[name].append(line)

@@ -8,7 +8,7 @@ Below `train`, functions take the config's sections, never the whole config:
 `data_dir_of(data, workdir)`, `ensure_data(data, codec, data_dir, *, seed)`,
 `check_config(model_cfg, tc, mesh, *, batch_size)`, `report(setup, rows, *,
 batch_size, seq_len)`, `evaluate(data, tc, data_dir, ..., *, seq_len,
-batch_size)`, `train_step(..., tc, data, ...)`, `eval_step(..., data, ...)`;
+batch_size)`, `placement(tc, ...)`; the steps are in step.py;
 `build(config, ...)` alone takes the config (it reads mesh, model, train,
 data, seq_len and batch_size).
 """
@@ -16,7 +16,6 @@ data, seq_len and batch_size).
 import contextlib
 import dataclasses
 import functools
-import math
 import os
 import signal
 import time
@@ -24,13 +23,11 @@ from typing import Any
 
 from absl import logging
 from clu import periodic_actions
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from codeclm import codecs
 from codeclm import config_base
@@ -47,92 +44,18 @@ from codeclm.train import checkpoint
 from codeclm.train import mfu
 from codeclm.train import optimizer
 from codeclm.train import params_io
+from codeclm.train import planner
 from codeclm.train import preemption
+from codeclm.train import step as step_lib
 
 class NonFiniteLossError(RuntimeError):
   pass
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
 
 
 def token_byte_lengths(tokenizer: ByteBPE) -> np.ndarray:
   """Codec bytes per token id (0 for specials): turns nats into bits/byte."""
   return np.array([len(tokenizer.decode([i])) for i in range(
       tokenizer.vocab_size)], np.float32)
-
-
-def loss_terms(model, params, batch, use_segments: bool, z_loss: float,
-               token_bytes: jax.Array):
-  """Summed (not averaged) loss terms of one batch, so micro-batches add up."""
-  logits = model.apply(
-      {"params": params}, batch["inputs"], batch["positions"],
-      batch["segment_ids"] if use_segments else None)
-  logits = logits.astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(
-      logits, batch["targets"][..., None], axis=-1)[..., 0]
-  mask = batch["loss_mask"].astype(jnp.float32)
-  nll = jnp.sum((logz - target_logit) * mask)
-  objective = nll + z_loss * jnp.sum(jnp.square(logz) * mask)
-  target_bytes = jnp.asarray(token_bytes)[batch["targets"]]
-  return objective, dict(nll=nll, tokens=jnp.sum(mask),
-                         bytes=jnp.sum(target_bytes * mask))
-
-
-def summarize(sums) -> dict:
-  return dict(loss=sums["nll"] / sums["tokens"],
-              bits_per_byte=sums["nll"] / math.log(2) / sums["bytes"])
-
-
-def train_step(state: TrainState, batch, *, model, tx, schedule, tc, data,
-               token_bytes):
-  """One optimizer step over `grad_accum` micro-batches (scanned); `tc` and
-  `data` are the config's train and data sections."""
-  use_segments = data.packing == "pack"
-  grad_fn = jax.grad(
-      functools.partial(loss_terms, model, use_segments=use_segments,
-                        z_loss=tc.z_loss, token_bytes=token_bytes),
-      has_aux=True)
-
-  def micro_step(carry, micro_batch):
-    grads, sums = carry
-    g, aux = grad_fn(state.params, micro_batch)
-    return (jax.tree.map(jnp.add, grads, g),
-            jax.tree.map(jnp.add, sums, aux)), None
-
-  micro = jax.tree.map(lambda x: micro_batches(x, tc.grad_accum), batch)
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  sums0 = dict(nll=0.0, tokens=0.0, bytes=0.0)
-  (grads, sums), _ = jax.lax.scan(micro_step, (zeros, sums0), micro)
-  grads = jax.tree.map(lambda g: g / sums["tokens"], grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = dict(summarize(sums), grad_norm=optax.global_norm(grads),
-                 learning_rate=schedule(state.step))
-  return TrainState(state.step + 1, params, opt_state), metrics
-
-
-def micro_batches(x: jax.Array, n: int) -> jax.Array:
-  """[B, S] -> [n, B/n, S]; micro-batch i is rows i, i + n, i + 2n, ...
-
-  Strided, not contiguous blocks: each device's block of rows holds its
-  share of every micro-batch, so a micro-batch keeps the batch's sharding
-  over all devices and hosts (contiguous blocks would live on a few devices
-  and be all-gathered into every step of the loop).
-  """
-  strided = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
-  return nn.with_logical_constraint(strided, (None, "batch", "length"))
-
-
-def eval_step(params, batch, *, model, data, token_bytes):
-  _, sums = loss_terms(model, params, batch,
-                       data.packing == "pack", 0.0, token_bytes)
-  return sums
 
 
 def batch_rows(data_sharding, batch_size: int) -> dict[int, list[int]]:
@@ -171,6 +94,21 @@ def global_batch(local: dict, data_sharding, rows: list[int],
 def check_config(model_cfg, tc, mesh, *, batch_size: int) -> None:
   """Shapes the mesh cannot hold fail here, with what to change; `model_cfg`
   and `tc` are the config's model and train sections."""
+  if tc.weight_gather not in step_lib.WEIGHT_GATHERS:
+    raise ValueError(
+        f"train.weight_gather={tc.weight_gather!r}: use one of "
+        f"{step_lib.WEIGHT_GATHERS} ('auto' must be resolved by the layout "
+        "planner first).")
+  if tc.weight_gather == "per_step" and mesh.shape["context"] > 1:
+    raise ValueError(
+        "train.weight_gather='per_step' needs mesh context 1 (now "
+        f"{mesh.shape['context']}): each micro-batch would still reduce its "
+        "gradients over context, moving more than 'per_micro_batch'. Use "
+        "'per_micro_batch' or a mesh.shape with context 1.")
+  if not isinstance(tc.optimizer_offload, bool):
+    raise ValueError(
+        f"train.optimizer_offload={tc.optimizer_offload!r}: use True or "
+        "False ('auto' must be resolved by the layout planner first).")
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % (data_ways * tc.grad_accum):
     raise ValueError(
@@ -210,13 +148,14 @@ class Setup:
   mesh: jax.sharding.Mesh
   rules: tuple
   model: llama.Llama
-  abstract_state: TrainState
-  state_shardings: TrainState
+  abstract_state: step_lib.TrainState
+  state_shardings: step_lib.TrainState
   data_sharding: jax.sharding.NamedSharding
   init_fn: Any        # rng -> sharded TrainState
   step_fn: Any        # (state, global batch) -> (state, metrics); donates state
   eval_fn: Any        # (params, global batch) -> loss sums
   flops_per_token: float
+  placement: step_lib.Placement  # Where the step keeps weights, opt state.
 
   def context(self):
     """The mesh and logical rules that tracing the model needs."""
@@ -234,6 +173,7 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
   constant when traced): `devices` may be a TPU topology's unattached devices
   (codeclm/train/compile.py), where no array can be placed.
   """
+  planner.check_resolved(config)  # "auto" fields: main/compile resolve.
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   check_config(config.model, config.train, mesh,
@@ -246,39 +186,79 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
 
   def init_state(rng):
     params = init_params(rng)
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    return step_lib.TrainState(jnp.zeros((), jnp.int32), params,
+                               tx.init(params))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     tx, schedule = optimizer.make_optimizer(config.train, optimizer.decay_mask(
         jax.eval_shape(init_params, rng_shape)))
     boxed = jax.eval_shape(init_state, rng_shape)
     state_shardings = sharding.logical_shardings(boxed, mesh, rules)
+    on_device = state_shardings
+    if config.train.optimizer_offload:  # Pinned host memory between steps.
+      state_shardings = state_shardings.replace(opt_state=jax.tree.map(
+          lambda s: s.with_memory_kind("pinned_host"),
+          state_shardings.opt_state))
+    place = placement(config.train, boxed.params, on_device, rules)
     data_sharding = jax.sharding.NamedSharding(
         mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
     batch_shardings = {k: data_sharding for k in loader.BATCH_KEYS}
     init_fn = jax.jit(lambda r: nn.meta.unbox(init_state(r)),
                       out_shardings=state_shardings)
     step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                          tc=config.train, data=config.data,
-                          token_bytes=token_bytes),
+        functools.partial(step_lib.train_step, model=model, tx=tx,
+                          schedule=schedule, tc=config.train,
+                          data=config.data, token_bytes=token_bytes,
+                          placement=place),
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,))
     eval_fn = jax.jit(
-        functools.partial(eval_step, model=model, data=config.data,
-                          token_bytes=token_bytes),
+        functools.partial(step_lib.eval_step, model=model, data=config.data,
+                          token_bytes=token_bytes,
+                          micro_batches_per_step=config.train.grad_accum),
         in_shardings=(state_shardings.params, batch_shardings))
   abstract_state = nn.meta.unbox(boxed)
   sharding.check_large_params_sharded(state_shardings.params, mesh,
                                       shapes=abstract_state.params)
   sharding.check_state_fits(
-      sharding.bytes_per_device(abstract_state, state_shardings), mesh,
-      config.mesh.max_state_fraction,
-      sharding.device_memory(mesh))
+      sharding.bytes_by_memory_kind(abstract_state,
+                                    state_shardings)["device"], mesh,
+      config.mesh.max_state_fraction, sharding.device_memory(mesh),
+      gathered_bytes(place, abstract_state.params, config.model.dtype))
   return Setup(mesh, rules, model, abstract_state, state_shardings,
                data_sharding, init_fn, step_fn, eval_fn,
-               llama_config.flops_per_token(model.config, config.seq_len))
+               llama_config.flops_per_token(model.config, config.seq_len),
+               place)
+
+
+def placement(tc, boxed_params, shardings, rules) -> step_lib.Placement:
+  """Where the train step keeps weights and optimizer state (step.py); `tc`:
+  the config's train section, `shardings`: the state's device shardings."""
+  opt_device = shardings.opt_state if tc.optimizer_offload else None
+  if tc.weight_gather == "per_micro_batch":
+    return step_lib.Placement(opt_device=opt_device)
+  axes = sharding.batch_axes(rules)
+  return step_lib.Placement(
+      gathered=sharding.without_axes(shardings.params, axes),
+      sharded=shardings.params,
+      # The weights the model casts to its compute dtype (the matrices; norm
+      # scales stay fp32): decay_mask's rule, two axes besides "layers".
+      cast=optimizer.decay_mask(boxed_params), batch_axes=axes,
+      inner_rules=sharding.rules_without(rules, axes), opt_device=opt_device)
+
+
+def gathered_bytes(place: step_lib.Placement, params, dtype) -> int:
+  """Bytes per device of the "per_step" copy of the weights (the matrices in
+  `dtype`) and of its gradient accumulator (in the params' dtype)."""
+  if place.gathered is None:
+    return 0
+  copy = jax.tree.map(
+      lambda x, cast: jax.ShapeDtypeStruct(x.shape, dtype if cast
+                                           else x.dtype),
+      params, place.cast)
+  return (sharding.bytes_per_device(copy, place.gathered)
+          + sharding.bytes_per_device(params, place.gathered))
 
 
 def report(setup: Setup, rows: int, *, batch_size: int, seq_len: int) -> None:
@@ -286,18 +266,32 @@ def report(setup: Setup, rows: int, *, batch_size: int, seq_len: int) -> None:
   the batch rows this process feeds; `batch_size` and `seq_len`: the
   config's."""
   n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
-  state_bytes = sharding.bytes_per_device(setup.abstract_state,
-                                          setup.state_shardings)
+  state_bytes = sharding.bytes_by_memory_kind(setup.abstract_state,
+                                              setup.state_shardings)
   logging.info(
       "Mesh %s over %d devices (%s), %d processes. Model %.2fM params, "
       "%.3g FLOPs/token. Batch %d x %d = %d tokens/step (%d rows per "
-      "process, %d per device). Params+optimizer ~%.3g GiB per device.",
+      "process, %d per device). Params+optimizer ~%.3g GiB per device%s.",
       dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind,
       jax.process_count(), n_params / 1e6, setup.flops_per_token,
       batch_size, seq_len, batch_size * seq_len,
       rows,
       max(1, batch_size // setup.mesh.size),
-      state_bytes / 2**30)
+      state_bytes["device"] / 2**30, extra_state(setup, state_bytes["host"]))
+
+
+def extra_state(setup: Setup, host_bytes: int) -> str:
+  """The report's words for the state the placement adds or moves."""
+  gathered = gathered_bytes(setup.placement, setup.abstract_state.params,
+                            setup.model.config.dtype)
+  out = ""
+  if gathered:
+    out += (f" (+ {gathered / 2**30:.3g} GiB per device for the weights "
+            "gathered once per step and their gradient accumulator)")
+  if host_bytes:
+    out += (f" (+ {host_bytes / 2**30:.3g} GiB of optimizer state in host "
+            "memory)")
+  return out
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -471,4 +465,4 @@ def evaluate(data, tc, data_dir, tokenizer, eval_fn, params, rows, feed, *,
     totals = {k: totals[k] + float(sums[k]) for k in totals}
   if not totals["tokens"]:
     return {}
-  return {k: float(v) for k, v in summarize(totals).items()}
+  return {k: float(v) for k, v in step_lib.summarize(totals).items()}
