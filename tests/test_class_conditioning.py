@@ -465,3 +465,30 @@ def test_hf_export_and_import_keep_the_class_tokens(workdir, tmp_path):
       os.path.join(workdir, "tokenizer.json")).read()
   assert ByteBPE.load(os.path.join(back, "tokenizer.json")).class_names == (
       tuple(NAMES))
+
+
+@pytest.mark.slow
+def test_two_processes_draw_the_guided_samples_one_process_draws(
+    workdir, tmp_path):
+  """--mode=sample with classes and guidance as 2 processes x 4 devices
+  (jax.distributed on localhost): each draws its share of the doubled
+  (conditional + unconditional) batch, and the files equal, byte for byte,
+  those of this process's 8 devices."""
+  from tests import test_evaluate  # pylint: disable=g-import-not-at-top
+  from tests import multihost  # pylint: disable=g-import-not-at-top
+  sample = dict(num_samples=0, classes="all", per_class=2, guidance=3.0,
+                max_new_tokens=32, mesh_shape=(-1, 1, 1, 1), min_bucket=256,
+                batch_size=4, constrained=False)
+  logs = multihost.run(2, workdir, [
+      "--mode=sample",
+      *(f"--config.sample.{k}={v}" for k, v in sample.items()),
+      f"--config.sample.out_dir={tmp_path / 'two'}"], timeout=400)
+  # 3 classes x 2 = 6 requests: samples 0-2 on process 0, 3-5 on process 1.
+  for log in logs:
+    assert "Wrote 3 samples to" in log, log[-3000:]
+  files.run(test_sample.sample_config(out_dir=str(tmp_path / "one"),
+                                      **sample), workdir)
+  one, two = (test_evaluate.tree_sha256(tmp_path / n) for n in ("one", "two"))
+  assert one == two
+  assert {f"class_{n}_{j:02d}.jpg" for n in NAMES for j in range(2)} <= set(one)
+  assert "classes.png" in one

@@ -98,6 +98,18 @@ def test_class_agreement_and_guided_fid_on_placed_samples():
   assert got["fid_guided"]["3"]["class_agreement"] == {
       "0": 1.0, "1": 7 / 8}
   assert got["classifier_accuracy"] == 3 / 4
+  assert "class_agreement_by_rule" not in got
+  # A source's own rule: at scale 3 of seed 1 two samples miss.
+  rule = np.stack([[np.zeros(8), labels], [np.zeros(8), labels]]).astype(int)
+  rule[1, 1, :2] = labels[:2] + 1
+  by_rule = per_class.guided_metrics(
+      reference, guided, labels, np.arange(8), (0.0, 3.0), (0, 1),
+      clean=np.ones((2, 2, 8)), ended=np.zeros((2, 2, 8), bool),
+      method="sqrtm", rule_classes=rule)
+  assert by_rule["class_agreement_by_rule"] == {
+      "0": (labels == 0).mean(), "3": pytest.approx((1 + 6 / 8) / 2)}
+  assert by_rule["fid_guided"]["3"]["class_agreement_by_rule"] == {
+      "0": 1.0, "1": 6 / 8}
   for g, key in enumerate(("0", "3")):
     for a in (0, 1):
       assert got["fid_guided"][key]["fid"][str(a)] == pytest.approx(
@@ -274,6 +286,15 @@ def test_guided_samples_give_class_agreement_and_conditional_fid(
   assert (got["guided_sha256"][0, 0] != got["guided_sha256"][0, 1]).any()
   single = json.load(open(one / "results.json"))
   assert single["class_agreement"] == results["class_agreement"]
+  # The source's hue rule (synthetic_classes.class_of) on every guided
+  # sample, kept per slice and scored against the requested classes.
+  rule = slices(two, ("guided_rule_class",))["guided_rule_class"]
+  assert rule.shape == (1, 2, REFS) and set(rule.ravel()) <= set(
+      range(N_CLASSES))
+  assert results["class_agreement_by_rule"] == single[
+      "class_agreement_by_rule"] == {
+          key: pytest.approx((rule[0, g] == classes).mean())
+          for g, key in enumerate(("0", "3"))}
   assert single["classifier_accuracy"] == results["classifier_accuracy"]
   for key in ("0", "3"):
     assert single["fid_guided"][key]["fid_mean"] == pytest.approx(

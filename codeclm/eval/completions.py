@@ -199,6 +199,11 @@ def evaluate_slice(ec, sample_cfg, loaded: workdir_lib.Loaded, extractor,
       guided_clean_fraction=np.zeros((s, g, n), np.float32),
       guided_ended=np.zeros((s, g, n), bool),
   )
+  # A source that can tell a picture's class itself (synthetic_classes: its
+  # hue rule) scores the guided samples too: -1 where it has no rule.
+  rule = getattr(source, "class_of", None) if scales else None
+  if rule:
+    arrays["guided_rule_class"] = np.full((s, g, n), -1, np.int32)
   with tqdm.tqdm(total=s * (k + g) * n, unit="img", smoothing=0.1,
                  desc=f"eval {indices.start}:{indices.stop}") as bar:
     for a, seed in enumerate(ec.seeds):
@@ -231,6 +236,8 @@ def evaluate_slice(ec, sample_cfg, loaded: workdir_lib.Loaded, extractor,
         arrays["guided_clean_fraction"][a, b] = [c.clean_fraction
                                                  for c in done]
         arrays["guided_ended"][a, b] = [c.ended for c in done]
+        if rule:
+          arrays["guided_rule_class"][a, b] = [rule(c.pixels) for c in done]
   summary = {slot.name: {str(seed): dict(
       clean_fraction=float(arrays["clean_fraction"][a, b].mean()),
       eos_fraction=float(arrays["ended"][a, b].mean()))

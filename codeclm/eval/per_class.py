@@ -23,6 +23,10 @@ TFDS label features, the synthetic_classes source), the merge adds:
   centroid and a held-out reference (a split by index parity would not: with
   labels i % 4, the even indices hold classes 0 and 2 only), and an
   agreement is only as good as that accuracy says the classifier is.
+* `class_agreement_by_rule` per scale, where the reference source can tell
+  a picture's class itself (synthetic_classes' hue rule, `class_of`): the
+  share of guided samples that rule gives their requested class, a check
+  that needs no Inception weights.
 
 Each process's slice holds its references' labels (-1: unlabelled) and its
 guided samples' features; only this merge sees every class.
@@ -149,21 +153,23 @@ def fid_per_class(reference, generated, labels, names: Sequence[str],
 
 
 def guided_metrics(reference, guided, labels, indices, scales: Sequence[float],
-                   seeds: Sequence[int], *, clean, ended,
-                   method: str) -> dict:
+                   seeds: Sequence[int], *, clean, ended, method: str,
+                   rule_classes=None) -> dict:
   """Class-conditional FID and class agreement of the guided samples.
 
   guided [S, G, N, D]: seed a, scale g, the sample asked for class
-  labels[i] of reference i; clean and ended [S, G, N] their decode reports.
-  Returns the results.json fields fid_guided, class_agreement,
-  classifier_accuracy and classifier.
+  labels[i] of reference i; clean and ended [S, G, N] their decode reports;
+  rule_classes [S, G, N] (optional): the class the source's own rule gives
+  each sample. Returns the results.json fields fid_guided, class_agreement,
+  classifier_accuracy and classifier, and with rule_classes
+  class_agreement_by_rule.
   """
   if (labels < 0).any():
     raise ValueError(f"{int((labels < 0).sum())} references have no label; "
                      "guided samples need a class for every reference.")
   classifier, record = classifier_of(reference, labels, indices)
   ref_stats = fid.statistics(reference) if method == "sqrtm" else None
-  scored, agreement = {}, {}
+  scored, agreement, by_rule = {}, {}, {}
   for g, scale in enumerate(scales):
     values, agrees = {}, {}
     for a, seed in enumerate(seeds):
@@ -183,8 +189,16 @@ def guided_metrics(reference, guided, labels, indices, scales: Sequence[float],
         clean_fraction=float(clean[:, g].mean()),
         eos_fraction=float(ended[:, g].mean()),
         num_images=int(guided.shape[2]))
-  return dict(fid_guided=scored, class_agreement=agreement,
-              classifier_accuracy=record["accuracy"], classifier=record)
+    if rule_classes is not None:
+      shares = (np.asarray(rule_classes)[:, g] == labels).mean(1)
+      scored[key]["class_agreement_by_rule"] = {
+          str(seed): float(v) for seed, v in zip(seeds, shares)}
+      by_rule[key] = float(shares.mean())
+  out = dict(fid_guided=scored, class_agreement=agreement,
+             classifier_accuracy=record["accuracy"], classifier=record)
+  if rule_classes is not None:
+    out["class_agreement_by_rule"] = by_rule
+  return out
 
 
 def tensorboard_scalars(results: dict) -> dict[str, float]:
@@ -197,6 +211,9 @@ def tensorboard_scalars(results: dict) -> dict[str, float]:
   for key, m in results.get("fid_guided", {}).items():
     scalars[f"fid_guided/s{key}"] = m["fid_mean"]
     scalars[f"class_agreement/s{key}"] = results["class_agreement"][key]
+    if "class_agreement_by_rule" in results:
+      scalars[f"class_agreement_by_rule/s{key}"] = results[
+          "class_agreement_by_rule"][key]
   if "classifier_accuracy" in results:
     scalars["classifier_accuracy"] = results["classifier_accuracy"]
   return scalars

@@ -125,7 +125,7 @@ def merge(out_dir: str, fid_method: str = "sqrtm",
   _check_coverage(infos, paths, n)
   keys = ("indices", "reference", "reference_sha256", "generated",
           "clean_fraction", "ended", "new_tokens", "labels", "guided",
-          "guided_clean_fraction", "guided_ended")
+          "guided_clean_fraction", "guided_ended", "guided_rule_class")
   parts = []
   for path in paths:
     with np.load(io.BytesIO(epath.Path(f"{path}.npz").read_bytes())) as npz:
@@ -197,7 +197,9 @@ def merge(out_dir: str, fid_method: str = "sqrtm",
           reference, cat("guided", 2)[:, :, order], labels,
           np.arange(n), scales, settings["seeds"],
           clean=cat("guided_clean_fraction", 2),
-          ended=cat("guided_ended", 2), method=fid_method))
+          ended=cat("guided_ended", 2), method=fid_method,
+          rule_classes=(cat("guided_rule_class", 2)[:, :, order]
+                        if "guided_rule_class" in parts[0] else None)))
   storage.write_json(storage.path(out_dir) / RESULTS, results)
   return results
 
@@ -229,7 +231,10 @@ def summary_table(results: dict) -> str:
     rows.append(f"{'s=' + key:>8} {m['fid_mean']:>10.3f} {m['fid_std']:>8.3f} "
                 f"{m['clean_fraction']:>6.3f} {m['eos_fraction']:>6.3f} "
                 f"{m['num_images']:>6}  class agreement "
-                f"{results['class_agreement'][key]:.3f}")
+                f"{results['class_agreement'][key]:.3f}"
+                + (f" (the source's rule: "
+                   f"{results['class_agreement_by_rule'][key]:.3f})"
+                   if "class_agreement_by_rule" in results else ""))
   if "classifier_accuracy" in results:
     rows.append(f"guided rows: class-conditional FID; the classifier's held-"
                 f"out accuracy is {results['classifier_accuracy']:.3f}")

@@ -1,12 +1,19 @@
-"""The labelled synthetic source: N classes told apart by their palette.
+"""The labelled synthetic source: N classes told apart by their colour.
 
-Item i has class i % N and is a synthetic picture (backgrounds, shapes,
-stripes, strokes, as synthetic_images.py draws them) whose every colour has a
-hue within HUE_SPREAD degrees of 360 * c / N, with random saturation and
-brightness. So a small model can learn the classes (the chroma of every
-block says it) and a fixed rule checks a picture's class (`class_of`: the
-circular mean hue of its coloured pixels, nearest class hue), which is what
+Item i has class c = i % N: a flat background in the class's own colour
+(hue 360 * c / N, fixed saturation and brightness) with one to three shapes
+(ellipses, rectangles, triangles, as synthetic_images.py draws them) in
+colours within HUE_SPREAD degrees of that hue, random saturation and
+brightness. A fixed rule checks a picture's class (`class_of`: the circular
+mean hue of its coloured pixels, nearest class hue), which is what
 class-conditional samples are scored by.
+
+Why flat backgrounds: after JPEG, every background MCU of a class is the
+same byte string (restart markers re-align each MCU), so a 100-step demo
+model learns which class makes which string. Measured: with backgrounds and
+shapes of random saturation and brightness (gradients, stripes, noise) such a
+model told the 4 classes apart no better than chance; with the class's own
+background colour, 0.98 of held-out pictures by likelihood.
 """
 
 from __future__ import annotations
@@ -17,16 +24,18 @@ import functools
 
 import numpy as np
 from PIL import Image
+from PIL import ImageDraw
 
 from codeclm.data.sources.base import check_index
 from codeclm.data.sources.base import DataError
 from codeclm.data.sources.base import Item
-from codeclm.data.sources.synthetic_images import synthetic_picture
+from codeclm.data.sources.synthetic_images import draw_shape
 
 HUE_SPREAD = 12.0        # degrees either side of a class's hue
 _SEED = 0xC1A55          # not the unlabelled source's: other pictures
 _MIN_SATURATION = 0.55   # colours are clearly coloured ...
 _MIN_VALUE = 0.35        # ... and not black, so their hue is visible
+_BACKGROUND_SV = (0.85, 0.8)  # saturation and brightness of every background
 
 
 def class_hue(label: int, num_classes: int) -> float:
@@ -47,12 +56,26 @@ def _hue_colour(rng, hue: float) -> tuple[int, int, int]:
   return tuple(int(round(255 * x)) for x in colorsys.hsv_to_rgb(h, s, v))
 
 
+def background_colour(label: int, num_classes: int) -> tuple[int, int, int]:
+  """Class `label`'s background: its hue at _BACKGROUND_SV."""
+  rgb = colorsys.hsv_to_rgb(class_hue(label, num_classes) / 360.0,
+                            *_BACKGROUND_SV)
+  return tuple(int(round(255 * x)) for x in rgb)
+
+
 def class_picture(index: int, num_classes: int, width: int = 256,
                   height: int = 256) -> Image.Image:
-  """Item `index`'s picture: class index % num_classes's palette."""
-  hue = class_hue(index % num_classes, num_classes)
-  return synthetic_picture(index, width, height, seed=_SEED,
-                           colour=functools.partial(_hue_colour, hue=hue))
+  """Item `index`'s picture: class index % num_classes's background and
+  palette; depends only on the index, the class count and the size."""
+  label = index % num_classes
+  colour = functools.partial(_hue_colour, hue=class_hue(label, num_classes))
+  rng = np.random.default_rng((_SEED, index))
+  image = Image.new("RGB", (width, height),
+                    background_colour(label, num_classes))
+  draw = ImageDraw.Draw(image)
+  for _ in range(rng.integers(1, 4)):
+    draw_shape(draw, rng, width, height, min(width, height), colour)
+  return image
 
 
 def class_of(pixels: np.ndarray, num_classes: int) -> int:
@@ -87,6 +110,11 @@ class SyntheticClassSource:
 
   def __len__(self) -> int:
     return self.num_examples
+
+  def class_of(self, pixels: np.ndarray) -> int:
+    """The class the hue rule gives a picture (the eval job scores guided
+    samples by it beside its Inception classifier)."""
+    return class_of(pixels, self.num_classes)
 
   def __getitem__(self, index: int) -> Item:
     check_index(index, self.num_examples)

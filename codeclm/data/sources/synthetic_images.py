@@ -59,7 +59,7 @@ def synthetic_picture(index: int, width: int = 256, height: int = 256, *,
   draw = ImageDraw.Draw(image)
   scale = min(width, height)
   for _ in range(rng.integers(2, 9)):
-    _shape(draw, rng, width, height, scale, colour)
+    draw_shape(draw, rng, width, height, scale, colour)
   if rng.random() < 0.5:
     _strokes(draw, rng, width, height, scale, colour)
   return image
@@ -107,7 +107,7 @@ def _background(rng, width: int, height: int, colour) -> Image.Image:
   return image.convert("RGB")
 
 
-def _shape(draw: ImageDraw.ImageDraw, rng, width: int, height: int,
+def draw_shape(draw: ImageDraw.ImageDraw, rng, width: int, height: int,
            scale: int, colour) -> None:
   """One filled ellipse, rectangle or triangle, sometimes outlined."""
   cx, cy = rng.uniform(0, width), rng.uniform(0, height)
