@@ -431,10 +431,15 @@ def test_fake_gcloud_runs_each_worker_and_fails_like_gcloud(tmp_path):
 
 def test_fake_srun_gives_each_task_slurm_variables(tmp_path):
   env = slurm_env(tmp_path)
+  # Task 1 fails, which kills task 0 (--kill-on-bad-exit): it waits until
+  # task 0 has printed (a file says so), or a slow start would lose the line.
+  printed = tmp_path / "task0_printed"
   code, out = run_line(
       "srun --kill-on-bad-exit=1 bash -c 'echo \"task $SLURMD_NODENAME "
       "$SLURM_PROCID/$SLURM_NTASKS $SLURM_LOCALID $SLURM_STEP_NODELIST "
-      "$SLURM_JOB_ID\"; exit $SLURM_PROCID'", env, timeout=60)
+      f"$SLURM_JOB_ID\"; if [ $SLURM_PROCID = 0 ]; then touch {printed}; "
+      f"else for i in $(seq 300); do [ -e {printed} ] && break; sleep 0.1; "
+      "done; fi; exit $SLURM_PROCID'", env, timeout=60)
   assert code != 0, out
   lines = sorted(l for l in out.splitlines() if l.startswith("task "))
   job = env["SLURM_JOB_ID"]
