@@ -184,10 +184,7 @@ def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
   replicated, a slice when split), not total bytes / device count. Shardings
   from `logical_shardings` split evenly, so every device holds the same.
   """
-  return sum(
-      math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-      for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
-          shardings, is_leaf=lambda x: isinstance(x, NamedSharding))))
+  return sum(bytes_by_memory_kind(abstract_tree, shardings).values())
 
 
 def bytes_by_memory_kind(abstract_tree: Any, shardings: Any
@@ -204,11 +201,16 @@ def bytes_by_memory_kind(abstract_tree: Any, shardings: Any
   return out
 
 
+def _axes_of(entry) -> tuple[str, ...]:
+  """A rule's or a spec's entry (None, one mesh axis or several) as a
+  tuple of mesh axes."""
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def batch_axes(rules) -> tuple[str, ...]:
-  """The mesh axes the logical "batch" axis is split over under `rules`."""
-  entry = nn.logical_to_mesh_axes(("batch",), rules)[0]
-  return () if entry is None else (
-      (entry,) if isinstance(entry, str) else tuple(entry))
+  """The mesh axes the logical "batch" axis is split over under `rules`
+  (data and fsdp by default)."""
+  return _axes_of(nn.logical_to_mesh_axes(("batch",), tuple(rules))[0])
 
 
 def without_axes(shardings: Any, axes: Sequence[str]) -> Any:
@@ -217,8 +219,7 @@ def without_axes(shardings: Any, axes: Sequence[str]) -> Any:
   def one(s):
     entries = []
     for entry in s.spec:
-      kept = [a for a in ((entry,) if isinstance(entry, str) else entry or ())
-              if a not in axes]
+      kept = [a for a in _axes_of(entry) if a not in axes]
       entries.append(None if not kept else kept[0] if len(kept) == 1
                      else tuple(kept))
     return NamedSharding(s.mesh, PartitionSpec(*entries),
@@ -228,15 +229,11 @@ def without_axes(shardings: Any, axes: Sequence[str]) -> Any:
 
 
 def rules_without(rules, axes: Sequence[str]) -> tuple:
-  """Logical rules that map nothing onto `axes` (for a model traced per
-  shard of those axes, under vmap's spmd_axis_name)."""
-  out = []
-  for name, entry in rules:
-    kept = tuple(a for a in ((entry,) if isinstance(entry, str)
-                             else entry or ()) if a not in axes)
-    out.append((name, None if not kept else kept[0] if len(kept) == 1
-                else kept))
-  return tuple(out)
+  """Logical rules that map nothing onto `axes`: for a model traced per
+  shard of those axes (under vmap's spmd_axis_name), or the sampler's
+  weights, replicated over the axes its batch is split over."""
+  return tuple((name, tuple(a for a in _axes_of(entry) if a not in axes)
+                or None) for name, entry in rules)
 
 
 def device_memory(mesh: Mesh) -> int | None:

@@ -337,6 +337,6 @@ def _token_sharding(mesh: jax.sharding.Mesh,
   """Tokens [B, C]: rows split over the batch axes, each row whole, so each
   process reads its own rows from its own devices."""
   return jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(hosts.batch_mesh_axes(rules) or None,
+      mesh, jax.sharding.PartitionSpec(sharding.batch_axes(rules) or None,
                                        None))
 

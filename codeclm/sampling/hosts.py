@@ -25,12 +25,6 @@ from codeclm.model import sharding
 from codeclm.runtime import distributed
 
 
-def batch_mesh_axes(rules: Sequence) -> tuple[str, ...]:
-  """The mesh axes the rules split the batch over (data and fsdp by default)."""
-  axes = nn.logical_to_mesh_axes(("batch",), tuple(rules))[0]
-  return (axes,) if isinstance(axes, str) else tuple(axes or ())
-
-
 def decode_shardings(model: llama.Llama, mesh: jax.sharding.Mesh,
                      rules: Sequence) -> Any:
   """The params' decode layout: the rules without the batch's mesh axes.
@@ -42,13 +36,8 @@ def decode_shardings(model: llama.Llama, mesh: jax.sharding.Mesh,
     # Nothing concrete: the mesh may be a TPU topology's (--mode=compile).
     boxed = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-  batch = batch_mesh_axes(rules)
-  as_tuple = lambda axes: ((axes,) if isinstance(axes, str) else
-                           tuple(axes or ()))
-  decode_rules = tuple(
-      (name, tuple(a for a in as_tuple(axes) if a not in batch) or None)
-      for name, axes in rules)
-  return sharding.logical_shardings(boxed, mesh, decode_rules)
+  return sharding.logical_shardings(
+      boxed, mesh, sharding.rules_without(rules, sharding.batch_axes(rules)))
 
 
 def owners(row_sharding: jax.sharding.Sharding,

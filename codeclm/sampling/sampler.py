@@ -159,7 +159,7 @@ class Sampler:
     self._row_sharding = jax.sharding.NamedSharding(
         self.mesh, jax.sharding.PartitionSpec(spec[0]))
     self.batch_multiple = math.prod(
-        self.mesh.shape[a] for a in hosts.batch_mesh_axes(self.rules))
+        self.mesh.shape[a] for a in sharding.batch_axes(self.rules))
     # Processes the batch is split over (1 in a single-process run).
     self.feeds = self.batch_multiple // len(self.rows(self.batch_multiple))
     self._replicated = jax.sharding.NamedSharding(

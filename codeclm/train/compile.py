@@ -46,7 +46,6 @@ from codeclm.model import attention
 from codeclm.model import kv_cache
 from codeclm.model import sharding
 from codeclm.sampling import decode_loop
-from codeclm.sampling import hosts
 from codeclm.sampling import sampler as sampler_lib
 from codeclm.train import checkpoint
 from codeclm.train import compile_report
@@ -106,7 +105,7 @@ def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int,
                                                setup.state_shardings.params)
   programs = []
   if reshard:
-    axes = ",".join(hosts.batch_mesh_axes(rules)) or "none"
+    axes = ",".join(sharding.batch_axes(rules)) or "none"
     layout = f"{model.config.dtype} replicated over {axes}"
     with setup.context():
       shapes = jax.eval_shape(prepare, trained)
@@ -120,7 +119,7 @@ def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int,
     layout = f"{model.config.param_dtype} sharded as trained"
     params = decode_loop.DecodeParams(trained, model)
 
-  multiple = math.prod(mesh.shape[a] for a in hosts.batch_mesh_axes(rules))
+  multiple = math.prod(mesh.shape[a] for a in sharding.batch_axes(rules))
   rows = -(-sc.batch_size // multiple) * multiple
   cache_len = seq_len
   prompt_len = compile_cfg.sample_prompt_len or cache_len // 2
@@ -171,12 +170,13 @@ def run(config, workdir: str) -> dict:
   impl = attention.resolve(config.model.attention_impl, "tpu",
                            config.model.dtype, config.seq_len, False)
   auto = planner.auto_fields(config)
-  config, _ = planner.resolve(
+  config, planned = planner.resolve(
       config, topology.chips, topology.hbm_bytes, attention=impl,
       host_bytes=planner.HOST_BYTES_PER_CHIP[topology.generation])
   tpu_topology.check_mesh(config.mesh.shape, topology)
   layout = planner.layout_of(config, topology.chips)
-  plan = planner.estimate(planner.config_shape(config, impl), layout)
+  plan = planned or planner.estimate(planner.config_shape(config, impl),
+                                     layout)  # Nothing auto: as set.
   logging.info("Layout%s: %s; estimate %s.", " (planned)" * bool(auto),
                layout, plan.describe())
   devices = tpu_topology.topology_devices(topology)
@@ -268,9 +268,8 @@ def _planner_line(plan: dict, train: dict) -> str:
   chosen = (f"chose {', '.join(plan['auto'])}" if plan["auto"]
             else "nothing auto")
   xla = train.get("memory", {}).get("total")
-  counted = train.get("collectives")
-  collectives = None if counted is None else sum(
-      op["bytes"] for op in counted.values())
+  collectives = (compile_report.collective_bytes(train)
+                 if "collectives" in train else None)
   gib = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
   return (f"Planner ({chosen}): {plan['layout']}. Train step per chip: "
           f"estimate {gib(plan['hbm_bytes'])} HBM (+{gib(plan['host_bytes'])}"

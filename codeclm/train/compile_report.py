@@ -39,6 +39,11 @@ def memory(compiled) -> dict:
   return out
 
 
+def collective_bytes(program: dict) -> int:
+  """Bytes per step per chip of a program's counted collectives, all ops."""
+  return sum(c["bytes"] for c in program.get("collectives", {}).values())
+
+
 def xla_flops(compiled) -> float | None:
   """XLA's FLOPs count (a while loop's body once), None if it has none."""
   cost = compiled.cost_analysis()
@@ -126,7 +131,7 @@ def table(report: dict) -> str:
       "|---|---|---|---|---|---|---|---|---|"]
   for r in report["programs"]:
     m = r["memory"]
-    moved = sum(c["bytes"] for c in r.get("collectives", {}).values())
+    moved = collective_bytes(r)
     lines.append(
         f"| {r['name']} | {gib(m.get('argument'))} | "
         f"{gib(m.get('temporary'))} | {gib(m.get('output'))} | "

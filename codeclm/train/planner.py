@@ -353,7 +353,8 @@ def resolve(config, num_devices: int, hbm_bytes: int | None, *,
 def resolve_for_devices(config) -> ml_collections.ConfigDict:
   """resolve() for this process's devices (training): their memory, or on
   CPU, where devices report none, the host's shared among them."""
-  if not auto_fields(config):
+  auto = auto_fields(config)
+  if not auto:
     return config
   import jax  # pylint: disable=g-import-not-at-top
   from codeclm.model import attention  # pylint: disable=g-import-not-at-top
@@ -364,7 +365,6 @@ def resolve_for_devices(config) -> ml_collections.ConfigDict:
     hbm, host = host, 0.0
   impl = attention.resolve(config.model.attention_impl, device.platform,
                            config.model.dtype, config.seq_len, False)
-  auto = auto_fields(config)
   config, est = resolve(config, n, hbm, host_bytes=host, attention=impl)
   logging.info("Planned %s for %d devices of %.1f GiB: %s; estimate %s.",
                ", ".join(auto), n, hbm / GIB, layout_of(config, n),
