@@ -30,13 +30,16 @@ reused, not compiled again; a generation whose largest slice (up to one
 sequence per chip) is known not to fit is skipped.
 
 --layout=planned leaves the layout to the planner (codeclm/train/planner.py:
-mesh, grad_accum, remat, optimizer offload and weight gathering "auto", as
-the 1B and 7B configs ship): each row compiles the planner's choice for its
+mesh, grad_accum, remat, optimizer and weight offload and weight gathering
+"auto", as the 1B and 7B configs ship): each row compiles the planner's choice for its
 slice, and --smallest skips, without compiling, the slices on which the
 planner finds no layout that fits (its estimate is within ~15% of XLA's).
 
   python benchmarks/fit_table.py --out=/tmp/fit_plan.jsonl --smallest=all \
       --layout=planned
+
+The searches include Avc-LM 7B at 65,536 and 131,072 tokens (avc-7b-65k,
+avc-7b-131k), e.g. --smallest=avc-7b-131k:v5e --layout=planned.
 """
 
 import functools
@@ -91,6 +94,8 @@ MODELS = {
     "jpeg-1b": ("configs/jpeg_lm.py:1b", 12_288, 128),
     "jpeg-7b": ("configs/jpeg_lm.py:7b", 12_288, 256),
     "avc-7b": ("configs/avc_lm.py:7b", 32_768, 256),
+    "avc-7b-65k": ("configs/avc_lm.py:7b", 65_536, 256),
+    "avc-7b-131k": ("configs/avc_lm.py:7b", 131_072, 256),
 }
 SEARCH_GENERATIONS = ("v5e", "v5p", "v6e")
 STATE_BYTES_PER_PARAM = 12  # fp32 parameter + AdamW's two fp32 moments.
@@ -150,6 +155,7 @@ def compile_row(name, config, seq_len, batch, topology, impl) -> dict:
              f"--config.train.grad_accum={accum}",
              "--config.model.remat_policy=full",
              "--config.train.optimizer_offload=False",
+             "--config.train.param_offload=False",
              "--config.train.weight_gather=per_micro_batch"]
   t = time.perf_counter()
   env = dict(os.environ, PYTHONPATH=ROOT)

@@ -20,9 +20,9 @@ from codeclm.model import sharding
 # devices it runs on (or --mode=compile's slice) before anything is built;
 # any of them set explicitly is kept, e.g. --config.mesh.shape='(1,-1,8,1)'.
 _AUTO = dict(mesh="auto", grad_accum="auto", remat="auto", offload="auto",
-             gather="auto")
+             param_offload="auto", gather="auto")
 _SET = dict(mesh=(-1, 1, 1, 1), grad_accum=1, remat="full", offload=False,
-            gather="per_micro_batch")
+            param_offload=False, gather="per_micro_batch")
 TRAIN_SHAPES = {
     "demo": dict(batch_size=8, steps=100, warmup_steps=10, lr=3e-3, **_SET),
     "100m": dict(batch_size=64, steps=20_000, warmup_steps=500, lr=6e-4,
@@ -113,6 +113,10 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       # Optimizer state in pinned host memory between steps (brought in for
       # the update).
       optimizer_offload=_layout(shapes["offload"]),
+      # The fp32 weights in pinned host memory too: the step uses a
+      # compute-dtype copy and brings them in for the update
+      # (weight_gather "per_micro_batch").
+      param_offload=_layout(shapes["param_offload"]),
       z_loss=0.0,                 # PaLM z-loss weight; 0 = off (Llama-2)
       label_dropout=0.1,          # data.conditioning="class": this share of
                                   # examples get "no class" (for guidance),
@@ -152,6 +156,7 @@ def lm_config(size: str) -> ml_collections.ConfigDict:
       # leaves the last shard most of it). The model reorders its inputs and
       # restores its logits' order (codeclm/model/context_attention.py).
       context_load_balance=True,
+      context_strategy="all_gather",  # or "ring": K/V passed around the axis
   ))
 
   c.distributed = ml_collections.ConfigDict(dict(
@@ -258,5 +263,7 @@ def model_config(config, vocab_size: int) -> llama_config.LlamaConfig:
   # Absent in a bare {model, seq_len} (params_io) and older config.json files.
   fields["context_load_balance"] = config.get("mesh", {}).get(
       "context_load_balance", True)
+  fields["context_strategy"] = config.get("mesh", {}).get(
+      "context_strategy", "all_gather")
   return llama_config.LlamaConfig(vocab_size=vocab_size,
                                   max_len=config.seq_len, **fields)

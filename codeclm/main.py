@@ -63,6 +63,9 @@ def main(argv):
     if not fits:
       sys.exit(2)  # Launchers stop here (launch/tpu_pod.sh).
     return
+  from codeclm.train import tpu_topology  # pylint: disable=g-import-not-at-top
+  for flag in tpu_topology.workarounds_for_this_vm():  # Before libtpu starts.
+    logging.info("libtpu workaround for this slice: %s", flag)
   distributed.initialize(config.distributed)
   if _MODE.value in ("sample", "eval"):  # Train checks its own, first thing.
     storage.check_writable(workdir)  # A bad store fails before compiling.

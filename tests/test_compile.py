@@ -77,6 +77,29 @@ def test_unknown_topology_lists_the_known_ones():
     tpu_topology.parse_topology("v5e-3")
 
 
+def test_libtpu_workaround_only_where_needed_and_never_over_the_user():
+  """v5p-8 gets its all-reduce-scatter fusion turned off (libtpu aborts
+  there otherwise; benchmarks/libtpu_v5p8.py); other slices get nothing;
+  a value the user set for that flag stays, other flags are kept."""
+  flag = "--xla_tpu_enable_all_reduce_scatter_fusion"
+  v5p8 = tpu_topology.parse_topology("v5p-8")
+  env = {"LIBTPU_INIT_ARGS": "--xla_foo=1"}
+  assert tpu_topology.apply_libtpu_workarounds(v5p8, env) == (
+      f"{flag}=false",)
+  assert env["LIBTPU_INIT_ARGS"] == f"--xla_foo=1 {flag}=false"
+  assert tpu_topology.apply_libtpu_workarounds(v5p8, env) == ()  # Once.
+  env = {"LIBTPU_INIT_ARGS": f"{flag}=true"}
+  assert tpu_topology.apply_libtpu_workarounds(v5p8, env) == ()
+  assert env["LIBTPU_INIT_ARGS"] == f"{flag}=true"
+  env = {}
+  assert tpu_topology.apply_libtpu_workarounds(
+      tpu_topology.parse_topology("v5p-16"), env) == ()
+  assert not env
+  vm = {"TPU_ACCELERATOR_TYPE": "v5p-8"}  # What a Cloud TPU VM sets.
+  assert tpu_topology.workarounds_for_this_vm(vm) == (f"{flag}=false",)
+  assert tpu_topology.workarounds_for_this_vm({}) == ()
+
+
 def test_mesh_that_does_not_divide_names_the_axis():
   v5e16 = tpu_topology.parse_topology("v5e-16")
   with pytest.raises(ValueError, match="the fsdp axis \\(3\\) does not divide"):
@@ -124,10 +147,11 @@ def test_report_of_every_step(tmp_path, capsys):
   assert "FITS" in capsys.readouterr().out
 
 
-def sampler_config(mlp_dim=512, **sample):
+def sampler_config(mlp_dim=512, param_offload=False, **sample):
   """One layer, wide enough that the weights outweigh TPU tile padding."""
   c = small_config("v5e-4", "splash", seq_len=256, steps=("sample",))
   c.model.update(emb_dim=256, mlp_dim=mlp_dim, num_heads=2, num_kv_heads=2)
+  c.train.param_offload = param_offload
   c.sample.update(sample)
   return c
 
@@ -141,8 +165,10 @@ def test_sampler_programs_hold_the_replicated_copy(tmp_path):
   """Prefill and decode compile on the weights as sampling lays them out:
   with reshard_params a bf16 copy on every chip (made by the prepare step),
   else fp32 split over the 4 fsdp chips; so the copy's arguments are larger
-  by the difference, counted here from the parameter count."""
-  reports = {r: aot.run(sampler_config(reshard_params=r),
+  by the difference, counted here from the parameter count. Weights that
+  training keeps in host memory (train.param_offload, on the second) are
+  sampled from device memory, as a sampler restores them."""
+  reports = {r: aot.run(sampler_config(reshard_params=r, param_offload=not r),
                         str(tmp_path / str(r))) for r in (True, False)}
   copy, kept = (reports[r]["sample"] for r in (True, False))
   assert copy["layout"] == "bfloat16 replicated over data,fsdp"

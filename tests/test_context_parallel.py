@@ -2,11 +2,13 @@
 
 8 simulated CPU devices. The tiny config's loss and gradients over packed
 rows whose documents cross the shard boundaries, with context 2, 4 and 8,
-load-balanced or not, equal those of a context-1 mesh; a 3-step training run
+load-balanced or not, equal those of a context-1 mesh, with K/V all-gathered
+or passed around a ring (mesh.context_strategy); a 3-step training run
 gives the same losses on (1,-1,1,1), (1,2,4,1) and (1,1,8,1).
 """
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 from codeclm import config_base
+from codeclm.model import attention
 from codeclm.model import context_attention
 from codeclm.model import llama
 from codeclm.model import random_init
@@ -27,11 +30,13 @@ VOCAB = 302
 ROWS, T = 8, 128
 
 
-def model_of(balance: bool, impl: str = "xla", seq_len: int = T):
+def model_of(balance: bool, impl: str = "xla", seq_len: int = T,
+             strategy: str = "all_gather"):
   c = tiny_config.get_config()
   c.seq_len = seq_len
   c.model.update(dtype="float32", attention_impl=impl)
   c.mesh.context_load_balance = balance
+  c.mesh.context_strategy = strategy
   return llama.Llama(config_base.model_config(c, VOCAB))
 
 
@@ -61,10 +66,12 @@ def params():
   return random_init.params(model_of(True), scheme="by_role")
 
 
-def loss_and_grads(shape, balance, impl="xla", t=T):
-  """Mean token loss and its gradients on a mesh, via the trainer's loss."""
+def loss_and_grads(shape, balance, impl="xla", t=T, strategy="all_gather",
+                   hlo=False):
+  """Mean token loss and its gradients on a mesh, via the trainer's loss
+  (hlo: the compiled module's text instead)."""
   mesh = sharding.make_mesh(shape)
-  model = model_of(balance, impl, t)
+  model = model_of(balance, impl, t, strategy)
 
   def mean_loss(p, batch):
     total, aux = step.loss_terms(model, p, batch, True, 0.0,
@@ -76,7 +83,10 @@ def loss_and_grads(shape, balance, impl="xla", t=T):
   weights = params()  # Numpy, drawn outside any mesh.
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     batch = jax.device_put(packed_batch(t), data)
-    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(weights, batch)
+    fn = jax.jit(jax.value_and_grad(mean_loss))
+    if hlo:
+      return fn.lower(weights, batch).compile().as_text()
+    loss, grads = fn(weights, batch)
   return float(loss), jax.tree.map(np.asarray, grads)
 
 
@@ -130,6 +140,83 @@ def test_splash_kernel_interpreted():
   its block sparsity and mask follow the true positions."""
   assert_same(loss_and_grads((1, 4, 2, 1), True, "splash", 256),
               context_one("xla", 256))
+
+
+@pytest.mark.parametrize("shape,balance,impl", [
+    ((1, 1, 8, 1), True, "xla"),
+    ((1, 1, 8, 1), False, "xla"),   # Most blocks wholly masked.
+    ((1, 2, 2, 2), True, "tiled"),  # Heads over tensor beside context.
+])
+def test_ring_loss_and_grads_equal_context_one(shape, balance, impl):
+  """K/V passed around the context axis, merged by log-sum-exp, and the
+  ring's own backward pass."""
+  assert_same(loss_and_grads(shape, balance, impl, strategy="ring"),
+              context_one())
+
+
+def test_ring_tiles_of_queries_equal_dense_attention():
+  """The tiled ring at T/C = 2 * TILE (two tiles of queries per block, which
+  the model tests' short windows do not reach), heads over tensor: output
+  and gradients equal one device's dense attention over packed rows."""
+  b, t, h, kv, f = 2, 4 * attention.TILE, 4, 2, 8
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, f)), jnp.float32)
+             for n in (h, kv, kv))
+  seg = jnp.asarray(packed_batch(t)["segment_ids"][:b])
+  probe = jnp.asarray(rng.standard_normal((b, t, h, f)), jnp.float32)
+
+  def ring(q, k, v):
+    lay = lambda x: context_attention.to_layout(x, 2, True)
+    out = context_attention.attend(lay(q), lay(k), lay(v), lay(seg),
+                                   impl="tiled", balance=True,
+                                   strategy="ring")
+    return jnp.sum(context_attention.from_layout(out, 2, True) * probe)
+
+  def dense(q, k, v):
+    out = attention.attend(q, k, v, impl="xla", segment_ids=seg, mask=None,
+                           is_causal=True)
+    return jnp.sum(out * probe)
+
+  grad = lambda fn: jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))
+  want = grad(dense)(q, k, v)
+  with (jax.set_mesh(sharding.make_mesh((1, 2, 2, 2))),
+        nn.logical_axis_rules(sharding.DEFAULT_RULES)):
+    got = grad(ring)(q, k, v)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
+
+
+def collective_shapes(hlo: str, ops: tuple[str, ...]) -> list[tuple]:
+  """The result shapes (dims) of every `ops` instruction in HLO text."""
+  shapes = []
+  for m in re.finditer(r" = (.*?) (" + "|".join(ops) + r")(?:-start)?\(",
+                       hlo):
+    arrays = re.findall(r"[a-z0-9]+\[([\d,]*)\]", m.group(1))
+    shapes += [tuple(int(d) for d in dims.split(",") if d) for dims in arrays]
+  return shapes
+
+
+def test_ring_moves_kv_by_collective_permutes_not_gathers():
+  """Compiled for (1,1,8,1): the ring's K/V (and dK/dV) cross devices as
+  [.., T/8, F] blocks by collective-permutes; no all-gather, reduce-scatter
+  or all-reduce of a whole window's [.., T, F] K/V is left. The same checks
+  find those gathers, and no such permutes, in the all-gather strategy."""
+  f = model_of(True).config.head_dim
+  whole = lambda s: len(s) > 1 and T in s[:-1] and s[-1] == f
+  block = lambda s: len(s) > 1 and T // 8 in s[:-1] and s[-1] == f
+  gathers = ("all-gather", "reduce-scatter", "all-reduce")
+  hops = ("collective-permute",)
+  ring = loss_and_grads((1, 1, 8, 1), True, strategy="ring", hlo=True)
+  assert not [s for s in collective_shapes(ring, gathers) if whole(s)]
+  assert [s for s in collective_shapes(ring, hops) if block(s)]
+  gathered = loss_and_grads((1, 1, 8, 1), True, hlo=True)
+  assert [s for s in collective_shapes(gathered, gathers) if whole(s)]
+  assert not [s for s in collective_shapes(gathered, hops) if block(s)]
+
+
+def test_unknown_context_strategy_names_the_two():
+  with pytest.raises(ValueError, match="'all_gather' or 'ring'"):
+    model_of(True, strategy="allgather")
 
 
 @functools.lru_cache(maxsize=None)

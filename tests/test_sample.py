@@ -13,6 +13,7 @@ import sys
 import tempfile
 from unittest import mock
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -313,6 +314,37 @@ def test_sharded_over_a_mesh_matches_one_device():
   got = s(fsdp_params(mesh), PROMPTS[:3], GREEDY)
   for g, w in zip(got, run(PROMPTS[:3])):
     np.testing.assert_array_equal(g.tokens, w.tokens)
+
+
+
+def test_cache_split_over_context_draws_the_same_tokens(shape=(1, 2, 4, 1)):
+  """The KV cache's length splits over the context axis (kv_cache's
+  "length" rule): each device holds 1/C of every row's positions, decoding
+  gathers no cache-length array, and the tokens are one device's."""
+  model, _ = model_and_params()
+  mesh = sharding.make_mesh(shape)
+  s = sampler_lib.Sampler(model, eos_id=EOS, pad_id=PAD, mesh=mesh,
+                          cache_dtype="float32")
+  params = fsdp_params(mesh)
+  got = s(params, PROMPTS[:3], GREEDY)
+  for g, w in zip(got, run(PROMPTS[:3])):
+    np.testing.assert_array_equal(g.tokens, w.tokens)
+
+  rows, prompt_len, cache_len = s.shapes(3, 40, GREEDY.max_new_tokens)
+  prefill = jax.jit(functools.partial(decode_loop.prefill,
+                                      cache_len=cache_len,
+                                      cache_dtype=jnp.float32))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(s.rules):
+    _, cache = prefill(s.prepare(params),
+                       jnp.ones((rows, prompt_len), jnp.int32),
+                       jnp.full((rows,), prompt_len, jnp.int32))
+  k = jax.tree.leaves(cache.k)[0]  # [(L,) B, K, S, F]
+  assert k.shape[-2] == cache_len
+  assert k.sharding.shard_shape(k.shape)[-2] == cache_len // shape[2]
+  hlo = s.lower(params, PROMPTS[:3], GREEDY).compile().as_text()
+  gathered = loop_all_gathers(hlo)
+  assert gathered is not None
+  assert not [x for x in gathered if cache_len in x], gathered
 
 
 def loop_all_gathers(hlo: str) -> list[tuple[int, ...]]:

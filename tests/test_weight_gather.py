@@ -1,11 +1,14 @@
 """Where the train step keeps its weights and optimizer state (step.py).
 
 train.weight_gather="per_step" (one gather of the weights per step, grads
-summed per batch shard and reduced once) and train.optimizer_offload=True
-(optimizer state in pinned host memory between steps) must train exactly as
-the default: fp32 steps with both, resumed from an Orbax checkpoint after
-the first, against two straight default steps on the same (data 2, fsdp 4)
-mesh with 4 micro-batches. The compiled steps' collectives are counted
+summed per batch shard and reduced once), train.optimizer_offload=True
+(optimizer state in pinned host memory between steps) and
+train.param_offload=True (the weights there too) must train exactly as the
+default: fp32 steps with "per_step" and the optimizer offload, and with both
+offloads, each resumed from an Orbax checkpoint after the first, against two
+straight default steps on the same (data 2, fsdp 4) mesh with 4
+micro-batches; the eval step on host-resident weights gives the default's
+sums. The compiled steps' collectives are counted
 against a closed form: "per_step" all-gathers the weights once and reduces
 their gradients once; "per_micro_batch" does both once per micro-batch.
 """
@@ -66,66 +69,90 @@ def compiled_step(c):
   return setup, step, moved
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Two steps each way from the same initial state. "placed" (per_step +
-  offload): sharded init into host memory, one step, an Orbax save, a
-  restore into the state's shardings, a second step. "default": two steps
-  from that initial state moved onto the device (one init compile fewer)."""
-  kinds = lambda tree: {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
-  c = config(weight_gather="per_step", optimizer_offload=True)
+def kinds(tree):
+  return {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
+
+
+def placed_run(c, path, init_values=None):
+  """Sharded init (into host memory where offloaded), one step, an Orbax
+  save, a restore into the state's shardings, a second step, an eval step.
+  `init_values` (another run's initial state) replaces the init's."""
   setup, step, moved = compiled_step(c)
-  path = tmp_path_factory.mktemp("placed") / "state"
   first, second = batches(setup, c)
   with setup.context():
     init = setup.init_fn(jax.random.key(0))
-    placed = dict(moved=moved, init=kinds(init.opt_state),
-                  init_values=jax.device_get(init))  # The step donates it.
+    if init_values is not None:
+      init = jax.device_put(init_values, setup.state_shardings)
+    run = dict(moved=moved, init=dict(opt_state=kinds(init.opt_state),
+                                      params=kinds(init.params)),
+               init_values=jax.device_get(init))  # The step donates it.
     state, m1 = step(init, first)
-    placed["after_step"] = dict(opt_state=kinds(state.opt_state),
-                                params=kinds(state.params))
+    run["after_step"] = dict(opt_state=kinds(state.opt_state),
+                             params=kinds(state.params))
     saver = ocp.StandardCheckpointer()
     saver.save(path, state)
     saver.wait_until_finished()
     state = saver.restore(path, checkpoint.abstract_with_shardings(
         setup.abstract_state, setup.state_shardings))
-    placed["restored"] = kinds(state.opt_state)
+    run["restored"] = dict(opt_state=kinds(state.opt_state),
+                           params=kinds(state.params))
     state, m2 = step(state, second)
-  placed.update(losses=[float(m1["loss"]), float(m2["loss"])],
-                state=jax.device_get(state))
+    run["eval"] = jax.device_get(setup.eval_fn(state.params, first))
+  run.update(losses=[float(m1["loss"]), float(m2["loss"])],
+             state=jax.device_get(state))
+  return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Two steps each way from the same initial state: "placed" (per_step +
+  optimizer offload), "host" (both offloads, per_micro_batch; from placed's
+  initial state), "default": two steps from that state moved onto the
+  device, and its eval step (one init compile fewer)."""
+  placed = placed_run(config(weight_gather="per_step", optimizer_offload=True),
+                      tmp_path_factory.mktemp("placed") / "state")
+  host = placed_run(config(optimizer_offload=True, param_offload=True),
+                    tmp_path_factory.mktemp("host") / "state",
+                    placed["init_values"])
 
   c = config()
   setup, step, moved = compiled_step(c)
   losses = []
   with setup.context():
     state = jax.device_put(placed["init_values"], setup.state_shardings)
-    for batch in batches(setup, c):
+    first = batches(setup, c)
+    for batch in first:
       state, metrics = step(state, batch)
       losses.append(float(metrics["loss"]))
+    evaluated = jax.device_get(setup.eval_fn(state.params, first[0]))
   default = dict(losses=losses, state=jax.device_get(state), moved=moved,
+                 eval=evaluated,
                  weight_bytes=sum(x.size * 4 for x in jax.tree.leaves(
                      setup.abstract_state.params)))
-  return default, placed
+  return default, placed, host
 
 
-def test_per_step_and_offload_train_as_the_default(runs):
-  default_run, placed_run = runs
-  np.testing.assert_allclose(placed_run["losses"], default_run["losses"],
+@pytest.mark.parametrize("which", [1, 2], ids=["per_step", "param_offload"])
+def test_placements_train_as_the_default(runs, which):
+  default_run, other = runs[0], runs[which]
+  np.testing.assert_allclose(other["losses"], default_run["losses"],
                              rtol=1e-6)
   want = jax.tree_util.tree_leaves_with_path(default_run["state"])
-  got = jax.tree.leaves(placed_run["state"])
+  got = jax.tree.leaves(other["state"])
   assert len(got) == len(want)
   for (path, x), y in zip(want, got):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     assert np.linalg.norm(y - x) <= 1e-5 * np.linalg.norm(x), path
+  for k, v in default_run["eval"].items():
+    np.testing.assert_allclose(other["eval"][k], v, rtol=1e-5, err_msg=k)
 
 
-def test_offloaded_optimizer_state_lives_in_host_memory(runs):
-  placed_run = runs[1]
-  assert placed_run["init"] == {"pinned_host"}
-  assert placed_run["after_step"] == dict(opt_state={"pinned_host"},
-                                          params={"device"})
-  assert placed_run["restored"] == {"pinned_host"}
+def test_offloaded_state_lives_in_host_memory(runs):
+  placed, host = runs[1], runs[2]
+  on = lambda opt, params: dict(opt_state={opt}, params={params})
+  for when in ("init", "after_step", "restored"):
+    assert placed[when] == on("pinned_host", "device"), when
+    assert host[when] == on("pinned_host", "pinned_host"), when
 
 
 def test_per_step_gathers_and_reduces_once(runs):
@@ -161,7 +188,7 @@ def test_state_check_counts_the_gathered_copy():
   c.mesh.shape, c.seq_len = (1, 8, 1, 1), 4096
   c.model.update(remat_policy="full", dtype="bfloat16")
   c.train.update(grad_accum=1, optimizer_offload=False,
-                 weight_gather="per_step")
+                 param_offload=False, weight_gather="per_step")
   setup = loop.build(c, VOCAB, np.ones(VOCAB, np.float32))
   params = jax.tree_util.tree_leaves_with_path(setup.abstract_state.params)
   gathered = loop.gathered_bytes(setup.placement,

@@ -17,21 +17,48 @@ eval, compile, benchmarks) gets it without knowing. RoPE reads the true
 positions; the masks here come from each query's true window index and each
 row's segment ids, never from local indices.
 
-Attention by all-gathered K/V: each device all-gathers K, V (and the segment
-ids) over the axis, puts them back in window order (a local reshuffle) and
-attends its T/C queries to all T keys. Per layer and device the forward pass
-receives (C-1)/C of the layer's K and V, 2 * b * T * K * F * (C-1)/C
-elements (b rows and K KV heads of the device; again where remat recomputes
-the layer); the backward pass sends dK, dV back by a reduce-scatter of the
-same size. A ring (K/V passed around the axis) is not built: it moves the
-same bytes, overlapped with compute, and holds one block instead of all T. Kernels: splash on TPU (its
-causal mask reads the queries' true positions and the block sparsity follows
-them, so load balancing saves work there); elsewhere a dense mask (XLA) or
-the tiled loop (CPU) over all T keys.
+Attention by all-gathered K/V (mesh.context_strategy "all_gather", the
+default): each device all-gathers K, V (and the segment ids) over the axis,
+puts them back in window order (a local reshuffle) and attends its T/C
+queries to all T keys. Per layer and device the forward pass receives
+(C-1)/C of the layer's K and V, 2 * b * T * K * F * (C-1)/C elements (b rows
+and K KV heads of the device; again where remat recomputes the layer); the
+backward pass sends dK, dV back by a reduce-scatter of the same size.
+Kernels: splash on TPU (its causal mask reads the queries' true positions
+and the block sparsity follows them, so load balancing saves work there);
+elsewhere a dense mask (XLA) or the tiled loop (CPU) over all T keys.
+
+The ring ("ring"): K, V, their slots' window positions and segment ids go
+around the axis by collective-permutes (`jax.lax.ppermute`), C-1 hops; at
+each step the local queries attend to the visiting block, masked by true
+positions (so load balancing works unchanged) and segments, and the blocks'
+outputs merge by their log-sum-exp in fp32. Wholly masked blocks (keys all
+after the queries; the natural split) are computed and masked, not skipped;
+a masked logit is finite (_MASKED), so no row gives NaN. The backward pass
+is a custom VJP that runs the ring again: each block travels with its fp32
+dK, dV, which every device adds its queries' share to, and one last hop
+takes them home. Forward bytes equal the all-gather's; backward, K and V
+again ((C-1)/C) plus dK, dV in fp32 for C hops, about 3x the reduce-scatter
+of bf16 dK, dV. In return a device holds one visiting block and the one
+arriving (the middle steps are a loop), fp32 accumulators the size of its
+own queries, and keeps for the backward pass only its own q, k, v, output
+and log-sum-exp: nothing of size T. Kernels, per block returning (output,
+log-sum-exp): "tiled" (a loop over (row, KV head) pairs and over TILE
+queries at a time) or dense XLA, which materialises [b, H, T/C, T/C] fp32
+logits per step. Splash is not used: its log-sum-exp comes out only with
+save_residuals=True, whose VJP is not implemented, and its mask is fixed
+per kernel while the ring's changes with the step and device. So on TPU
+"auto" and "splash" run the dense XLA block; set model.attention_impl
+"tiled" where its logits do not fit. The ring is the better choice where
+all T keys (2 * b * T * K * F per layer, and their fp32 gradients) are what
+does not fit: many or wide KV heads, long windows over many devices. Where
+they fit, the all-gather with splash keeps splash's speed and small
+temporaries and stays the default.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -42,6 +69,11 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 from jax.sharding import NamedSharding, PartitionSpec
 
 from codeclm.model import attention
+
+STRATEGIES = ("all_gather", "ring")  # The config's mesh.context_strategy.
+# The ring's masked logits: finite, so a block that hides all of a row's keys
+# adds exp(_MASKED - lse) = 0 to it, never NaN.
+_MASKED = -1e30
 
 
 def length_axes() -> tuple[str, ...]:
@@ -105,23 +137,33 @@ def window_index(t: int, shards: int, balance: bool) -> np.ndarray:
   return np.stack([chunks[:shards], chunks[shards:][::-1]], 1).reshape(t)
 
 
+def check_strategy(strategy: str) -> None:
+  if strategy not in STRATEGIES:
+    raise ValueError(f"Unknown mesh.context_strategy={strategy!r}; use "
+                     f"{STRATEGIES[0]!r} or {STRATEGIES[1]!r} (see "
+                     "codeclm/model/context_attention.py).")
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array,
            segment_ids: jax.Array | None, *, impl: str | None,
-           balance: bool) -> jax.Array:
+           balance: bool, strategy: str = "all_gather") -> jax.Array:
   """Causal attention of queries and keys in the context layout.
 
   q [B, T, H, F], k, v [B, T, K, F], segment_ids [B, T] or None, all in the
   layout (`to_layout`) and split over the context axes; returns [B, T, H, F]
   in the same layout. Packed rows attend within their segment, padding (0)
-  to padding, as `attention.attend` does.
+  to padding, as `attention.attend` does. strategy: one of STRATEGIES.
   """
+  check_strategy(strategy)
   axes, shards = length_axes(), num_shards()
   b, t, h, f = q.shape
   check_length(t, shards, balance)
   where = attention.platform()
   impl = attention.resolve(impl, where, q.dtype, t // shards, False)
-  if impl not in ("splash", "tiled"):
-    impl = "xla"  # cuDNN's fused kernel takes no mask of this kind.
+  if impl not in ("splash", "tiled") or strategy == "ring":
+    # cuDNN's fused kernel takes no mask of this kind; the ring needs each
+    # block's log-sum-exp, which splash gives only without a gradient.
+    impl = "tiled" if impl == "tiled" else "xla"
   scale = f ** -0.5
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)
   q = heads_first(q * jnp.asarray(scale, q.dtype))
@@ -139,6 +181,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
     return from_layout(x, shards, balance, axis=axis)
 
   def local(a):
+    if strategy == "ring":
+      q_rows, seg = a["q"], a.get("seg")
+      if seg is None:
+        seg = jnp.zeros((q_rows.shape[0], q_rows.shape[2]), jnp.int32)
+      return _ring(q_rows, a["k"], a["v"], a["index"], seg,
+                   length, shards, impl)
     k, v = gather(a["k"], 2), gather(a["v"], 2)
     seg = a.get("seg")
     seg_kv = None if seg is None else gather(seg, 1)
@@ -234,3 +282,168 @@ def _tiled_local(q, k, v, q_index, seg_q, seg_kv):
   group = jax.vmap(one_head, in_axes=(0, None, None, None, None))
   out = jax.lax.map(lambda a: group(*a), (q, k, v, seg_q, seg_kv))
   return out.reshape(b, h, tq, f)
+
+
+# The ring. Each device's blocks: q [b, H, Tq, F] (pre-scaled), k, v
+# [b, K, Tq, F], the window positions of its slots (index [Tq]) and the
+# segment ids [b, Tq]; K/V, their positions and ids travel together.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _ring(q, k, v, index, seg, axes, shards: int, impl: str):
+  """Attention of the local queries to every device's K/V, passed around."""
+  return _ring_fwd(q, k, v, index, seg, axes, shards, impl)[0]
+
+
+def _rotate(x, axes, shards: int):
+  """Each device's x to the next one along the context axes (a cycle)."""
+  perm = [(i, (i + 1) % shards) for i in range(shards)]
+  return jax.tree.map(lambda a: jax.lax.ppermute(a, axes, perm), x)
+
+
+def _ring_fwd(q, k, v, index, seg, axes, shards, impl):
+  """C blocks (own first), merged by their log-sum-exp in fp32; keeps the
+  local q, k, v, output and log-sum-exp for the backward pass."""
+  block = functools.partial(_blocks, _pair_fwd, impl, q, index, seg)
+
+  def merge(visiting, out, lse):
+    part, part_lse = block(*visiting)
+    merged = jnp.logaddexp(lse, part_lse)
+    return (out * jnp.exp(lse - merged)[..., None]
+            + part * jnp.exp(part_lse - merged)[..., None]), merged
+
+  own = (k, v, index, seg)
+  out, lse = block(*own)
+  if shards > 1:
+    out, lse = merge(*_ring_loop(own, (out, lse), merge, axes, shards))
+  out = out.astype(q.dtype)
+  return out, (q, k, v, index, seg, out, lse)
+
+
+def _ring_bwd(axes, shards, impl, residuals, d_out):
+  """The ring again: K/V travel with their fp32 dK, dV, which each device
+  adds its queries' share to; one more hop takes dK, dV home."""
+  q, k, v, index, seg, out, lse = residuals
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  block = functools.partial(_blocks, _pair_bwd, impl, q, index, seg)
+
+  def add(visiting, d_q, d_k, d_v):
+    d_k, d_v = _rotate((d_k, d_v), axes, shards)  # Over the compute.
+    dq, dk, dv = block(*visiting, d_out, lse, delta)
+    return d_q + dq, d_k + dk, d_v + dv
+
+  own = (k, v, index, seg)
+  grads = block(*own, d_out, lse, delta)
+  if shards > 1:
+    grads = add(*_ring_loop(own, grads, add, axes, shards))
+  d_q, *d_kv = grads
+  dk, dv = _rotate(d_kv, axes, shards)
+  return (d_q.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+          None, None)
+
+
+def _ring_loop(own, acc, fold, axes, shards: int):
+  """The middle C-2 steps of a ring: each hands the block it folds into
+  `acc` on while folding it (a loop, so a device holds the block it works
+  on and the one arriving). Returns (the last block, acc) for the caller
+  to fold, so no hop is wasted."""
+  def step(_, carry):
+    visiting, acc = carry
+    return _rotate(visiting, axes, shards), fold(visiting, *acc)
+  visiting = _rotate(own, axes, shards)
+  visiting, acc = jax.lax.fori_loop(0, shards - 2, step, (visiting, acc))
+  return visiting, *acc
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _blocks(pair_fn, impl, q, q_index, seg_q, k, v, kv_index, seg_kv, *rest):
+  """pair_fn over (row, KV head) pairs: q-shaped arrays ([b, H, Tq, ...]:
+  q and `rest`) go in as [G, Tq, ...] per pair, K/V as [Tk, F]; its outputs
+  [G or 1, ...] per pair come back as [b, H or K, ...]. "xla":
+  vmapped, all queries at once; "tiled": one pair at a time (lax.map),
+  TILE queries at a time where they divide T/C (else all at once)."""
+  b, h, tq = q.shape[:3]
+  kv = k.shape[1]
+  grouped = lambda x: x.reshape(b * kv, h // kv, *x.shape[2:])
+  per_kv = lambda x: x.reshape(b * kv, *x.shape[2:])
+  rows = lambda x: jnp.repeat(x, kv, axis=0)
+  tiled = impl == "tiled" and tq % attention.TILE == 0
+  fn = functools.partial(pair_fn, q_index=q_index, kv_index=kv_index,
+                         tile=attention.TILE if tiled else tq)
+  args = (grouped(q), rows(seg_q), per_kv(k), per_kv(v), rows(seg_kv),
+          *map(grouped, rest))
+  if impl == "tiled":
+    outs = jax.lax.map(lambda a: fn(*a), args)
+  else:
+    outs = jax.vmap(fn)(*args)
+  return tuple(x.reshape(b, -1, *x.shape[2:]) for x in outs)
+
+
+def _logits(q, k, q_index, seg_q, kv_index, seg_kv):
+  """fp32 [G, tq, Tk]; _MASKED where the key is after the query (by true
+  position) or in another segment."""
+  seen = ((kv_index[None, :] <= q_index[:, None])
+          & (seg_q[:, None] == seg_kv[None, :]))
+  logits = jnp.einsum("gqf,kf->gqk", q, k, preferred_element_type=jnp.float32)
+  return jnp.where(seen, logits, _MASKED)
+
+
+def _tiles(x, tile: int):
+  """[G, Tq, ...] -> [Tq / tile, G, tile, ...]: a loop's worth of tiles."""
+  x = x.reshape(x.shape[0], -1, tile, *x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _untiled(x):
+  """`_tiles`' inverse."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _pair_fwd(q, seg_q, k, v, seg_kv, *, q_index, kv_index, tile):
+  """One pair's block: (output, log-sum-exp), fp32 [G, Tq, F], [G, Tq].
+  Tiles of queries in a loop, so only one tile's logits exist at a time."""
+  def one(args):
+    qt, q_at, seg_at = args
+    logits = _logits(qt, k, q_at, seg_at, kv_index, seg_kv)
+    top = logits.max(-1, keepdims=True)
+    weights = jnp.exp(logits - top)
+    total = weights.sum(-1, keepdims=True)
+    out = jnp.einsum("gqk,kf->gqf", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32) / total
+    return out, (top + jnp.log(total))[..., 0]
+
+  out, lse = jax.lax.map(one, (_tiles(q, tile), q_index.reshape(-1, tile),
+                               seg_q.reshape(-1, tile)))
+  return _untiled(out), _untiled(lse)
+
+
+def _pair_bwd(q, seg_q, k, v, seg_kv, d_out, lse, delta, *, q_index,
+              kv_index, tile):
+  """One pair's block's share of dq [G, Tq, F] and dk, dv [1, Tk, F] (its
+  one KV head), fp32, from the merged log-sum-exp and delta = sum(d_out *
+  out) over features; a loop over tiles of queries as `_pair_fwd`."""
+  f32 = jnp.float32
+
+  def one(d_kv, args):
+    qt, d_at, lse_at, delta_at, q_at, seg_at = args
+    logits = _logits(qt, k, q_at, seg_at, kv_index, seg_kv)
+    probs = jnp.exp(logits - lse_at[..., None])
+    dv = jnp.einsum("gqk,gqf->kf", probs.astype(d_at.dtype), d_at,
+                    preferred_element_type=f32)
+    d_probs = jnp.einsum("gqf,kf->gqk", d_at, v, preferred_element_type=f32)
+    d_logits = probs * (d_probs - delta_at[..., None])
+    dq = jnp.einsum("gqk,kf->gqf", d_logits.astype(k.dtype), k,
+                    preferred_element_type=f32)
+    dk = jnp.einsum("gqk,gqf->kf", d_logits.astype(qt.dtype), qt,
+                    preferred_element_type=f32)
+    return (d_kv[0] + dk, d_kv[1] + dv), dq
+
+  zeros = jnp.zeros(k.shape, f32)
+  (dk, dv), dq = jax.lax.scan(one, (zeros, zeros), (
+      _tiles(q, tile), _tiles(d_out, tile), _tiles(lse, tile),
+      _tiles(delta, tile), q_index.reshape(-1, tile),
+      seg_q.reshape(-1, tile)))
+  return _untiled(dq), dk[None], dv[None]

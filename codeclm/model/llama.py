@@ -39,10 +39,14 @@ by checkpoint_name, the layer input among them.
 Context parallelism: where the mesh splits "length" (a context axis > 1) and
 no cache is used, the model puts its inputs into the context layout on entry
 and its logits back into window order on exit (context_attention.py);
-attention then runs over the sequence shards.
+attention then runs over the sequence shards. A cache's prefill splits the
+same way in window order; a decode step's one position attends to a cache
+whose length is split over the axis (kv_cache.py).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -165,7 +169,8 @@ class Attention(nn.Module):
     if self.context_parallel:
       out = context_attention.attend(q, keys, values, segment_ids,
                                      impl=c.attention_impl,
-                                     balance=c.context_load_balance)
+                                     balance=c.context_load_balance,
+                                     strategy=c.context_strategy)
     else:
       out = attention.attend(q, keys, values, impl=c.attention_impl,
                              segment_ids=segment_ids, mask=mask,
@@ -312,11 +317,16 @@ class Llama(nn.Module):
       _check_positions(positions, cache.length, "the cache length")
       cache_kv = kv_cache.Stacked.of(cache)
     # Over a context axis (training, eval): inputs into the context layout.
-    # Other calls (a cache, or T not in 2C chunks: init's one token) attend
-    # over gathered, unsplit inputs (attention.py), correct but not split.
+    # A prefill splits too, in window order (no load balancing: its keys go
+    # into the cache at positions 0..T-1 and its logits are read at each
+    # row's last prompt position). Other calls (a decode step, or T not in
+    # C or 2C chunks: init's one token) attend over gathered, unsplit
+    # inputs (attention.py), correct but not split.
     shards = context_attention.num_shards()
-    balance = c.context_load_balance
-    split = (shards > 1 and cache is None and logits_at is None
+    balance = c.context_load_balance and not prefill
+    if c.context_load_balance and prefill:
+      c = dataclasses.replace(c, context_load_balance=False)
+    split = (shards > 1 and (prefill or (cache is None and logits_at is None))
              and t % (2 * shards if balance else shards) == 0)
     if split:
       tokens, positions = (context_attention.to_layout(x, shards, balance)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from codeclm.model import attention
+from codeclm.model import context_attention
 
 # One size table. Vocabulary size comes from the tokenizer, not from here.
 # "1b" uses 16 heads of 128 (Llama-2's head dim, the fast path of the flash
@@ -93,6 +94,9 @@ class LlamaConfig:
   # Over a context mesh axis: chunks i and 2C-1-i per shard (see
   # context_attention.py); the config's mesh.context_load_balance.
   context_load_balance: bool = True
+  # "all_gather" or "ring": how K/V cross the context axis (see
+  # context_attention.py); the config's mesh.context_strategy.
+  context_strategy: str = "all_gather"
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -113,6 +117,7 @@ class LlamaConfig:
     if self.attention_impl not in attention.IMPLS:
       raise ValueError(f"Unknown attention_impl={self.attention_impl!r}; use "
                        f"one of {attention.IMPLS} (see attention.py).")
+    context_attention.check_strategy(self.context_strategy)
     for field in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, field))

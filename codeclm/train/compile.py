@@ -101,8 +101,12 @@ def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int,
   cache_dtype = jnp.dtype(sc.cache_dtype)
   _, _, prepare = decode_loop.loop_for(model, mesh, rules, cache_dtype,
                                        reshard, bool(sc.unroll_layers))
-  trained = checkpoint.abstract_with_shardings(setup.abstract_state.params,
-                                               setup.state_shardings.params)
+  # Sampling reads the weights from device memory even where training keeps
+  # them in host memory (train.param_offload).
+  trained = checkpoint.abstract_with_shardings(
+      setup.abstract_state.params, jax.tree.map(
+          lambda s: s.with_memory_kind("device"),
+          setup.state_shardings.params))
   programs = []
   if reshard:
     axes = ",".join(sharding.batch_axes(rules)) or "none"

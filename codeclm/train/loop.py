@@ -105,10 +105,16 @@ def check_config(model_cfg, tc, mesh, *, batch_size: int) -> None:
         f"{mesh.shape['context']}): each micro-batch would still reduce its "
         "gradients over context, moving more than 'per_micro_batch'. Use "
         "'per_micro_batch' or a mesh.shape with context 1.")
-  if not isinstance(tc.optimizer_offload, bool):
+  for knob in ("optimizer_offload", "param_offload"):
+    if not isinstance(tc.get(knob, False), bool):
+      raise ValueError(
+          f"train.{knob}={tc[knob]!r}: use True or False ('auto' must be "
+          "resolved by the layout planner first).")
+  if tc.get("param_offload") and tc.weight_gather != "per_micro_batch":
     raise ValueError(
-        f"train.optimizer_offload={tc.optimizer_offload!r}: use True or "
-        "False ('auto' must be resolved by the layout planner first).")
+        "train.param_offload=True keeps the weights in host memory and "
+        "works with train.weight_gather='per_micro_batch' (now "
+        f"{tc.weight_gather!r}); 'per_step' gathers a device copy anyway.")
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % (data_ways * tc.grad_accum):
     raise ValueError(
@@ -195,10 +201,14 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
     boxed = jax.eval_shape(init_state, rng_shape)
     state_shardings = sharding.logical_shardings(boxed, mesh, rules)
     on_device = state_shardings
-    if config.train.optimizer_offload:  # Pinned host memory between steps.
-      state_shardings = state_shardings.replace(opt_state=jax.tree.map(
-          lambda s: s.with_memory_kind("pinned_host"),
-          state_shardings.opt_state))
+    to_host = lambda tree: jax.tree.map(  # Pinned host memory between steps.
+        lambda s: s.with_memory_kind("pinned_host"), tree)
+    if config.train.optimizer_offload:
+      state_shardings = state_shardings.replace(
+          opt_state=to_host(state_shardings.opt_state))
+    if config.train.get("param_offload"):
+      state_shardings = state_shardings.replace(
+          params=to_host(state_shardings.params))
     place = placement(config.train, boxed.params, on_device, rules)
     data_sharding = jax.sharding.NamedSharding(
         mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
@@ -216,7 +226,8 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
     eval_fn = jax.jit(
         functools.partial(step_lib.eval_step, model=model, data=config.data,
                           token_bytes=token_bytes,
-                          micro_batches_per_step=config.train.grad_accum),
+                          micro_batches_per_step=config.train.grad_accum,
+                          placement=place),
         in_shardings=(state_shardings.params, batch_shardings))
   abstract_state = nn.meta.unbox(boxed)
   sharding.check_large_params_sharded(state_shardings.params, mesh,
@@ -236,6 +247,10 @@ def placement(tc, boxed_params, shardings, rules) -> step_lib.Placement:
   """Where the train step keeps weights and optimizer state (step.py); `tc`:
   the config's train section, `shardings`: the state's device shardings."""
   opt_device = shardings.opt_state if tc.optimizer_offload else None
+  if tc.weight_gather == "per_micro_batch" and tc.get("param_offload"):
+    return step_lib.Placement(
+        cast=optimizer.decay_mask(boxed_params), opt_device=opt_device,
+        params_device=shardings.params)
   if tc.weight_gather == "per_micro_batch":
     return step_lib.Placement(opt_device=opt_device)
   axes = sharding.batch_axes(rules)
@@ -289,8 +304,10 @@ def extra_state(setup: Setup, host_bytes: int) -> str:
     out += (f" (+ {gathered / 2**30:.3g} GiB per device for the weights "
             "gathered once per step and their gradient accumulator)")
   if host_bytes:
-    out += (f" (+ {host_bytes / 2**30:.3g} GiB of optimizer state in host "
-            "memory)")
+    what = " and ".join(name for name, there in (
+        ("weights", setup.placement.params_device is not None),
+        ("optimizer state", setup.placement.opt_device is not None)) if there)
+    out += f" (+ {host_bytes / 2**30:.3g} GiB of {what} in host memory)"
   return out
 
 
@@ -426,7 +443,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         logging.info("[%d] eval: %s", step, ", ".join(
             f"{k}={v:.6g}" for k, v in sorted(scores.items())))
       if tb_samples is not None and tb_samples.due(step):
-        writer.write_images(step, tb_samples(state.params))
+        writer.write_images(step, tb_samples(device_params(setup, state)))
       paused += time.perf_counter() - t_aside
 
       stop = preempt.reached(step)  # The same step on every process.
@@ -448,6 +465,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     train_iter.close()
     writer.flush()
   return last
+
+
+def device_params(setup: Setup, state: step_lib.TrainState):
+  """The params on the devices (a copy when param_offload keeps them in host
+  memory), for code outside the step such as the sampler."""
+  if setup.placement.params_device is None:
+    return state.params
+  return jax.device_put(state.params, setup.placement.params_device)
 
 
 def evaluate(data, tc, data_dir, tokenizer, eval_fn, params, rows, feed, *,

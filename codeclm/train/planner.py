@@ -1,7 +1,8 @@
 """The layout planner: picks the "auto" fields of a config for a device count.
 
 A layout is the mesh (data, fsdp, context, tensor), train.grad_accum,
-model.remat_policy, train.optimizer_offload and train.weight_gather. Finding
+model.remat_policy, train.optimizer_offload, train.weight_gather and
+train.param_offload. Finding
 one by trial compiles costs minutes each (--mode=compile); this module
 estimates, by arithmetic on the model's shapes, each candidate's memory per
 chip (HBM and pinned host) and the collective bytes a chip moves per step,
@@ -35,7 +36,7 @@ AUTO = "auto"
 # The fields the planner may choose, as (config section, key).
 FIELDS = (("mesh", "shape"), ("train", "grad_accum"),
           ("model", "remat_policy"), ("train", "optimizer_offload"),
-          ("train", "weight_gather"))
+          ("train", "weight_gather"), ("train", "param_offload"))
 REMAT_CHOICES = ("full", "offload_layer_inputs")
 WEIGHT_GATHERS = ("per_micro_batch", "per_step")
 # Estimates must leave this share of HBM free: the fitted model is within
@@ -72,6 +73,12 @@ _STEP_GRAD_BYTES = 3.1
 # v5e-16, benchmarks/RESULTS.md "The layout planner"), where XLA's
 # temporaries were below this model's even without them.
 _OFFLOAD_BACK = 0.0
+# param_offload: the fp32 accumulator, a micro-batch's compute-dtype
+# gradients and the update's temporaries, bytes per parameter (shard), in
+# place of the gradient copies above: on the safe side of the two v5e-8
+# compiles that have it (Avc-LM 7B 1x1x8x1 and Jpeg-LM 7B 1x8x1x1, both
+# offloads; benchmarks/RESULTS.md, "Weights in host memory").
+_HOST_PARAMS_GRAD_BYTES = 10.1
 # Collectives: passes of the bf16 layer weights per micro-batch, as counted
 # (forward and backward gathers; the gradient reduction is a third pass).
 _GATHER_PASSES = 2.16
@@ -112,6 +119,7 @@ class Layout:
   remat_policy: str
   optimizer_offload: bool
   weight_gather: str
+  param_offload: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +156,10 @@ def estimate(s: Shape, lay: Layout) -> Estimate:
   if lay.optimizer_offload:  # Moments brought back in for the update.
     host += parts["optimizer"]
     parts["optimizer"] *= _OFFLOAD_BACK
+  if lay.param_offload:  # fp32 weights in host memory; on the device a
+    host += parts["params"]  # compute-dtype copy, and the micro-batch
+    parts["params"] /= 2     # gradients in that dtype too.
+    parts["gradients"] = _HOST_PARAMS_GRAD_BYTES * s.params / shards
   if lay.weight_gather == "per_step":  # Whole on every chip (per tensor):
     parts["all_weights"] = 2 * s.params / tensor  # the bf16 copy,
     parts["accumulator"] = 4 * s.params / tensor  # the fp32 accumulator,
@@ -200,9 +212,16 @@ def meshes(s: Shape, n: int, balance: bool = True
     yield (data, fsdp, context, tensor)
 
 
+# ROWS_NOTE: micro-batches of more than one row per chip are left out unless
+# grad_accum is set: the memory model misses by -24% to -36% there with the
+# offloads (Jpeg-LM 7B on v5p-8, 8 and 16 rows per chip) while every
+# layout of one row per chip or less compiled within its tolerance.
+
+
 def candidates(s: Shape, n: int, fixed: dict, balance: bool = True
                ) -> Iterator[Layout]:
-  """Every layout of n devices with the `fixed` fields as given.
+  """Every layout of n devices with the `fixed` fields as given: at most
+  one row per chip per micro-batch unless grad_accum is fixed (ROWS_NOTE).
 
   fixed: field name (Layout's) -> value, for the fields not "auto".
   """
@@ -212,18 +231,24 @@ def candidates(s: Shape, n: int, fixed: dict, balance: bool = True
     rows = s.batch_size // (mesh[0] * mesh[1])
     accums = ([fixed["grad_accum"]] if "grad_accum" in fixed
               else _divisors(rows))
-    for accum, remat, offload, gather in itertools.product(
+    for accum, remat, offload, gather, params in itertools.product(
         accums,
         [fixed["remat_policy"]] if "remat_policy" in fixed
         else REMAT_CHOICES,
         [fixed["optimizer_offload"]] if "optimizer_offload" in fixed
         else (False, True),
         [fixed["weight_gather"]] if "weight_gather" in fixed
-        else WEIGHT_GATHERS):
+        else WEIGHT_GATHERS,
+        [fixed["param_offload"]] if "param_offload" in fixed
+        else (False, True)):
       if gather == "per_step" and "weight_gather" not in fixed and (
           accum == 1 or mesh[2] > 1):
         continue  # Nothing to share a gather with; refused with context.
-      yield Layout(tuple(mesh), accum, remat, offload, gather)
+      if params and gather == "per_step":
+        continue  # Refused: per_step keeps a device copy anyway.
+      if "grad_accum" not in fixed and rows > accum:
+        continue  # One row per chip per micro-batch at most (see ROWS_NOTE).
+      yield Layout(tuple(mesh), accum, remat, offload, gather, params)
 
 
 def _cost(lay: Layout, est: Estimate):
@@ -239,10 +264,19 @@ def plan(s: Shape, n: int, hbm_bytes: int, fixed: dict | None = None, *,
 
   A layout fits when its HBM estimate is within (1 - margin) * hbm_bytes
   and what it offloads within HOST_SHARE * host_bytes (host memory per
-  chip; 0: offload nothing). Raises ValueError naming the smallest estimate
-  and what to change when none fits.
+  chip; 0: offload nothing). The weights go to host memory (param_offload)
+  only where no layout without that fits: its saving was measured on two
+  layouts and reversed on a third (benchmarks/RESULTS.md). Raises
+  ValueError naming the smallest estimate and what to change when none
+  fits.
   """
   fixed = fixed or {}
+  if "param_offload" not in fixed:
+    try:
+      return plan(s, n, hbm_bytes, {**fixed, "param_offload": False},
+                  host_bytes=host_bytes, margin=margin, balance=balance)
+    except ValueError:
+      fixed = {**fixed, "param_offload": True}
   budget = (1 - margin) * hbm_bytes
   best, smallest = None, None
   for lay in candidates(s, n, fixed, balance):
@@ -331,11 +365,12 @@ def resolve(config, num_devices: int, hbm_bytes: int | None, *,
     fixed["mesh"] = _concrete_mesh(config.mesh.shape, num_devices)
   for key, section in (("grad_accum", train), ("remat_policy", config.model),
                        ("optimizer_offload", train),
-                       ("weight_gather", train)):
+                       ("weight_gather", train), ("param_offload", train)):
     if key in section and not is_auto(section[key]):
       fixed[key] = section[key]
   for key, value in (("optimizer_offload", False),
-                     ("weight_gather", "per_micro_batch")):
+                     ("weight_gather", "per_micro_batch"),
+                     ("param_offload", False)):
     if key not in train:  # An older config: the knob is not there to set.
       fixed[key] = value
   lay, est = plan(config_shape(config, attention), num_devices, hbm_bytes,
@@ -391,7 +426,8 @@ def _concrete_mesh(shape, n: int) -> tuple[int, int, int, int]:
 UNPLANNED = {("mesh", "shape"): (1, -1, 1, 1), ("train", "grad_accum"): 1,
              ("model", "remat_policy"): "full",
              ("train", "optimizer_offload"): False,
-             ("train", "weight_gather"): "per_micro_batch"}
+             ("train", "weight_gather"): "per_micro_batch",
+             ("train", "param_offload"): False}
 
 
 def unplanned(config) -> ml_collections.ConfigDict:
@@ -410,7 +446,8 @@ def layout_of(config, num_devices: int) -> Layout:
   return Layout(_concrete_mesh(config.mesh.shape, num_devices),
                 int(config.train.grad_accum), config.model.remat_policy,
                 bool(config.train.get("optimizer_offload", False)),
-                config.train.get("weight_gather", "per_micro_batch"))
+                config.train.get("weight_gather", "per_micro_batch"),
+                bool(config.train.get("param_offload", False)))
 
 
 def config_shape(config, attention: str) -> Shape:

@@ -20,6 +20,14 @@ the weights and the optimizer state live during the step is a `Placement`
   optimizer_offload  the optimizer state lives in pinned host memory between
       steps; the step brings it to the device for the update and its
       out_shardings send it back.
+  param_offload  the fp32 weights live in pinned host memory too. The step
+      brings them in once cast to the compute dtype (the matrices; still
+      sharded as trained), differentiates with respect to that copy, so a
+      micro-batch's gradients are in the compute dtype as well, sums them in
+      fp32, and brings the fp32 weights in again for the update. The
+      gradients are the same numbers (the cast's transpose is a cast); HBM
+      holds half-size weights and micro-batch gradients during the
+      micro-batches. "per_micro_batch" only.
 
 Functions take the config's sections (`tc`: train, `data`: data), never the
 whole config.
@@ -61,6 +69,8 @@ class Placement:
     inner_rules: the logical rules without those axes, for the model traced
     per batch shard. opt_device: the optimizer state's device shardings
     when it is kept in host memory between steps (None: kept on device).
+    params_device: the params' device shardings when they are kept in host
+    memory between steps (param_offload; None: kept on device).
   """
   gathered: Any = None
   sharded: Any = None
@@ -68,6 +78,7 @@ class Placement:
   batch_axes: tuple[str, ...] = ()
   inner_rules: tuple = ()
   opt_device: Any = None
+  params_device: Any = None
 
 
 def loss_terms(model, params, batch, use_segments: bool, z_loss: float,
@@ -104,7 +115,15 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, tc, data,
       has_aux=True)
   micro = jax.tree.map(lambda x: micro_batches(x, tc.grad_accum), batch)
   sums0 = dict(nll=0.0, tokens=0.0, bytes=0.0)
-  if placement.gathered is None:
+  params = state.params
+  if placement.params_device is not None:
+    grads, sums = _host_params_grads(state.params, micro, grad_fn, placement,
+                                     model.config.dtype, sums0)
+    # The fp32 weights again for the update, fetched after the micro-batches
+    # (the barrier keeps XLA from sharing one early copy with the cast).
+    params, grads = jax.lax.optimization_barrier((state.params, grads))
+    params = jax.device_put(params, placement.params_device)
+  elif placement.gathered is None:
     def micro_step(carry, micro_batch):
       grads, sums = carry
       g, aux = grad_fn(state.params, micro_batch)
@@ -120,11 +139,40 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, tc, data,
   opt_state = state.opt_state
   if placement.opt_device is not None:  # Host -> device for the update.
     opt_state = jax.device_put(opt_state, placement.opt_device)
-  updates, opt_state = tx.update(grads, opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
   metrics = dict(summarize(sums), grad_norm=optax.global_norm(grads),
                  learning_rate=schedule(state.step))
   return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def compute_copy(params, placement: Placement, dtype):
+  """The weights on the device, the matrices cast to the compute dtype
+  (param_offload: from host memory; sharded as trained)."""
+  params = jax.device_put(params, placement.params_device)
+  return jax.tree.map(lambda p, cast: p.astype(dtype) if cast else p,
+                      params, placement.cast)
+
+
+def _host_params_grads(params, micro, grad_fn, placement: Placement, dtype,
+                       sums0):
+  """Summed fp32 gradients and loss sums of all micro-batches, each taken
+  with respect to the compute-dtype copy of the host-resident weights."""
+  copy = compute_copy(params, placement, dtype)
+  constrain = jax.lax.with_sharding_constraint
+
+  def micro_step(carry, micro_batch):
+    grads, sums = carry
+    g, aux = grad_fn(copy, micro_batch)
+    grads = jax.tree.map(
+        lambda acc, x, s: constrain(acc + x.astype(acc.dtype), s),
+        grads, g, placement.params_device)
+    return (grads, jax.tree.map(jnp.add, sums, aux)), None
+
+  zeros = jax.tree.map(lambda p, s: constrain(jnp.zeros(p.shape, p.dtype), s),
+                       params, placement.params_device)
+  (grads, sums), _ = jax.lax.scan(micro_step, (zeros, sums0), micro)
+  return grads, sums
 
 
 def _gathered_grads(params, micro, grad_fn, placement: Placement, dtype,
@@ -185,9 +233,14 @@ def micro_batches(x: jax.Array, n: int) -> jax.Array:
 
 
 def eval_step(params, batch, *, model, data, token_bytes,
-              micro_batches_per_step: int = 1):
+              micro_batches_per_step: int = 1,
+              placement: Placement = Placement()):
   """Loss sums of a global batch, in the train step's micro-batches (scanned):
-  its activations are then those the train step fits, not a whole batch's."""
+  its activations are then those the train step fits, not a whole batch's.
+  Weights kept in host memory (`placement`) come in as the compute-dtype
+  copy the train step uses."""
+  if placement.params_device is not None:
+    params = compute_copy(params, placement, model.config.dtype)
   loss = functools.partial(loss_terms, model, params,
                            use_segments=data.packing == "pack", z_loss=0.0,
                            token_bytes=token_bytes)

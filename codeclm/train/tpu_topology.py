@@ -38,6 +38,14 @@ GENERATIONS = {
     "v6e": Generation("v6e", 2, 1, 32 * GIB, (1, 4, 8, 16, 32, 64, 128, 256)),
 }
 ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
+# libtpu flags that keep libtpu from aborting, by libtpu's slice name. v5p-8
+# (4 chips): its all-reduce-scatter fusion aborts compiling a Llama-2 7B
+# train step over fsdp or context 4 (rotated_pincer_fusion_emitter.cc,
+# "Check failed: s_count.has_value()"; libtpu 0.0.42.1); without the fusion
+# it compiles. benchmarks/libtpu_v5p8.py reproduces both.
+LIBTPU_WORKAROUNDS = {
+    "v5p:2x2x1": ("--xla_tpu_enable_all_reduce_scatter_fusion=false",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +92,30 @@ def parse_topology(name: str) -> Topology:
   return Topology(name, gen, chips, tuple(grid))
 
 
+def apply_libtpu_workarounds(topology: Topology, environ=os.environ
+                             ) -> tuple[str, ...]:
+  """Adds the slice's LIBTPU_WORKAROUNDS to LIBTPU_INIT_ARGS (read when
+  libtpu starts, so call this first); a flag the user already set there,
+  to any value, is left alone. Returns the flags added."""
+  given = environ.get("LIBTPU_INIT_ARGS", "").split()
+  names = {flag.split("=")[0] for flag in given}
+  added = tuple(flag for flag in LIBTPU_WORKAROUNDS.get(
+      topology.libtpu_name, ()) if flag.split("=")[0] not in names)
+  if added:
+    environ["LIBTPU_INIT_ARGS"] = " ".join(given + list(added))
+  return added
+
+
+def workarounds_for_this_vm(environ=os.environ) -> tuple[str, ...]:
+  """apply_libtpu_workarounds for the slice this TPU VM is part of (its
+  TPU_ACCELERATOR_TYPE, e.g. "v5p-8"); nothing elsewhere."""
+  try:
+    topology = parse_topology(environ.get("TPU_ACCELERATOR_TYPE", ""))
+  except ValueError:
+    return ()
+  return apply_libtpu_workarounds(topology, environ)
+
+
 def topology_devices(topology: Topology) -> list:
   """The slice's (unattached) devices, from libtpu."""
   if importlib.util.find_spec("libtpu") is None:
@@ -97,6 +129,7 @@ def topology_devices(topology: Topology) -> list:
   # Only topologies, no chip: other compiling processes (pytest -n 2) may
   # hold libtpu too; without this the second one fails on its lockfile.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  apply_libtpu_workarounds(topology)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   hosts = {}
   if topology.chips < 4:  # libtpu's default host of 2x2 chips cannot hold it.
