@@ -147,6 +147,19 @@ def test_report_of_every_step(tmp_path, capsys):
   assert "FITS" in capsys.readouterr().out
 
 
+@needs_libtpu
+def test_ring_compiles_for_tpu_with_tiled_blocks(tmp_path):
+  """mesh.context_strategy="ring" over context 4 on v5e-4: splash cannot
+  serve the ring, so its blocks run the tiled loop, and the report says so."""
+  c = small_config("v5e-4", "splash")
+  c.mesh.shape, c.mesh.context_strategy = (1, 1, 4, 1), "ring"
+  report = aot.run(c, str(tmp_path))
+  assert report["config"]["attention_resolved"] == "ring of tiled blocks"
+  assert report["verdict"]["fits"]
+  train = report["programs"][0]
+  assert train["collectives"]["collective-permute"]["bytes"] > 0
+
+
 def sampler_config(mlp_dim=512, param_offload=False, **sample):
   """One layer, wide enough that the weights outweigh TPU tile padding."""
   c = small_config("v5e-4", "splash", seq_len=256, steps=("sample",))

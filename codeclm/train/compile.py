@@ -43,6 +43,7 @@ import numpy as np
 
 from codeclm.data import loader
 from codeclm.model import attention
+from codeclm.model import context_attention
 from codeclm.model import kv_cache
 from codeclm.model import sharding
 from codeclm.sampling import decode_loop
@@ -168,6 +169,16 @@ def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int,
   return programs, info
 
 
+def _attention_label(mesh_cfg, impl: str, context: int) -> str:
+  """The attention the train step runs: the kernel, or over a context axis
+  (of `context` devices) by a ring, the ring's block kernel; `mesh_cfg`:
+  the config's mesh section."""
+  if mesh_cfg.get("context_strategy", "all_gather") == "ring" and (
+      context > 1):
+    return f"ring of {context_attention.ring_kernel(impl)} blocks"
+  return impl
+
+
 def run(config, workdir: str) -> dict:
   """Compiles every step for config.compile.topology; writes the report."""
   topology = tpu_topology.parse_topology(config.compile.topology)
@@ -243,7 +254,9 @@ def run(config, workdir: str) -> dict:
                   grad_accum=config.train.grad_accum,
                   remat_policy=config.model.remat_policy,
                   attention_impl=config.model.attention_impl,
-                  attention_resolved=impl, dtype=config.model.dtype),
+                  attention_resolved=_attention_label(config.mesh, impl,
+                                                        layout.mesh[2]),
+                  dtype=config.model.dtype),
       programs=results,
       planner=dict(auto=auto, layout=dataclasses.asdict(layout),
                    hbm_bytes=plan.hbm_bytes, host_bytes=plan.host_bytes,
