@@ -250,9 +250,11 @@ def _splash_local(kernel, q, k, v, seg_q, seg_kv):
   return jax.vmap(kernel)(q, k, v, splash_lib.SegmentIds(q=seg_q, kv=seg_kv))
 
 
-def _mask(q_index, seg_q, seg_kv, t: int):
-  """bool [b or 1, Tq, T]: causal by true position, within the segment."""
-  seen = (jnp.arange(t)[None, :] <= q_index[:, None])[None]
+def _mask(q_index, kv_index, seg_q, seg_kv):
+  """bool [b or 1, Tq, Tk]: causal by true position (the queries' and keys'
+  window indices), within the segment (seg_q [b, Tq], seg_kv [b, Tk], or
+  None)."""
+  seen = (kv_index[None, :] <= q_index[:, None])[None]
   if seg_q is not None:
     seen = seen & (seg_q[:, :, None] == seg_kv[:, None, :])
   return seen
@@ -261,7 +263,7 @@ def _mask(q_index, seg_q, seg_kv, t: int):
 def _dense_local(q, k, v, q_index, seg_q, seg_kv):
   """XLA attention: [b, H, Tq, F] against [b, K, T, F], dense mask."""
   t = k.shape[2]
-  mask = _mask(q_index, seg_q, seg_kv, t)[:, None]      # [b, 1, Tq, T]
+  mask = _mask(q_index, jnp.arange(t), seg_q, seg_kv)[:, None]  # [b, 1, Tq, T]
   swap = lambda x: jnp.swapaxes(x, 1, 2)
   out = jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=mask,
                                      scale=1.0, implementation="xla")
@@ -284,7 +286,8 @@ def _tiled_local(q, k, v, q_index, seg_q, seg_kv):
     blocks = []
     for start in range(0, tq, attention.TILE):
       end = min(start + attention.TILE, tq)
-      seen = _mask(q_index[start:end], sq[None, start:end], skv[None], t)[0]
+      seen = _mask(q_index[start:end], jnp.arange(t), sq[None, start:end],
+                   skv[None])[0]
       blocks.append(attention.masked_block(qh[start:end], kh, vh, seen))
     return jnp.concatenate(blocks)
 
@@ -393,8 +396,7 @@ def _blocks(pair_fn, impl, q, q_index, seg_q, k, v, kv_index, seg_kv, *rest):
 def _logits(q, k, q_index, seg_q, kv_index, seg_kv):
   """fp32 [G, tq, Tk]; _MASKED where the key is after the query (by true
   position) or in another segment."""
-  seen = ((kv_index[None, :] <= q_index[:, None])
-          & (seg_q[:, None] == seg_kv[None, :]))
+  seen = _mask(q_index, kv_index, seg_q[None], seg_kv[None])[0]
   logits = jnp.einsum("gqf,kf->gqk", q, k, preferred_element_type=jnp.float32)
   return jnp.where(seen, logits, _MASKED)
 

@@ -201,6 +201,13 @@ def bytes_by_memory_kind(abstract_tree: Any, shardings: Any
   return out
 
 
+def in_memory(shardings: Any, kind: str) -> Any:
+  """The same NamedShardings in memory `kind`: "pinned_host" (a state kept
+  in host memory between steps) or "device"."""
+  return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings,
+                      is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
 def _axes_of(entry) -> tuple[str, ...]:
   """A rule's or a spec's entry (None, one mesh axis or several) as a
   tuple of mesh axes."""

@@ -105,9 +105,8 @@ def _sampler_steps(sc, compile_cfg, setup, *, seq_len: int,
   # Sampling reads the weights from device memory even where training keeps
   # them in host memory (train.param_offload).
   trained = checkpoint.abstract_with_shardings(
-      setup.abstract_state.params, jax.tree.map(
-          lambda s: s.with_memory_kind("device"),
-          setup.state_shardings.params))
+      setup.abstract_state.params,
+      sharding.in_memory(setup.state_shardings.params, "device"))
   programs = []
   if reshard:
     axes = ",".join(sharding.batch_axes(rules)) or "none"

@@ -201,14 +201,12 @@ def build(config, vocab_size: int, token_bytes: np.ndarray,
     boxed = jax.eval_shape(init_state, rng_shape)
     state_shardings = sharding.logical_shardings(boxed, mesh, rules)
     on_device = state_shardings
-    to_host = lambda tree: jax.tree.map(  # Pinned host memory between steps.
-        lambda s: s.with_memory_kind("pinned_host"), tree)
-    if config.train.optimizer_offload:
-      state_shardings = state_shardings.replace(
-          opt_state=to_host(state_shardings.opt_state))
+    if config.train.optimizer_offload:  # Pinned host memory between steps.
+      state_shardings = state_shardings.replace(opt_state=sharding.in_memory(
+          state_shardings.opt_state, "pinned_host"))
     if config.train.get("param_offload"):
-      state_shardings = state_shardings.replace(
-          params=to_host(state_shardings.params))
+      state_shardings = state_shardings.replace(params=sharding.in_memory(
+          state_shardings.params, "pinned_host"))
     place = placement(config.train, boxed.params, on_device, rules)
     data_sharding = jax.sharding.NamedSharding(
         mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))

@@ -117,21 +117,22 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, tc, data,
   sums0 = dict(nll=0.0, tokens=0.0, bytes=0.0)
   params = state.params
   if placement.params_device is not None:
-    grads, sums = _host_params_grads(state.params, micro, grad_fn, placement,
-                                     model.config.dtype, sums0)
+    # Each micro-batch's gradients with respect to the compute-dtype copy of
+    # the host-resident weights, summed in fp32 on the params' shardings.
+    on_params = lambda tree: jax.tree.map(jax.lax.with_sharding_constraint,
+                                          tree, placement.params_device)
+    grads, sums = _summed_grads(
+        compute_copy(state.params, placement, model.config.dtype),
+        jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), state.params),
+        micro, grad_fn, sums0, on_params)
     # The fp32 weights again for the update, fetched after the micro-batches
     # (the barrier keeps XLA from sharing one early copy with the cast).
     params, grads = jax.lax.optimization_barrier((state.params, grads))
     params = jax.device_put(params, placement.params_device)
   elif placement.gathered is None:
-    def micro_step(carry, micro_batch):
-      grads, sums = carry
-      g, aux = grad_fn(state.params, micro_batch)
-      return (jax.tree.map(jnp.add, grads, g),
-              jax.tree.map(jnp.add, sums, aux)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, sums), _ = jax.lax.scan(micro_step, (zeros, sums0), micro)
+    grads, sums = _summed_grads(
+        state.params, jax.tree.map(jnp.zeros_like, state.params), micro,
+        grad_fn, sums0)
   else:
     grads, sums = _gathered_grads(state.params, micro, grad_fn, placement,
                                   model.config.dtype, sums0)
@@ -154,24 +155,19 @@ def compute_copy(params, placement: Placement, dtype):
                       params, placement.cast)
 
 
-def _host_params_grads(params, micro, grad_fn, placement: Placement, dtype,
-                       sums0):
-  """Summed fp32 gradients and loss sums of all micro-batches, each taken
-  with respect to the compute-dtype copy of the host-resident weights."""
-  copy = compute_copy(params, placement, dtype)
-  constrain = jax.lax.with_sharding_constraint
-
+def _summed_grads(weights, zeros, micro, grad_fn, sums0,
+                  place=lambda tree: tree):
+  """Gradients of every micro-batch (scanned) with respect to `weights`,
+  summed into `zeros`' dtype, and the loss sums; `place` lays out the
+  running sums (a sharding constraint, or none)."""
   def micro_step(carry, micro_batch):
     grads, sums = carry
-    g, aux = grad_fn(copy, micro_batch)
-    grads = jax.tree.map(
-        lambda acc, x, s: constrain(acc + x.astype(acc.dtype), s),
-        grads, g, placement.params_device)
+    g, aux = grad_fn(weights, micro_batch)
+    grads = place(jax.tree.map(lambda acc, x: acc + x.astype(acc.dtype),
+                               grads, g))
     return (grads, jax.tree.map(jnp.add, sums, aux)), None
 
-  zeros = jax.tree.map(lambda p, s: constrain(jnp.zeros(p.shape, p.dtype), s),
-                       params, placement.params_device)
-  (grads, sums), _ = jax.lax.scan(micro_step, (zeros, sums0), micro)
+  (grads, sums), _ = jax.lax.scan(micro_step, (place(zeros), sums0), micro)
   return grads, sums
 
 
