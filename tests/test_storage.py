@@ -74,6 +74,18 @@ def test_local_dir_uploads_what_libraries_wrote(base):
   assert (storage.path(base) / "out" / "a.txt").read_text() == "hi"
 
 
+def test_mirrored_writer_reaches_the_logdir_and_leaves_no_copy(base):
+  logdir = storage.path(base) / "events"
+  writer = storage.MirroredWriter(logdir, asynchronous=False)
+  local = writer._local  # pylint: disable=protected-access
+  writer.write_scalars(1, {"loss": 2.5})
+  writer.close()
+  names = [p.name for p in logdir.iterdir()]
+  assert len(names) == 1 and names[0].startswith("events.out.tfevents"), names
+  # A remote logdir's local mirror is removed; a local logdir is the folder.
+  assert os.path.exists(local) == (not storage.is_remote(logdir)), local
+
+
 # Run in a fresh interpreter, so import order is real: TensorFlow first (as a
 # pod's other code might import it), then codeclm by a module that does not
 # import storage itself. Prints what each way of making a gs:// path got.

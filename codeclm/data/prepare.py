@@ -174,8 +174,10 @@ def run(data, codec, out_dir: storage.PathLike, *, seed: int,
                 counts=_counts(metas))
   logging.info("Process %d done; waiting for the others to write %s.",
                process_index, MANIFEST)
+  pause = 0.25  # Doubling to 5 s: prompt on one host, few calls on a bucket.
   while not (out / MANIFEST).exists():
-    time.sleep(5)
+    time.sleep(pause)
+    pause = min(2 * pause, 5.0)
   return storage.read_json(out / MANIFEST)
 
 

@@ -86,6 +86,11 @@ class GcsfsPath(gpath.PosixGPath):
           "gcsfs only (the client its tests run against a storage emulator; "
           "tf.io.gfile differs in atomic writes and moves); unset "
           "EPATH_USE_TF.")
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+      # gcsfs (2026.x) looks up each bucket's layout through the storage
+      # control API, which emulators lack: every call then fails it again and
+      # logs a warning. Read before gcsfs is first imported; a user's wins.
+      os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     return epath_backend.fsspec_backend
 
 
@@ -332,6 +337,8 @@ class MirroredWriter:
   def close(self) -> None:
     self._writer.close()
     self._sync()
+    if is_remote(self.logdir):  # Mirrored: the local copy is spent.
+      shutil.rmtree(self._local, ignore_errors=True)
 
   def _sync(self) -> None:
     self._synced = time.monotonic()

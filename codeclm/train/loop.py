@@ -22,7 +22,6 @@ import time
 from typing import Any
 
 from absl import logging
-from clu import periodic_actions
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -245,19 +244,18 @@ def placement(tc, boxed_params, shardings, rules) -> step_lib.Placement:
   """Where the train step keeps weights and optimizer state (step.py); `tc`:
   the config's train section, `shardings`: the state's device shardings."""
   opt_device = shardings.opt_state if tc.optimizer_offload else None
-  if tc.weight_gather == "per_micro_batch" and tc.get("param_offload"):
-    return step_lib.Placement(
-        cast=optimizer.decay_mask(boxed_params), opt_device=opt_device,
-        params_device=shardings.params)
+  # The weights the model casts to its compute dtype (the matrices; norm
+  # scales stay fp32): decay_mask's rule, two axes besides "layers".
+  cast = optimizer.decay_mask(boxed_params)
   if tc.weight_gather == "per_micro_batch":
+    if tc.get("param_offload"):
+      return step_lib.Placement(cast=cast, opt_device=opt_device,
+                                params_device=shardings.params)
     return step_lib.Placement(opt_device=opt_device)
   axes = sharding.batch_axes(rules)
   return step_lib.Placement(
       gathered=sharding.without_axes(shardings.params, axes),
-      sharded=shardings.params,
-      # The weights the model casts to its compute dtype (the matrices; norm
-      # scales stay fp32): decay_mask's rule, two axes besides "layers".
-      cast=optimizer.decay_mask(boxed_params), batch_axes=axes,
+      sharded=shardings.params, cast=cast, batch_axes=axes,
       inner_rules=sharding.rules_without(rules, axes), opt_device=opt_device)
 
 
@@ -375,6 +373,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if start == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
+  # Here, not at the top: clu's writers import TensorFlow (seconds), which
+  # prepare and compile, importing this module, do not need.
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   hooks = [periodic_actions.ReportProgress(num_train_steps=tc.steps,
                                            writer=writer)]
   if tc.profile and jax.process_index() == 0:
