@@ -125,6 +125,12 @@ def _hlo_stats():
   return hlo_stats
 
 
+def collective_bytes(program: dict) -> int:
+  _topology()  # codeclm from ROOT.
+  from codeclm.train import compile_report  # pylint: disable=g-import-not-at-top
+  return compile_report.collective_bytes(program)
+
+
 def chips_of(topology: str) -> int:
   return _topology().parse_topology(topology).chips
 
@@ -319,7 +325,7 @@ def smallest_markdown(rows) -> str:
     prog = rep["programs"][0]
     mesh = "x".join(str(rep["mesh"][a]) for a in (
         "data", "fsdp", "context", "tensor") if a in rep["mesh"])
-    moved = sum(c["bytes"] for c in prog["collectives"].values())
+    moved = collective_bytes(prog)
     out.append(
         f"| {config.split('/')[-1]} | {seq_len:,} | {fit['batch']} "
         f"({fit['grad_accum']}) | {gen} | {impl} | {fit['topology']} | "
@@ -356,7 +362,7 @@ def markdown(rows) -> str:
       m = prog["memory"]
       if prog["fits"]:
         need = f"{m['total'] / GIB:.1f} ({m['temporary'] / GIB:.1f})"
-        moved = sum(c["bytes"] for c in prog["collectives"].values())
+        moved = collective_bytes(prog)
         # Counted before the HLO was kept (and the count fixed): RESULTS.
         moved = f"{moved / GIB:.1f}" + ("" if "hlo" in prog
                                          else " (old count)")

@@ -57,13 +57,16 @@ def pytest_sessionfinish(session):
 # together (longest-processing-time-first). Others keep pytest's order. A
 # stale ranking costs only time.
 _LONGEST_FIRST = (
-    "test_readme.py", "test_train.py", "test_multihost.py", "test_launch.py",
-    "test_evaluate.py", "test_context_parallel.py", "test_faults.py",
-    "test_eval_classes.py", "test_class_conditioning.py", "test_packaging.py",
-    "test_compile.py", "test_sample.py",
-    "test_notebook.py", "test_constrained_sample.py", "test_avc_sample.py",
-    "test_hf_io.py", "test_llama.py", "test_checkpoint.py",
-    "test_attention.py", "test_optimizer.py", "test_jpeg_grammar.py",
+    "test_launch.py", "test_train.py", "test_readme.py", "test_evaluate.py",
+    "test_multihost.py", "test_sample.py", "test_faults.py",
+    "test_context_parallel.py", "test_class_conditioning.py",
+    "test_compile.py", "test_distributed.py", "test_notebook.py",
+    "test_llama.py", "test_eval_classes.py", "test_weight_gather.py",
+    "test_attention.py", "test_offload.py", "test_constrained_sample.py",
+    "test_storage.py", "test_sharding.py", "test_hf_io.py",
+    "test_avc_sample.py", "test_packaging.py", "test_checkpoint.py",
+    "test_jpeg_grammar.py", "test_optimizer.py", "test_fid.py",
+    "test_planner.py",
 )
 
 

@@ -5,10 +5,11 @@ free localhost port), as a two-host launch would.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
+
+from tests import multihost
 
 _DRIVER = """
 import sys
@@ -31,12 +32,6 @@ print("JOINED", jax.process_index(), jax.process_count(), list(map(int, ids)),
 """
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _start(address: str, n: int, i: int, timeout_s: int) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
              PYTHONUNBUFFERED="1")
@@ -47,7 +42,7 @@ def _start(address: str, n: int, i: int, timeout_s: int) -> subprocess.Popen:
 
 
 def test_two_processes_join_and_communicate():
-  address = f"localhost:{_free_port()}"
+  address = f"localhost:{multihost.free_port()}"
   procs = [_start(address, 2, i, 60) for i in range(2)]
   outs = [p.communicate(timeout=120)[0] for p in procs]
   for i, (p, out) in enumerate(zip(procs, outs)):
@@ -56,7 +51,7 @@ def test_two_processes_join_and_communicate():
 
 
 def test_missing_host_fails_loudly_within_the_timeout():
-  address = f"localhost:{_free_port()}"
+  address = f"localhost:{multihost.free_port()}"
   start = time.monotonic()
   proc = _start(address, 2, 0, 5)  # Process 1 never arrives.
   out = proc.communicate(timeout=120)[0]
@@ -86,7 +81,7 @@ def test_a_process_late_to_an_agreement_point_is_waited_for():
   """XLA's CPU collectives give a process late to its first collective 30 s;
   agreement points wait at a coordination-service barrier first, so a
   process 40 s late still agrees (eval's first gather failed this way)."""
-  address = f"localhost:{_free_port()}"
+  address = f"localhost:{multihost.free_port()}"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
              PYTHONUNBUFFERED="1")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

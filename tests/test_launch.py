@@ -7,8 +7,9 @@ give each worker). `launch/tpu_pod.sh` (workdir on the GCS emulator) and
 `launch/gpu_slurm.sbatch` (a local workdir with a space in its path) run
 every stage of the tiny config with overrides that hold parentheses, quotes,
 commas, spaces and shell metacharacters; their losses, FIDs and recorded
-configs must equal each other's and those of the same config run directly
-(codeclm.main's train and eval, in this process on its 8 devices).
+configs must equal each other's, and their losses and configs those of the
+same config trained directly (codeclm.main's train, in this process on its 8
+devices).
 
 CODECLM_TEST_TPU_POD_SH (default launch/tpu_pod.sh) runs another copy of the
 TPU launcher under the same checks, e.g. an older revision.
@@ -222,16 +223,16 @@ def slurm_run(data_dir, weights, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def direct_run(data_dir, weights, tmp_path_factory):
-  """The same config trained and evaluated directly, in this process on its
-  8 devices, as `python -m codeclm.main` (--mode=train, then --mode=eval)
-  runs them: the config parsed from the same flags by the same config flag,
-  then loop.train and evaluate.run. Returns the workdir.
+  """The same config trained directly, in this process on its 8 devices, as
+  `python -m codeclm.main` runs it: the config parsed from the same flags by
+  the same config flag, then loop.train. Returns the workdir. (Not
+  evaluated: that 2 processes evaluate as one does is
+  tests/test_evaluate.py's; here the two launchers' FIDs must agree.)
 
   In this process rather than as `python -m codeclm.main`: two fewer
   interpreters importing JAX and TensorFlow (~15 s on 2 cores)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from codeclm.eval import evaluate  # pylint: disable=g-import-not-at-top
   from codeclm.train import loop  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("direct") / "run"
   argv = ["codeclm.main", f"--config={ROOT}/tests/tiny_config.py",
@@ -242,7 +243,6 @@ def direct_run(data_dir, weights, tmp_path_factory):
   values(argv)
   config = values.config
   loop.train(config, str(workdir))
-  evaluate.run(config, str(workdir))
   return workdir
 
 
@@ -295,7 +295,8 @@ def test_tpu_pod_runs_every_stage_with_overrides_as_typed(
   direct = read_json(direct_run / "config.json")
   assert comparable_config(config) == comparable_config(direct)
 
-  # Same data (prepared by 2 workers here), same losses, same FID.
+  # Same data (prepared by 2 workers here), same losses; a finite FID (the
+  # SLURM run's must equal it).
   assert (data / "tokenizer.json").read_bytes() == (
       direct_run / "tokenizer.json").read_bytes()
   losses, want = read_losses(workdir), read_losses(direct_run)
@@ -304,12 +305,7 @@ def test_tpu_pod_runs_every_stage_with_overrides_as_typed(
                              [want[s] for s in (1, 2)], rtol=2e-5)
   results = read_json(f"{workdir}/eval/step_2/results.json")
   assert results["record"]["processes"] == [2]
-  direct_results = read_json(direct_run / "eval" / "step_2" /
-                             "results.json")
-  fid = results["metrics"]["r50"]["fid"]["0"]
-  assert np.isfinite(fid)
-  np.testing.assert_allclose(
-      fid, direct_results["metrics"]["r50"]["fid"]["0"], rtol=1e-3)
+  assert np.isfinite(results["metrics"]["r50"]["fid"]["0"])
 
 
 def test_gpu_slurm_runs_every_stage_with_overrides_as_typed(
