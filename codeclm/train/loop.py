@@ -462,7 +462,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     preempt.close()
     ckpt.close()  # Never exit before async saves finish.
     train_iter.close()
-    writer.flush()
+    writer.close()  # Flushes; a gs:// workdir's events are then uploaded.
   return last
 
 
