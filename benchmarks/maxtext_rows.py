@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 from absl import app
 from absl import flags
@@ -40,45 +41,80 @@ _TIMEOUT = flags.DEFINE_integer("timeout_s", 3600, "Per compile.")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JPEG, AVC = "configs/jpeg_lm.py:7b", "configs/avc_lm.py:7b"
 
-# name, config, topology, MaxText's layout in its words, MaxText GB per chip,
-# and codeclm's same layout: mesh (data, fsdp, context, tensor), sequences
-# per step, micro-batches, remat policy, optimizer state in host memory.
+
+class Row(NamedTuple):
+  """A MaxText row (its layout in its words, its GB per chip) and codeclm's
+  same layout: mesh (data, fsdp, context, tensor), sequences per step,
+  micro-batches, remat policy, optimizer state in host memory."""
+  name: str
+  config: str
+  topology: str
+  words: str
+  maxtext_gb: float
+  mesh: tuple[int, ...]
+  batch: int
+  accum: int
+  remat: str
+  opt_host: bool
+
+  def flags(self) -> list[str]:
+    """The codeclm flags that set this layout by hand."""
+    return [f"--config.mesh.shape=({','.join(map(str, self.mesh))})",
+            f"--config.train.grad_accum={self.accum}",
+            f"--config.model.remat_policy={self.remat}",
+            f"--config.train.optimizer_offload={self.opt_host}",
+            "--config.train.param_offload=False",
+            "--config.train.weight_gather=per_micro_batch"]
+
+
+class Planned(NamedTuple):
+  """The planner's choice at the sequences per step of `best`, the slice's
+  best MaxText row (its name in ROWS)."""
+  name: str
+  config: str
+  topology: str
+  batch: int
+  best: str
+
+
 ROWS = [
-    ("jpeg-v5e-256-b1", JPEG, "v5e-256", "batch 1 per chip", 8.29,
-     (1, 256, 1, 1), 256, 1, "full", False),
-    ("jpeg-v5e-32-8micro", JPEG, "v5e-32", "8 micro-batches", 15.2,
-     (1, 32, 1, 1), 256, 8, "full", False),
-    ("jpeg-v5e-16-b1", JPEG, "v5e-16", "batch 1 per chip", 17.89,
-     (1, 16, 1, 1), 16, 1, "full", False),
-    ("jpeg-v5e-16-c2", JPEG, "v5e-16", "context 2", 13.99,
-     (1, 8, 2, 1), 8, 1, "full", False),
-    ("jpeg-v5e-16-offload", JPEG, "v5e-16", "layer inputs offloaded to host",
-     12.89, (1, 16, 1, 1), 16, 1, "offload_layer_inputs", False),
-    ("jpeg-v5e-16-opt-host", JPEG, "v5e-16", "optimizer state in host memory",
-     15.15, (1, 16, 1, 1), 16, 1, "full", True),
-    ("avc-v5e-256-b1", AVC, "v5e-256", "batch 1 per chip", 18.11,
-     (1, 256, 1, 1), 256, 1, "full", False),
-    ("avc-v5e-32-c4", AVC, "v5e-32", "context 4", 12.00,
-     (1, 8, 4, 1), 8, 1, "full", False),
-    ("avc-v5e-16-c8", AVC, "v5e-16", "context 8", 14.82,
-     (1, 2, 8, 1), 2, 1, "full", False),
-    ("avc-v5e-16-c4-offload", AVC, "v5e-16", "context 4 + layer-input offload",
-     12.80, (1, 4, 4, 1), 4, 1, "offload_layer_inputs", False),
-    ("avc-v5e-8-c8-offload", AVC, "v5e-8", "context 8 + layer-input offload",
-     17.83, (1, 1, 8, 1), 1, 1, "offload_layer_inputs", False),
-    ("avc-v5e-8-c8-both", AVC, "v5e-8",
-     "context 8 + layer-input and optimizer offload", 15.97,
-     (1, 1, 8, 1), 1, 1, "offload_layer_inputs", True),
+    Row("jpeg-v5e-256-b1", JPEG, "v5e-256", "batch 1 per chip", 8.29,
+        (1, 256, 1, 1), 256, 1, "full", False),
+    Row("jpeg-v5e-32-8micro", JPEG, "v5e-32", "8 micro-batches", 15.2,
+        (1, 32, 1, 1), 256, 8, "full", False),
+    Row("jpeg-v5e-16-b1", JPEG, "v5e-16", "batch 1 per chip", 17.89,
+        (1, 16, 1, 1), 16, 1, "full", False),
+    Row("jpeg-v5e-16-c2", JPEG, "v5e-16", "context 2", 13.99,
+        (1, 8, 2, 1), 8, 1, "full", False),
+    Row("jpeg-v5e-16-offload", JPEG, "v5e-16", "layer inputs offloaded to host",
+        12.89, (1, 16, 1, 1), 16, 1, "offload_layer_inputs", False),
+    Row("jpeg-v5e-16-opt-host", JPEG, "v5e-16",
+        "optimizer state in host memory",
+        15.15, (1, 16, 1, 1), 16, 1, "full", True),
+    Row("avc-v5e-256-b1", AVC, "v5e-256", "batch 1 per chip", 18.11,
+        (1, 256, 1, 1), 256, 1, "full", False),
+    Row("avc-v5e-32-c4", AVC, "v5e-32", "context 4", 12.00,
+        (1, 8, 4, 1), 8, 1, "full", False),
+    Row("avc-v5e-16-c8", AVC, "v5e-16", "context 8", 14.82,
+        (1, 2, 8, 1), 2, 1, "full", False),
+    Row("avc-v5e-16-c4-offload", AVC, "v5e-16",
+        "context 4 + layer-input offload",
+        12.80, (1, 4, 4, 1), 4, 1, "offload_layer_inputs", False),
+    Row("avc-v5e-8-c8-offload", AVC, "v5e-8", "context 8 + layer-input offload",
+        17.83, (1, 1, 8, 1), 1, 1, "offload_layer_inputs", False),
+    Row("avc-v5e-8-c8-both", AVC, "v5e-8",
+        "context 8 + layer-input and optimizer offload", 15.97,
+        (1, 1, 8, 1), 1, 1, "offload_layer_inputs", True),
 ]
 
-# name, config, topology, sequences per step, the slice's best MaxText row.
 PLANNED = [
-    ("jpeg-v5e-16-planned", JPEG, "v5e-16", 16, "jpeg-v5e-16-offload"),
-    ("avc-v5e-16-planned", AVC, "v5e-16", 4, "avc-v5e-16-c4-offload"),
-    ("avc-v5e-8-planned", AVC, "v5e-8", 1, "avc-v5e-8-c8-both"),
-    ("avc-v5e-32-planned", AVC, "v5e-32", 8, "avc-v5e-32-c4"),
+    Planned("jpeg-v5e-16-planned", JPEG, "v5e-16", 16, "jpeg-v5e-16-offload"),
+    Planned("avc-v5e-16-planned", AVC, "v5e-16", 4, "avc-v5e-16-c4-offload"),
+    Planned("avc-v5e-8-planned", AVC, "v5e-8", 1, "avc-v5e-8-c8-both"),
+    Planned("avc-v5e-32-planned", AVC, "v5e-32", 8, "avc-v5e-32-c4"),
 ]
-NAMES = [r[0] for r in ROWS] + [r[0] for r in PLANNED]
+BY_NAME = {r.name: r for r in ROWS}
+NAMES = [r.name for r in ROWS] + [r.name for r in PLANNED]
 
 
 def compile_row(name, config, topology, batch, layout=()) -> dict:
@@ -108,15 +144,6 @@ def compile_row(name, config, topology, batch, layout=()) -> dict:
   return out
 
 
-def hand_set(mesh, accum, remat, opt_host) -> list[str]:
-  return [f"--config.mesh.shape=({','.join(map(str, mesh))})",
-          f"--config.train.grad_accum={accum}",
-          f"--config.model.remat_policy={remat}",
-          f"--config.train.optimizer_offload={opt_host}",
-          "--config.train.param_offload=False",
-          "--config.train.weight_gather=per_micro_batch"]
-
-
 def _model(config: str) -> str:
   return "Jpeg-LM 7B @ 12,288" if config == JPEG else "Avc-LM 7B @ 32,768"
 
@@ -144,23 +171,22 @@ def markdown(done: dict) -> str:
            "context x tensor, sequences per step) | MaxText GB | codeclm GB "
            "(GiB) | codeclm host GB | difference GB | at or below |",
            "|---|---|---|---|---|---|---|"]
-  for name, config, topology, words, theirs, mesh, batch, accum, _, _ in ROWS:
-    layout = (f"{words}; {'x'.join(map(str, mesh))}, {batch} per step"
-              + (f" in {accum} micro-batches" if accum > 1 else ""))
-    lines.append(f"| {_model(config)}, {topology} | {layout} | {theirs:.2f} | "
-                 f"{_cells(done.get(name), theirs)} |")
+  for r in ROWS:
+    layout = (f"{r.words}; {'x'.join(map(str, r.mesh))}, {r.batch} per step"
+              + (f" in {r.accum} micro-batches" if r.accum > 1 else ""))
+    cells = _cells(done.get(r.name), r.maxtext_gb)
+    lines.append(f"| {_model(r.config)}, {r.topology} | {layout} | "
+                 f"{r.maxtext_gb:.2f} | {cells} |")
   lines += ["", "| run | sequences per step | planner's layout | best MaxText "
             "row | MaxText GB | codeclm GB (GiB) | codeclm host GB | "
             "difference GB | at or below |", "|---|---|---|---|---|---|---|---|"
             "---|"]
-  best = {r[0]: r for r in ROWS}
-  for name, config, topology, batch, best_name in PLANNED:
-    theirs = best[best_name][4]
-    row = done.get(name)
+  for p in PLANNED:
+    best, row = BY_NAME[p.best], done.get(p.name)
     chosen = _layout_words(row["layout"]) if row and row.get("layout") else ""
-    lines.append(f"| {_model(config)}, {topology} | {batch} | {chosen} | "
-                 f"{best[best_name][3]} | {theirs:.2f} | "
-                 f"{_cells(row, theirs)} |")
+    lines.append(f"| {_model(p.config)}, {p.topology} | {p.batch} | {chosen} | "
+                 f"{best.words} | {best.maxtext_gb:.2f} | "
+                 f"{_cells(row, best.maxtext_gb)} |")
   return "\n".join(lines)
 
 
@@ -178,13 +204,10 @@ def main(_):
   if unknown:
     raise app.UsageError(f"--only: no rows {sorted(unknown)}; rows are "
                          f"{NAMES}.")
-  jobs = [(name, config, topology, batch, theirs,
-           hand_set(mesh, accum, remat, opt_host))
-          for name, config, topology, _, theirs, mesh, batch, accum, remat,
-          opt_host in ROWS]
-  best = {r[0]: r[4] for r in ROWS}
-  jobs += [(name, config, topology, batch, best[best_name], ())
-           for name, config, topology, batch, best_name in PLANNED]
+  jobs = [(r.name, r.config, r.topology, r.batch, r.maxtext_gb, r.flags())
+          for r in ROWS]
+  jobs += [(p.name, p.config, p.topology, p.batch,
+            BY_NAME[p.best].maxtext_gb, ()) for p in PLANNED]
   for name, config, topology, batch, theirs, layout in jobs:
     if (_ONLY.value and name not in _ONLY.value) or (
         name in done and "memory" in done[name]):
