@@ -70,6 +70,13 @@ class StorageError(OSError):
 
 _USE_TF_OFF = ("", "false", "no", "f", "0")  # epath's own reading of it.
 
+if os.environ.get("STORAGE_EMULATOR_HOST"):
+  # gcsfs (2026.x) looks up each bucket's layout through the storage control
+  # API, which emulators lack: every call then fails it again and logs a
+  # warning. Read when gcsfs is first imported (on the first gs:// call, after
+  # codeclm imports this module); a user's setting wins.
+  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 
 @epath.register_path_cls("gs://")
 class GcsfsPath(gpath.PosixGPath):
@@ -86,11 +93,6 @@ class GcsfsPath(gpath.PosixGPath):
           "gcsfs only (the client its tests run against a storage emulator; "
           "tf.io.gfile differs in atomic writes and moves); unset "
           "EPATH_USE_TF.")
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-      # gcsfs (2026.x) looks up each bucket's layout through the storage
-      # control API, which emulators lack: every call then fails it again and
-      # logs a warning. Read before gcsfs is first imported; a user's wins.
-      os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     return epath_backend.fsspec_backend
 
 
